@@ -1,0 +1,329 @@
+"""CapaModel: the decoder run layer by layer with contribution pruning and FFN approximation.
+
+This is the reference every export and engine is validated against, so it is written for
+clarity: eager attention (the probabilities are needed for scoring anyway), float32 softmax as the
+HF eager path does, and no fused kernels.
+
+Sequence bookkeeping, per row b:
+- `visual_slots[b]`   indices, in the current sequence, of the visual tokens still present;
+- `visual_ids[b]`     which original visual token (0..N-1) each of those is;
+- `positions`         rotary positions, gathered (never renumbered) when tokens are dropped;
+- `padding_mask`      1 for real tokens, gathered alongside.
+Layers before the first pruning layer see the full sequence; a stage (K, k) keeps the k best
+visual tokens, scored from layer K-1's attention, and layers >= K see the shorter sequence. Each
+layer's KV cache has the length of the sequence that layer saw; decoding appends to all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import CapaConfig
+from ..errors import CapaError
+from ..models import adapter_for
+from .scoring import contribution_scores, top_k_indices
+
+
+@dataclass
+class CapaCache:
+    """Per-layer keys/values, each with the length its layer saw, and what decoding needs."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    #: padding mask [B, S_layer] of each layer's cached sequence
+    padding_masks: list[torch.Tensor]
+    #: next rotary position per row [B] (positions continue from the *full* prompt)
+    next_position: torch.Tensor
+
+    def length(self, layer: int) -> int:
+        return self.keys[layer].shape[2]
+
+
+@dataclass
+class CapaOutput:
+    logits: torch.Tensor  # [B, L', V] (L' = pruned length) or [B, 1, V] with last_logits_only
+    keep_indices: torch.Tensor  # [B, k] original visual-token indices kept, ascending
+    past_key_values: CapaCache | None = None
+    stage_keep_indices: list[torch.Tensor] = field(default_factory=list)
+    kept_positions: torch.Tensor | None = None  # [B, L'] original sequence indices kept
+
+
+def additive_mask(padding_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, S] additive mask: key j visible to query i iff real and j <= (S - T) + i."""
+    batch, keys = padding_mask.shape
+    device = padding_mask.device
+    query_pos = torch.arange(query_length, device=device)[:, None] + (keys - query_length)
+    causal = torch.arange(keys, device=device)[None, :] <= query_pos
+    allowed = causal[None, :, :] & padding_mask.bool()[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D] -> [B, L', D], rows picked by index [B, L']."""
+    return x.gather(1, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+
+def gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """positions [..., B, L] (Llama [B, L]; multimodal rotary [3, B, L]) -> [..., B, L']."""
+    return positions.gather(-1, index.expand(*positions.shape[:-2], *index.shape))
+
+
+class CapaModel(nn.Module):
+    """A HF LVLM run with CAPA. `forward` prefills (or decodes one step with `past_key_values`)."""
+
+    def __init__(self, model: nn.Module, config: CapaConfig, ffn=None):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.config = config
+        config.check_for_model(self.adapter.num_layers)
+        self.ffn = ffn
+        self.ffn_layers = self._resolve_ffn_layers(config, ffn)
+        self.prune_at = dict(config.prune)  # layer K -> keep k
+        #: called as collector(layer, normed_input, ffn_output, is_visual) when set (calibration)
+        self.collector: Callable | None = None
+        #: called as probe(layer, probs, values, o_weight, visual_slots, query_weight) (analysis)
+        self.attention_probe: Callable | None = None
+
+    def _resolve_ffn_layers(self, config, ffn) -> list[int]:
+        if config.ffn_layers == "auto":
+            if ffn is None:
+                raise CapaError("CapaConfig.ffn_layers is 'auto' but no FFN approximation was given; run "
+                                "`capa-export calibrate` (or fit_ffn_approximation) first")
+            layers = list(ffn.selected_layers)
+        else:
+            layers = list(config.ffn_layers)
+        if layers:
+            if ffn is None:
+                raise CapaError(f"CapaConfig.ffn_layers {layers} needs an FFN approximation; none was given")
+            ffn.check_model(self.adapter)
+            missing = [x for x in layers if x not in ffn.layers]
+            if missing:
+                raise CapaError(f"the FFN approximation has no fit for layers {missing}; it covers {sorted(ffn.layers)}")
+        return sorted(layers)
+
+    @property
+    def device(self):
+        return self.adapter.lm_head.weight.device
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: CapaCache | None = None,
+        image_features: torch.Tensor | None = None,
+        use_cache: bool = False,
+        last_logits_only: bool = False,
+    ) -> CapaOutput:
+        if past_key_values is not None:
+            return self._decode(input_ids, past_key_values, attention_mask, last_logits_only)
+        return self._prefill(input_ids, pixel_values, image_features, attention_mask, position_ids, use_cache,
+                             last_logits_only)
+
+    def embed(self, input_ids, pixel_values=None, image_features=None):
+        embeds = self.adapter.embed_tokens(input_ids)
+        if image_features is None and pixel_values is not None:
+            image_features = self.adapter.image_features(pixel_values)
+        if image_features is not None:
+            embeds = self.adapter.merge_image_features(input_ids, embeds, image_features)
+        elif bool((input_ids == self.adapter.image_token_id).any()):
+            raise CapaError("input_ids contain image tokens but no pixel_values (or image_features) were given")
+        return embeds
+
+    def visual_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, N] indices of the image tokens; every row must hold the same number."""
+        is_visual = input_ids == self.adapter.image_token_id
+        counts = is_visual.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise CapaError(f"every batch row must hold the same number of image tokens; got {counts.tolist()}")
+        return is_visual.nonzero()[:, 1].view(input_ids.shape[0], int(counts[0]))
+
+    def _prefill(self, input_ids, pixel_values, image_features, attention_mask, position_ids, use_cache,
+                 last_logits_only):
+        adapter = self.adapter
+        batch, length = input_ids.shape
+        hidden = self.embed(input_ids, pixel_values, image_features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = adapter.default_position_ids(input_ids, attention_mask)
+        visual_slots = self.visual_slots(input_ids)
+        num_visual = visual_slots.shape[1]
+        if self.prune_at and num_visual == 0:
+            raise CapaError("pruning is configured but the input holds no image tokens")
+        if self.prune_at:
+            self.config.check_for_visual_tokens(num_visual)
+        visual_ids = torch.arange(num_visual, device=hidden.device).expand(batch, num_visual)
+        kept_positions = torch.arange(length, device=hidden.device).expand(batch, length)
+        padding_mask = attention_mask
+        query_weight = self._query_weight(visual_slots, padding_mask)
+
+        cache = CapaCache([], [], [], position_ids.reshape(-1, batch, position_ids.shape[-1])[0].amax(-1) + 1)
+        stage_keep = []
+        cos, sin = adapter.rotary(hidden, position_ids)
+        mask = additive_mask(padding_mask, hidden.shape[1], hidden.dtype)
+        scoring = None
+        for index in range(adapter.num_layers):
+            if index in self.prune_at:
+                keep_local = self._select(scoring, self.prune_at[index])
+                visual_keep = visual_slots.gather(1, keep_local)
+                keep_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+                keep_mask.scatter_(1, visual_slots, False)
+                keep_mask.scatter_(1, visual_keep, True)
+                keep_seq = keep_mask.nonzero()[:, 1].view(batch, -1)
+                visual_ids = visual_ids.gather(1, keep_local)
+                stage_keep.append(visual_ids)
+                hidden = gather_rows(hidden, keep_seq)
+                position_ids = gather_positions(position_ids, keep_seq)
+                padding_mask = padding_mask.gather(1, keep_seq)
+                kept_positions = kept_positions.gather(1, keep_seq)
+                # the kept visual tokens' new slots: where keep_seq hits a kept visual index
+                visual_slots = torch.searchsorted(keep_seq, visual_keep)
+                query_weight = query_weight.gather(1, keep_seq)
+                cos, sin = adapter.rotary(hidden, position_ids)
+                mask = additive_mask(padding_mask, hidden.shape[1], hidden.dtype)
+            needs_scores = (index + 1) in self.prune_at or self.attention_probe is not None
+            hidden, (keys, values), probs = self._layer(index, hidden, cos, sin, mask, None, visual_slots,
+                                                         want_probs=needs_scores)
+            if needs_scores:
+                scoring = self._scoring_inputs(index, probs, values, visual_slots, query_weight)
+                if self.attention_probe is not None:
+                    self.attention_probe(index, *scoring, visual_slots)
+            if use_cache:
+                cache.keys.append(keys)
+                cache.values.append(values)
+                cache.padding_masks.append(padding_mask)
+        if last_logits_only:
+            hidden = hidden[:, -1:]
+        logits = adapter.lm_head(adapter.final_norm(hidden))
+        keep_indices = stage_keep[-1] if stage_keep else visual_ids
+        return CapaOutput(logits, keep_indices, cache if use_cache else None, stage_keep, kept_positions)
+
+    def _query_weight(self, visual_slots, padding_mask) -> torch.Tensor:
+        """[B, L] 1.0 for the scoring queries (CAPA.md section 1), 0.0 elsewhere."""
+        batch, length = padding_mask.shape
+        weight = torch.zeros(batch, length, device=padding_mask.device)
+        if self.config.queries == "last":
+            weight[:, -1] = 1.0
+            return weight
+        after_image = torch.arange(length, device=padding_mask.device)[None, :] > visual_slots[:, -1:]
+        if visual_slots.shape[1] == 0:
+            after_image = torch.ones_like(after_image)
+        weight[after_image & padding_mask.bool()] = 1.0
+        if self.prune_at and bool((weight.sum(1) == 0).any()):
+            raise CapaError("the prompt has no text after the image to score visual tokens with; add an "
+                            "instruction after the image, or use queries='last'")
+        return weight
+
+    def _scoring_inputs(self, index, probs, values, visual_slots, query_weight):
+        """What the scoring layer already computed, cut to the scoring queries and visual keys:
+        probs [B, H, Q, N] (zero rows for non-scoring queries), values [B, H_kv, N, d], W_O."""
+        rows = query_weight.nonzero()[:, 1]
+        first = int(rows.min()) if rows.numel() else probs.shape[2] - 1
+        b, h = probs.shape[:2]
+        n = visual_slots.shape[1]
+        probs_q = probs[:, :, first:].gather(3, visual_slots[:, None, None, :].expand(b, h, probs.shape[2] - first, n))
+        probs_q = probs_q * query_weight[:, None, first:, None].to(probs_q.dtype)
+        values_v = values.gather(2, visual_slots[:, None, :, None].expand(b, values.shape[1], n, values.shape[3]))
+        return probs_q, values_v, self.adapter.layer(index).o_proj.weight
+
+    def _select(self, scoring, keep: int) -> torch.Tensor:
+        probs, values, o_weight = scoring
+        scores = contribution_scores(probs, values, o_weight, variant=self.config.variant)
+        return top_k_indices(scores, keep)
+
+    # ------------------------------------------------------------------------------------------
+    def _layer(self, index, hidden, cos, sin, mask, past, visual_slots, want_probs=False):
+        adapter = self.adapter
+        parts = adapter.layer(index)
+        residual = hidden
+        normed = parts.input_norm(hidden)
+        attn_out, (keys, values), probs = self._attention(parts, normed, cos, sin, mask, past)
+        hidden = residual + attn_out
+        residual = hidden
+        normed = parts.post_attention_norm(hidden)
+        ffn_out = parts.mlp(normed)
+        is_visual = None
+        if visual_slots is not None and visual_slots.shape[1] > 0:
+            is_visual = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            is_visual.scatter_(1, visual_slots, True)
+        if self.collector is not None and is_visual is not None:
+            self.collector(index, normed, ffn_out, is_visual)
+        if index in self.ffn_layers and is_visual is not None:
+            approx = self.ffn.apply(index, adapter.rms_normalize(parts.post_attention_norm, hidden))
+            ffn_out = torch.where(is_visual[..., None], approx.to(ffn_out.dtype), ffn_out)
+        return residual + ffn_out, (keys, values), (probs if want_probs else None)
+
+    def _attention(self, parts, x, cos, sin, mask, past):
+        batch, length, _ = x.shape
+        h, h_kv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
+        q = parts.q_proj(x).view(batch, length, h, d).transpose(1, 2)
+        k = parts.k_proj(x).view(batch, length, h_kv, d).transpose(1, 2)
+        v = parts.v_proj(x).view(batch, length, h_kv, d).transpose(1, 2)
+        q, k = self.adapter.apply_rotary(q, k, cos, sin)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        group = h // h_kv
+        k_rep = k.repeat_interleave(group, dim=1) if group > 1 else k
+        v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v
+        scores = (q @ k_rep.transpose(-1, -2)) * parts.attention_scale + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = (probs @ v_rep).transpose(1, 2).reshape(batch, length, h * d)
+        return parts.o_proj(out), (k, v), probs
+
+    # ------------------------------------------------------------------------------------------
+    def _decode(self, input_ids, cache: CapaCache, attention_mask, last_logits_only):
+        adapter = self.adapter
+        batch, steps = input_ids.shape
+        hidden = adapter.embed_tokens(input_ids)
+        new_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        positions = cache.next_position[:, None] + torch.arange(steps, device=hidden.device)[None, :]
+        cos, sin = adapter.rotary(hidden, positions)
+        for index in range(adapter.num_layers):
+            padding = torch.cat([cache.padding_masks[index], new_mask], dim=1)
+            mask = additive_mask(padding, steps, hidden.dtype)
+            past = (cache.keys[index], cache.values[index])
+            hidden, (keys, values), _ = self._layer(index, hidden, cos, sin, mask, past, None)
+            cache.keys[index], cache.values[index] = keys, values
+            cache.padding_masks[index] = padding
+        cache.next_position = cache.next_position + steps
+        if last_logits_only:
+            hidden = hidden[:, -1:]
+        logits = adapter.lm_head(adapter.final_norm(hidden))
+        return CapaOutput(logits, torch.empty(0, dtype=torch.long), cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 16,
+                 eos_token_id: int | None = None, image_features=None) -> tuple[torch.Tensor, CapaOutput]:
+        """Greedy decoding with the CAPA cache. Returns (new tokens [B, T], the prefill output)."""
+        prefill = self(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
+                       last_logits_only=True, image_features=image_features)
+        cache = prefill.past_key_values
+        token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens - 1):
+            if eos_token_id is not None:
+                finished |= token[:, 0] == eos_token_id
+                if bool(finished.all()):
+                    break
+            out = self(token, past_key_values=cache, last_logits_only=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+        return torch.cat(tokens, dim=1), prefill
+
+
+def apply_capa(model: nn.Module, config: CapaConfig | None = None, ffn=None) -> CapaModel:
+    """Wrap a HF LVLM (from `load_model`) so that it runs with CAPA."""
+    return CapaModel(model, config or CapaConfig(), ffn).eval()

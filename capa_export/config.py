@@ -1,0 +1,145 @@
+"""CapaConfig: what CAPA does to a model (pruning schedule, scoring, FFN approximation).
+
+Every default below is one of CAPA.md's *choices*; each is a field, documented, validated when the
+config is made (model-independent limits) or when it is applied (limits that depend on the model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .capa.scoring import VARIANTS
+from .errors import CapaError
+
+QUERY_MODES = ("text", "last")
+CONFIG_FILE = "capa_config.json"
+
+
+@dataclass
+class CapaConfig:
+    """
+    prune:         [(K, k), ...] stages: score at layer K-1, keep the k best visual tokens from layer
+                   K on. Several stages prune progressively (PyramidDrop style); [] = no pruning.
+    variant:       the score: "contrib" (CAPA eq. 2), "value_norm", "attention" (FastV).
+    queries:       which queries score: "text" = every token after the image, "last" = the final one.
+    ffn_layers:    layers whose FFN is replaced by an affine map on visual rows: a list, or "auto"
+                   (layers in ffn_range whose held-out relative error is below ffn_threshold).
+    ffn_threshold: the relative-error bound for "auto".
+    ffn_range:     [first, last] layers "auto" may choose from (inclusive); None = 1 .. L-2.
+    ffn_ridge:     ridge lambda, relative to the mean diagonal of the Gram matrix (scale-free).
+    ffn_rank:      optional rank r of the folded map (A ~= U V); None = full rank.
+    """
+
+    prune: list[tuple[int, int]] = field(default_factory=lambda: [(2, 64)])
+    variant: str = "contrib"
+    queries: str = "text"
+    ffn_layers: list[int] | str = field(default_factory=list)
+    ffn_threshold: float = 0.15
+    ffn_range: tuple[int, int] | None = None
+    ffn_ridge: float = 1e-3
+    ffn_rank: int | None = None
+
+    def __post_init__(self):
+        self.prune = [self._stage(i, s) for i, s in enumerate(self.prune)]
+        for (k_prev, keep_prev), (k_next, keep_next) in zip(self.prune, self.prune[1:]):
+            if k_next <= k_prev:
+                raise CapaError(f"prune stages must have strictly increasing layers; got layer {k_next} after {k_prev}")
+            if keep_next >= keep_prev:
+                raise CapaError(f"prune stage at layer {k_next} keeps {keep_next} tokens, which must be fewer than "
+                                f"the {keep_prev} kept by the stage at layer {k_prev}")
+        if self.variant not in VARIANTS:
+            raise CapaError(f"variant {self.variant!r} is unknown; expected one of {', '.join(VARIANTS)}")
+        if self.queries not in QUERY_MODES:
+            raise CapaError(f"queries {self.queries!r} is unknown; expected one of {', '.join(QUERY_MODES)}")
+        if isinstance(self.ffn_layers, str):
+            if self.ffn_layers != "auto":
+                raise CapaError(f"ffn_layers {self.ffn_layers!r} must be a list of layer indices or 'auto'")
+        else:
+            layers = [int(x) for x in self.ffn_layers]
+            if any(x < 0 for x in layers) or len(set(layers)) != len(layers):
+                raise CapaError(f"ffn_layers {layers} must be distinct layer indices >= 0")
+            self.ffn_layers = sorted(layers)
+        if not 0 < float(self.ffn_threshold) < 1:
+            raise CapaError(f"ffn_threshold {self.ffn_threshold} must be in (0, 1) (a relative error)")
+        if self.ffn_range is not None:
+            lo, hi = (int(x) for x in self.ffn_range)
+            if not 0 <= lo <= hi:
+                raise CapaError(f"ffn_range {list(self.ffn_range)} must be [first, last] with 0 <= first <= last")
+            self.ffn_range = (lo, hi)
+        if float(self.ffn_ridge) < 0:
+            raise CapaError(f"ffn_ridge {self.ffn_ridge} must be >= 0")
+        if self.ffn_rank is not None and int(self.ffn_rank) <= 0:
+            raise CapaError(f"ffn_rank {self.ffn_rank} must be a positive integer or None (full rank)")
+
+    @staticmethod
+    def _stage(index, stage) -> tuple[int, int]:
+        try:
+            layer, keep = (int(x) for x in stage)
+        except (TypeError, ValueError):
+            raise CapaError(f"prune[{index}] = {stage!r} must be a (layer K, keep k) pair of integers") from None
+        if layer < 1:
+            raise CapaError(f"prune[{index}] layer K={layer} must be >= 1 (scoring uses layer K-1)")
+        if keep <= 0:
+            raise CapaError(f"prune[{index}] keep k={keep} must be >= 1")
+        return layer, keep
+
+    # --- limits that depend on the model and the input ----------------------------------------
+    def check_for_model(self, num_layers: int) -> None:
+        for layer, _ in self.prune:
+            if layer >= num_layers:
+                raise CapaError(f"prune layer K={layer} is outside the decoder: must be in [1, {num_layers - 1}]")
+        if isinstance(self.ffn_layers, list):
+            bad = [x for x in self.ffn_layers if x >= num_layers]
+            if bad:
+                raise CapaError(f"ffn_layers {bad} are outside the decoder: must be in [0, {num_layers - 1}]")
+        if self.ffn_range is not None and self.ffn_range[1] >= num_layers:
+            raise CapaError(f"ffn_range {list(self.ffn_range)} is outside the decoder: last must be <= {num_layers - 1}")
+
+    def check_for_visual_tokens(self, num_visual: int) -> None:
+        for layer, keep in self.prune:
+            if keep > num_visual:
+                raise CapaError(f"prune stage at layer {layer} keeps k={keep} but the input has only {num_visual} "
+                                f"visual tokens: k must be in [1, {num_visual}]")
+
+    def resolved_ffn_range(self, num_layers: int) -> tuple[int, int]:
+        return self.ffn_range if self.ffn_range is not None else (1, num_layers - 2)
+
+    # --- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["prune"] = [list(s) for s in self.prune]
+        data["ffn_range"] = list(self.ffn_range) if self.ffn_range is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CapaConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CapaError(f"CapaConfig has no field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CapaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        if not path.is_file():
+            raise CapaError(f"CAPA config {path} does not exist; give a directory made by `capa-export calibrate`")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise CapaError(f"CAPA config {path} is not valid JSON ({exc})") from None
+
+    def describe(self) -> str:
+        prune = ", ".join(f"keep {k} from layer {K}" for K, k in self.prune) or "no pruning"
+        ffn = self.ffn_layers if self.ffn_layers else "none"
+        rank = f", rank {self.ffn_rank}" if self.ffn_rank else ""
+        return f"{prune}; score {self.variant} over {self.queries} queries; FFN approximation: {ffn}{rank}"
