@@ -216,9 +216,9 @@ class CapaModel(nn.Module):
         if self.config.queries == "last":
             weight[:, -1] = 1.0
             return weight
-        after_image = torch.arange(length, device=padding_mask.device)[None, :] > visual_slots[:, -1:]
         if visual_slots.shape[1] == 0:
-            after_image = torch.ones_like(after_image)
+            return padding_mask.to(weight.dtype)
+        after_image = torch.arange(length, device=padding_mask.device)[None, :] > visual_slots[:, -1:]
         weight[after_image & padding_mask.bool()] = 1.0
         if self.prune_at and bool((weight.sum(1) == 0).any()):
             raise CapaError("the prompt has no text after the image to score visual tokens with; add an "

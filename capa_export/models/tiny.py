@@ -171,12 +171,19 @@ def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), dtype: torch.dtype =
 
 
 def _plant_visual_structure(model, seed: int) -> None:
-    """Give the random model what trained LVLMs have and random init lacks: a few key directions
-    that attract attention (sinks), some carrying tiny values (dumps) and some large (anchors),
-    and wider-than-init weights so the layers are not trivially linear.
+    """Give the random model two properties trained LVLMs have and random init lacks.
 
-    Done by scaling the initial weights (std 0.02 -> larger) and adding low-rank structure to the
-    projector, so the sink tokens depend on the image content. Deterministic from the seed.
+    - Visual tokens share a large common offset (the projector's output bias along one direction),
+      as projected image features in trained LLaVA cluster away from text embeddings. Around that
+      offset the SwiGLU FFN is close to its linearisation, so visual rows are near-linear while text
+      rows are not: the mechanism CAPA's FFN approximation relies on, here by construction.
+    - Attention sinks: a few image patches (those with strong activations in projector input
+      channels 4..7) get a large component along a "sink" direction s; every layer's keys respond to
+      s and every query to a direction t that all text embeddings share (on the lowest-frequency
+      rotary pair, so the match survives rotary embedding), and the values ignore s. So those
+      patches draw outsized attention, and the more s dominates a token the smaller its value: the
+      dump / anchor split that the analysis looks for.
+    Deterministic from the seed; a stand-in for trained structure, not a claim about any checkpoint.
     """
     gen = torch.Generator().manual_seed(seed + 1)
     lm = model.model.language_model
@@ -184,13 +191,36 @@ def _plant_visual_structure(model, seed: int) -> None:
         for layer in lm.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight.mul_(4.0)
-            layer.mlp.gate_proj.weight.mul_(3.0)
-            layer.mlp.up_proj.weight.mul_(3.0)
         fc2 = model.model.multi_modal_projector.linear_2
-        fc2.weight.mul_(2.0)
         hidden = fc2.weight.shape[0]
-        direction = torch.randn(hidden, generator=gen)
-        fc2.weight[:, :4] += 0.5 * direction[:, None] * torch.randn(1, 4, generator=gen)
+        offset = torch.randn(hidden, generator=gen)
+        fc2.bias += 2.5 * offset / offset.norm() * (hidden**0.5) * 0.08
+        _plant_sinks(model, gen)
+
+
+def _plant_sinks(model, gen: torch.Generator, key_gain: float = 2.0, text_shift: float = 0.5,
+                 patch_gain: float = 2.0) -> None:
+    lm = model.model.language_model
+    cfg = lm.config
+    hidden, heads, kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = hidden // heads
+    sink = torch.randn(hidden, generator=gen)
+    sink /= sink.norm()
+    text = torch.randn(hidden, generator=gen)
+    text -= (text @ sink) * sink
+    text /= text.norm()
+    lm.embed_tokens.weight += text_shift * text
+    fc2 = model.model.multi_modal_projector.linear_2
+    fc2.weight[:, 4:8] += patch_gain * sink[:, None] * torch.randn(1, 4, generator=gen)
+    # rotate_half pairs dims i and i + head_dim/2; the last of each half turns slowest with position
+    key_dir = torch.zeros(kv_heads, head_dim)
+    key_dir[:, head_dim // 2 - 1] = key_dir[:, head_dim - 1] = 2**-0.5
+    query_dir = key_dir.repeat_interleave(heads // kv_heads, dim=0)
+    for layer in lm.layers:
+        attention = layer.self_attn
+        attention.k_proj.weight += key_gain * torch.outer(key_dir.flatten(), sink)
+        attention.q_proj.weight += key_gain * torch.outer(query_dir.flatten(), text)
+        attention.v_proj.weight -= torch.outer(attention.v_proj.weight @ sink, sink)
 
 
 def describe(spec: TinyLlavaSpec = TinyLlavaSpec()) -> str:

@@ -1,0 +1,78 @@
+"""PNG plots of an analysis report (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_sinks(report: dict, path: Path) -> Path:
+    layers = [e["layer"] for e in report["layers"]]
+    fig, (ax_count, ax_rho) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax_count.bar(layers, [e["anchors"] for e in report["layers"]], label="Structural Anchors", color="tab:green")
+    ax_count.bar(layers, [e["dumps"] for e in report["layers"]], bottom=[e["anchors"] for e in report["layers"]],
+                 label="Probability Dumps", color="tab:red")
+    ax_count.set_ylabel("visual sinks")
+    ax_count.set_title(f"Sinks (attention > {report['settings']['sink_ratio']}x mean), labelled by contribution "
+                       f"rank < {report['settings']['keep']}")
+    ax_count.legend()
+    ax_rho.plot(layers, [e["spearman_attention_contribution"] for e in report["layers"]], marker="o",
+                label="Spearman(attention, contribution)")
+    ax_rho.plot(layers, [e["topk_overlap_attention_contribution"] for e in report["layers"]], marker="s",
+                label=f"top-{report['settings']['keep']} overlap")
+    ax_rho.axvline(report["suggested"]["prune_layer"] - 0.5, color="grey", linestyle="--", label="suggested K")
+    ax_rho.set_xlabel("decoder layer")
+    ax_rho.set_ylim(-0.05, 1.05)
+    ax_rho.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attention_vs_contribution(report: dict, per_layer: list[dict], path: Path) -> Path:
+    layer = max(0, report["suggested"]["prune_layer"] - 1)
+    entry = per_layer[layer]
+    sinks = next(e for e in report["layers"] if e["layer"] == layer)["sinks"]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(entry["attention"], entry["contribution"], s=8, color="tab:blue", alpha=0.5, label="visual tokens")
+    for label, colour in (("anchor", "tab:green"), ("dump", "tab:red")):
+        chosen = [s for s in sinks if s["label"] == label]
+        if chosen:
+            ax.scatter([s["attention"] for s in chosen], [s["contribution"] for s in chosen], s=40, color=colour,
+                       edgecolor="black", label=f"{label}s")
+    ax.set_xlabel("attention received (sum over heads and scoring queries)")
+    ax.set_ylabel("attention contribution C_j")
+    ax.set_title(f"Layer {layer}: attention vs contribution")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ffn_linearity(report: dict, path: Path) -> Path:
+    layers = [e["layer"] for e in report["layers"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(layers, [e["ffn_error_visual"] for e in report["layers"]], marker="o", label="visual rows (held out)")
+    ax.plot(layers, [e["ffn_error_text"] for e in report["layers"]], marker="s", label="text rows, same map")
+    ax.axhline(report["settings"]["ffn_threshold"], color="grey", linestyle="--", label="threshold")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("relative error of the affine FFN fit")
+    ax.set_title("FFN linearity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(report: dict, per_layer: list[dict], directory: Path) -> list[Path]:
+    return [plot_sinks(report, directory / "sinks.png"),
+            plot_attention_vs_contribution(report, per_layer, directory / "attention_vs_contribution.png"),
+            plot_ffn_linearity(report, directory / "ffn_linearity.png")]

@@ -1,0 +1,121 @@
+"""Calibration inputs: the user's images + prompts, or a small built-in set made in code.
+
+The built-in set needs no download: synthetic images (shapes, gradients, stripes, text-like
+glyph rows, noise) with varied questions, deterministic from a seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from ..errors import CapaError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+PROMPTS_FILE = "prompts.txt"
+DEFAULT_QUESTIONS = (
+    "What is in the picture?",
+    "Describe the image in detail.",
+    "What colours do you see?",
+    "How many objects are there?",
+    "Is there any text in this image? Read it.",
+    "Where is the largest shape?",
+)
+
+
+@dataclass
+class CalibrationSample:
+    image: Image.Image
+    question: str
+    source: str
+
+
+def synthetic_image(index: int, size: int = 336, seed: int = 0) -> Image.Image:
+    """One of five kinds of synthetic picture, chosen by index, varied by the seed."""
+    rng = np.random.default_rng(seed * 7919 + index)
+    kind = index % 5
+    if kind == 0:  # smooth colour gradient
+        y, x = np.mgrid[0:size, 0:size] / size
+        c = rng.uniform(0, 1, size=(3, 3))
+        pixels = np.stack([c[i, 0] * x + c[i, 1] * y + c[i, 2] * x * y for i in range(3)], axis=-1)
+        return Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    background = tuple(int(v) for v in rng.integers(0, 256, size=3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    if kind == 1:  # shapes
+        for _ in range(int(rng.integers(2, 7))):
+            x0, y0 = rng.integers(0, size - 40, size=2)
+            w, h = rng.integers(20, size // 2, size=2)
+            colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+            box = [int(x0), int(y0), int(min(size - 1, x0 + w)), int(min(size - 1, y0 + h))]
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    elif kind == 2:  # stripes
+        period = int(rng.integers(8, 48))
+        colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        for start in range(0, size, period):
+            draw.rectangle([start, 0, start + period // 2, size], fill=colour)
+    elif kind == 3:  # text-like rows of glyphs
+        for row in range(int(rng.integers(3, 9))):
+            y = 20 + row * 36
+            text = "".join(chr(int(c)) for c in rng.integers(65, 91, size=int(rng.integers(6, 20))))
+            draw.text((16, y), text, fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
+    else:  # noise over a blob
+        noise = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        image = Image.blend(image, Image.fromarray(noise), 0.35)
+        ImageDraw.Draw(image).ellipse([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=background[::-1])
+    return image
+
+
+def builtin_samples(count: int = 8, seed: int = 0) -> list[CalibrationSample]:
+    return [
+        CalibrationSample(synthetic_image(i, seed=seed), DEFAULT_QUESTIONS[i % len(DEFAULT_QUESTIONS)], f"builtin:{i}")
+        for i in range(count)
+    ]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file or fail with one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapaError(f"image {path} does not exist; give a PNG or JPEG file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CapaError(f"image {path} cannot be read as an image ({exc.__class__.__name__}); give a PNG or JPEG file") from None
+
+
+def folder_samples(folder: str | Path) -> list[CalibrationSample]:
+    """Images in a folder, with questions from `prompts.txt` (one per line, cycled) or, per image,
+    a sidecar `<stem>.txt`; the default questions otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CapaError(f"calibration folder {folder} does not exist; give a folder of images (+ optional prompts.txt)")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise CapaError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    shared = []
+    if (folder / PROMPTS_FILE).is_file():
+        shared = [line.strip() for line in (folder / PROMPTS_FILE).read_text().splitlines() if line.strip()]
+    samples = []
+    for i, path in enumerate(images):
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file() and sidecar.read_text().strip():
+            question = sidecar.read_text().strip()
+        elif shared:
+            question = shared[i % len(shared)]
+        else:
+            question = DEFAULT_QUESTIONS[i % len(DEFAULT_QUESTIONS)]
+        samples.append(CalibrationSample(open_image(path), question, str(path)))
+    return samples
+
+
+def encode(adapter, processor, sample: CalibrationSample) -> dict:
+    """Model inputs (input_ids, attention_mask, pixel_values) for one sample."""
+    prompt = adapter.prompt_with_image(processor, sample.question)
+    batch = processor(images=sample.image, text=prompt, return_tensors="pt")
+    device = adapter.lm_head.weight.device
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}

@@ -1,0 +1,300 @@
+"""`capa-export` command line. Thin: parse, call a stage, print. Errors in what the user gave end
+with one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import CapaError
+
+DEFAULT_MODEL = "tiny-llava"
+DEFAULT_QUESTION = "What is in the picture? Describe it briefly."
+
+
+# --- argument helpers ----------------------------------------------------------------------------
+def _stage(text: str) -> tuple[int, int]:
+    try:
+        layer, keep = text.split(":")
+        return int(layer), int(keep)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP (e.g. 2:64)") from None
+
+
+def _layers(text: str):
+    if text in ("auto", "none"):
+        return "auto" if text == "auto" else []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto', 'none' or a comma-separated list of layers") from None
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = text.split(":")
+        return int(lo), int(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIRST:LAST (e.g. 2:20)") from None
+
+
+def _add_model(parser):
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"'{DEFAULT_MODEL}' (embedded, offline), a local HF model directory, or a hub id "
+                             f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="weights dtype when loading (default: the checkpoint's; fp32 for tiny-llava)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def _add_input(parser):
+    parser.add_argument("--image", default=None, help="image file (default: a built-in synthetic picture)")
+    parser.add_argument("--prompt", default=DEFAULT_QUESTION, help="question about the image")
+
+
+def _add_calibration(parser):
+    parser.add_argument("--calibration", default=None, metavar="DIR",
+                        help="folder of images (+ prompts.txt or <image>.txt); default: a built-in synthetic set")
+    parser.add_argument("--calibration-count", type=int, default=8,
+                        help="size of the built-in calibration set (default: 8)")
+
+
+def _add_capa(parser):
+    parser.add_argument("--prune", type=_stage, nargs="*", default=[(2, 64)], metavar="K:k",
+                        help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K); "
+                             "several for a progressive schedule; none to disable (default: 2:64)")
+    parser.add_argument("--variant", choices=("contrib", "value_norm", "attention"), default="contrib",
+                        help="token score: contrib (CAPA), value_norm, attention (FastV) (default: contrib)")
+    parser.add_argument("--queries", choices=("text", "last"), default="text",
+                        help="scoring queries: text after the image, or the last token (default: text)")
+    parser.add_argument("--ffn-layers", type=_layers, default="auto",
+                        help="FFN approximation layers: auto, none, or e.g. 3,4,5 (default: auto)")
+    parser.add_argument("--ffn-threshold", type=float, default=0.15,
+                        help="held-out relative error under which 'auto' approximates a layer (default: 0.15)")
+    parser.add_argument("--ffn-range", type=_range, default=None, metavar="FIRST:LAST",
+                        help="layers 'auto' may choose from (default: 1:L-2)")
+    parser.add_argument("--ridge", type=float, default=1e-3, help="ridge lambda, relative (default: 1e-3)")
+    parser.add_argument("--rank", type=int, default=None, help="rank of the folded FFN map (default: full)")
+
+
+def _capa_config(args):
+    from .config import CapaConfig
+
+    return CapaConfig(prune=args.prune, variant=args.variant, queries=args.queries, ffn_layers=args.ffn_layers,
+                      ffn_threshold=args.ffn_threshold, ffn_range=args.ffn_range, ffn_ridge=args.ridge,
+                      ffn_rank=args.rank)
+
+
+def _input_sample(args):
+    from .capa.calibration import CalibrationSample, builtin_samples, open_image
+
+    if args.image:
+        return CalibrationSample(open_image(args.image), args.prompt, args.image)
+    sample = builtin_samples(1, seed=1)[0]
+    sample.question = args.prompt
+    return sample
+
+
+def _calibration_samples(args):
+    from .capa.calibration import builtin_samples, folder_samples
+
+    if args.calibration:
+        return folder_samples(args.calibration)
+    if args.calibration_count < 1:
+        raise CapaError(f"--calibration-count {args.calibration_count} must be >= 1")
+    return builtin_samples(args.calibration_count)
+
+
+# --- commands ------------------------------------------------------------------------------------
+def cmd_analyze(args) -> int:
+    from .analysis import AnalysisSettings, analyze, format_table
+    from .analysis.plots import write_plots
+    from .artifacts import replace_directory, write_json
+    from .models import load_model
+
+    settings = AnalysisSettings(sink_ratio=args.sink_ratio, keep=args.keep, ffn_threshold=args.ffn_threshold)
+    sample, calibration = _input_sample(args), _calibration_samples(args)
+    model, processor = load_model(args.model, args.dtype, args.device)
+    start = time.perf_counter()
+    report, raw = analyze(model, processor, sample, calibration, settings)
+
+    def write(tmp: Path):
+        write_json(tmp / "report.json", report)
+        write_plots(report, raw["per_layer"], tmp)
+
+    out = replace_directory(args.out, write)
+    print(format_table(report))
+    print(f"analysis of {args.model} written to {out}/ (report.json, sinks.png, attention_vs_contribution.png, "
+          f"ffn_linearity.png) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .artifacts import replace_directory, write_json
+    from .capa.calibration import encode
+    from .capa.ffn import fit_ffn_approximation
+    from .models import adapter_for, load_model
+    from . import __version__
+
+    config = _capa_config(args)
+    calibration = _calibration_samples(args)
+    model, processor = load_model(args.model, args.dtype, args.device)
+    adapter = adapter_for(model)
+    config.check_for_model(adapter.num_layers)
+    start = time.perf_counter()
+    inputs = [encode(adapter, processor, s) for s in calibration]
+    approx = None
+    if config.ffn_layers:
+        lo, hi = config.resolved_ffn_range(adapter.num_layers)
+        layers = config.ffn_layers if config.ffn_layers != "auto" else "auto"
+        approx = fit_ffn_approximation(model, inputs, layers, ridge=config.ffn_ridge, rank=config.ffn_rank,
+                                       threshold=config.ffn_threshold, layer_range=(lo, hi))
+        if config.ffn_layers == "auto":
+            # Freeze the choice: the saved config names the layers the fit selected.
+            config.ffn_layers = list(approx.selected_layers)
+            approx.selected_layers = list(config.ffn_layers)
+
+    def write(tmp: Path):
+        config.save(tmp)
+        if approx is not None:
+            approx.save(tmp)
+        write_json(tmp / "manifest.json", {
+            "artifact": "capa-calibration",
+            "tool": {"name": "capa-export", "version": __version__},
+            "model": args.model,
+            "calibration_inputs": [s.source for s in calibration],
+            "capa_config": config.to_dict(),
+            "ffn_errors": {str(k): v for k, v in (approx.errors() if approx else {}).items()},
+        })
+
+    out = replace_directory(args.out, write)
+    if approx is not None:
+        print(f"{'layer':>5} {'train err':>9} {'held-out':>9} {'text rows':>9}  approximated")
+        for layer, errors in approx.errors().items():
+            mark = "yes" if layer in config.ffn_layers else "-"
+            print(f"{layer:>5} {errors['train']:>9.4f} {errors['heldout']:>9.4f} {errors['text']:>9.4f}  {mark}")
+    print(f"CAPA config: {config.describe()}")
+    print(f"calibration of {args.model} on {len(calibration)} inputs written to {out}/ in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def load_capa(model, capa_dir):
+    """(CapaConfig, FfnApproximation | None) from a `calibrate` output folder."""
+    from .capa.ffn import META_FILE, FfnApproximation
+    from .config import CapaConfig
+
+    config = CapaConfig.load(capa_dir)
+    approx = FfnApproximation.load(capa_dir, model) if (Path(capa_dir) / META_FILE).exists() else None
+    return config, approx
+
+
+def cmd_generate(args) -> int:
+    from .capa.calibration import encode
+    from .capa.model import apply_capa
+    from .config import CapaConfig
+    from .models import adapter_for, load_model
+
+    sample = _input_sample(args)
+    model, processor = load_model(args.model, args.dtype, args.device)
+    if args.capa:
+        config, approx = load_capa(model, args.capa)
+    else:
+        config, approx = _capa_config(args), None
+        if config.ffn_layers == "auto":
+            config.ffn_layers = []
+    adapter = adapter_for(model)
+    batch = encode(adapter, processor, sample)
+    capa = apply_capa(model, config, approx)
+    start = time.perf_counter()
+    tokens, prefill = capa.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                    max_new_tokens=args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    baseline, _ = apply_capa(model, CapaConfig(prune=[])).generate(
+        batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=args.max_new_tokens)
+    agreement = float((tokens == baseline[:, : tokens.shape[1]]).float().mean())
+    text = processor.tokenizer.decode(tokens[0], skip_special_tokens=True)
+    seq = batch["input_ids"].shape[1]
+    kept = prefill.keep_indices.shape[1]
+    visual = int((batch["input_ids"] == adapter.image_token_id).sum())
+    print(f"model {args.model}: {config.describe()}")
+    print(f"prompt: {seq} tokens ({visual} visual); kept {kept} visual tokens from layer "
+          f"{config.prune[0][0] if config.prune else '-'}: sequence {seq} -> {seq - visual + kept}")
+    print(f"first kept visual tokens: {prefill.keep_indices[0, :16].tolist()}")
+    print(f"answer ({tokens.shape[1]} tokens, {elapsed:.2f} s): {text!r}")
+    print(f"greedy-token agreement with the unpruned model: {agreement:.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tokens": tokens[0].tolist(), "text": text,
+                                               "keep_indices": prefill.keep_indices[0].tolist(),
+                                               "agreement_with_unpruned": agreement}, indent=2))
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capa-export", description=(
+        "CAPA for vision-language models: analyse, calibrate, export, build, validate and run engines "
+        "with contribution-aware visual-token pruning and FFN approximation."))
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"capa-export {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="sinks, attention vs contribution, FFN linearity; JSON report + plots",
+                       description="Analyse a model on one image + prompt: visual attention sinks per layer "
+                                   "labelled Probability Dump / Structural Anchor, attention-vs-contribution "
+                                   "rank correlation, FFN linearity of visual vs text rows, suggested settings.")
+    _add_model(p)
+    _add_input(p)
+    _add_calibration(p)
+    p.add_argument("--sink-ratio", type=float, default=5.0,
+                   help="a sink receives more than this times the mean visual attention (default: 5)")
+    p.add_argument("--keep", type=int, default=64,
+                   help="token budget: a sink within the top-KEEP by contribution is an anchor (default: 64)")
+    p.add_argument("--ffn-threshold", type=float, default=0.15,
+                   help="relative error under which a layer's FFN counts as linear (default: 0.15)")
+    p.add_argument("--out", default="out/analysis", help="output folder (default: out/analysis)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("calibrate", help="fit the FFN approximation and write a CAPA config",
+                       description="Fit per-layer affine maps of the FFN on visual rows (ridge, float64) from "
+                                   "calibration inputs, select layers, and write capa_config.json, "
+                                   "ffn_approx.safetensors, ffn_approx.json and manifest.json.")
+    _add_model(p)
+    _add_calibration(p)
+    _add_capa(p)
+    p.add_argument("--out", default="out/capa", help="output folder (default: out/capa)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("generate", help="run the CAPA model in PyTorch on one image + prompt",
+                       description="Greedy generation with the CapaModel (the PyTorch reference), printing "
+                                   "which visual tokens were kept and the agreement with the unpruned model.")
+    _add_model(p)
+    _add_input(p)
+    _add_capa(p)
+    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` output folder (overrides the "
+                                                               "pruning/FFN options)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CapaError as exc:
+        print(f"capa-export {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"capa-export {args.command}: interrupted; no output was completed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The CapaModel against independent references: the HF model's own forward / generate, and the
+HF model's own decoder layers run on the sequence with the dropped tokens removed."""
+
+import pytest
+import torch
+
+from capa_export import CapaConfig, apply_capa
+from capa_export.errors import CapaError
+
+from .conftest import brute_force_scores
+
+
+def hf_layer_outputs(model, batch):
+    with torch.no_grad():
+        return model(**batch, output_hidden_states=True, output_attentions=True)
+
+
+def causal_mask(length, dtype):
+    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return mask[None, None]
+
+
+class VisualRowsAffine(torch.nn.Module):
+    """An MLP stand-in: the fitted affine map on visual rows, the original MLP on the others."""
+
+    def __init__(self, original, fit, gain, is_visual):
+        super().__init__()
+        self.original, self.fit, self.gain, self.is_visual = original, fit, gain, is_visual
+
+    def forward(self, normed):
+        affine = (normed / self.gain) @ self.fit.weight + self.fit.bias  # undo the gain: the map is folded
+        return torch.where(self.is_visual[..., None], affine, self.original(normed))
+
+
+def hf_reference(model, batch, stages, ffn=None, extra_ids=None):
+    """Logits from HF's own layers. `stages` maps a layer K to the original visual-token indices
+    kept from K on: before K the layers see every token; at K the others are dropped (positions
+    gathered, not renumbered). `ffn` = (approximation, layers): those MLPs use the affine map on
+    visual rows. `extra_ids` are appended tokens (decoding, recomputed in full)."""
+    lm = model.model.language_model
+    ids = batch["input_ids"] if extra_ids is None else torch.cat([batch["input_ids"], extra_ids], dim=1)
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(ids)
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-2,
+                                               vision_feature_select_strategy="default").pooler_output
+        is_visual = ids[0] == model.config.image_token_id
+        embeds = embeds.masked_scatter(is_visual[None, :, None].expand_as(embeds), torch.cat(list(feats)))
+        visual_number = torch.cumsum(is_visual.long(), 0) - 1  # which visual token each slot holds
+        current = torch.arange(ids.shape[1])  # original index of each position still present
+        hidden = embeds
+        for index, layer in enumerate(lm.layers):
+            if index in stages:
+                kept = set(int(x) for x in stages[index])
+                keep = torch.tensor([not is_visual[p] or int(visual_number[p]) in kept for p in current.tolist()])
+                hidden, current = hidden[:, keep], current[keep]
+            positions = current[None]
+            cos_sin = lm.rotary_emb(hidden, positions)
+            original_mlp = layer.mlp
+            if ffn is not None and index in ffn[1]:
+                layer.mlp = VisualRowsAffine(original_mlp, ffn[0].layers[index], layer.post_attention_layernorm.weight,
+                                             is_visual[current][None])
+            try:
+                hidden = layer(hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+                               position_ids=positions, position_embeddings=cos_sin)
+            finally:
+                layer.mlp = original_mlp
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return model.lm_head(lm.norm(hidden))
+
+
+def test_unpruned_equals_hf_forward(tiny, tiny_batch):
+    model, _ = tiny
+    with torch.no_grad():
+        expected = model(**tiny_batch).logits
+    out = apply_capa(model, CapaConfig(prune=[]))(**tiny_batch)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert out.keep_indices.shape == (1, 576)
+
+
+def test_unpruned_greedy_decoding_equals_hf_generate(tiny, tiny_batch):
+    model, _ = tiny
+    with torch.no_grad():
+        expected = model.generate(**tiny_batch, max_new_tokens=6, do_sample=False)[:, tiny_batch["input_ids"].shape[1]:]
+    tokens, _ = apply_capa(model, CapaConfig(prune=[])).generate(
+        tiny_batch["input_ids"], tiny_batch["pixel_values"], tiny_batch["attention_mask"], max_new_tokens=6)
+    assert tokens.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("variant", ["contrib", "value_norm", "attention"])
+def test_pruned_keep_set_equals_brute_force_on_hf_attention(tiny, tiny_batch, variant):
+    """The kept tokens are the top-k of the float64 score computed from HF's own attention
+    probabilities and values at layer K-1, over the text queries after the image."""
+    model, _ = tiny
+    prune_layer, keep = 3, 48
+    hf = hf_layer_outputs(model, tiny_batch)
+    probs = hf.attentions[prune_layer - 1]  # [1, H, L, L]
+    ids = tiny_batch["input_ids"][0]
+    visual = (ids == model.config.image_token_id).nonzero()[:, 0]
+    queries = torch.arange(int(visual[-1]) + 1, ids.shape[0])
+    layer = model.model.language_model.layers[prune_layer - 1]
+    with torch.no_grad():
+        normed = layer.input_layernorm(hf.hidden_states[prune_layer - 1])
+        cfg = model.config.text_config
+        d = cfg.hidden_size // cfg.num_attention_heads
+        values = layer.self_attn.v_proj(normed).view(1, -1, cfg.num_key_value_heads, d).transpose(1, 2)
+    scores = brute_force_scores(probs[:, :, queries][..., visual], values[:, :, visual], layer.self_attn.o_proj.weight, variant)
+    expected = torch.sort(torch.topk(scores[0], keep).indices).values
+    out = apply_capa(model, CapaConfig(prune=[(prune_layer, keep)], variant=variant))(**tiny_batch)
+    assert out.keep_indices[0].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("prune", [[(2, 64)], [(1, 192), (4, 32)]])
+def test_pruned_logits_equal_hf_layers_on_the_reduced_sequence(tiny, tiny_batch, prune):
+    model, _ = tiny
+    out = apply_capa(model, CapaConfig(prune=prune))(**tiny_batch)
+    stages = {layer: kept[0] for (layer, _), kept in zip(prune, out.stage_keep_indices)}
+    expected = hf_reference(model, tiny_batch, stages)
+    assert out.logits.shape == expected.shape == (1, tiny_batch["input_ids"].shape[1] - 576 + prune[-1][1], 32064)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
+    # a later stage keeps a subset of an earlier one
+    if len(prune) == 2:
+        assert set(out.stage_keep_indices[1][0].tolist()) <= set(out.stage_keep_indices[0][0].tolist())
+
+
+def test_pruned_decoding_matches_recomputation(tiny, tiny_batch):
+    """KV cache: layers < K keep the full length, >= K the pruned one; decoding must give what a
+    full recomputation (same kept tokens, generated tokens appended) gives."""
+    model, _ = tiny
+    capa = apply_capa(model, CapaConfig(prune=[(2, 64)]))
+    tokens, prefill = capa.generate(tiny_batch["input_ids"], tiny_batch["pixel_values"], max_new_tokens=5)
+    cache = prefill.past_key_values
+    assert cache.length(0) == cache.length(1) == tiny_batch["input_ids"].shape[1] + 4
+    assert cache.length(2) == tiny_batch["input_ids"].shape[1] - 576 + 64 + 4
+    logits = hf_reference(model, tiny_batch, {2: prefill.keep_indices[0]}, extra_ids=tokens[:, :-1])
+    assert logits[0, -5:].argmax(-1).tolist() == tokens[0].tolist()
+
+
+def test_ffn_approximation_applies_to_visual_rows_only(tiny, tiny_batch):
+    from capa_export import fit_ffn_approximation
+
+    model, _ = tiny
+    approx = fit_ffn_approximation(model, [tiny_batch], [3, 4], progress=False)
+    out = apply_capa(model, CapaConfig(prune=[(2, 64)], ffn_layers=[3, 4]), approx)(**tiny_batch)
+    expected = hf_reference(model, tiny_batch, {2: out.keep_indices[0]}, ffn=(approx, [3, 4]))
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
+    plain = apply_capa(model, CapaConfig(prune=[(2, 64)]))(**tiny_batch)
+    assert (out.logits - plain.logits).abs().max() > 1e-4  # the approximation did change something
+
+
+def test_k_larger_than_visual_tokens_is_refused_when_applied(tiny, tiny_batch):
+    model, _ = tiny
+    with pytest.raises(CapaError, match="k=600.*576"):
+        apply_capa(model, CapaConfig(prune=[(2, 600)]))(**tiny_batch)
+
+
+def test_prune_layer_outside_decoder_is_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(CapaError, match="K=8 is outside the decoder"):
+        apply_capa(model, CapaConfig(prune=[(8, 64)]))
