@@ -1,0 +1,29 @@
+# Two commands do all the set-up from nothing:
+#   make demo   creates .venv if missing, then runs the main job on the embedded default model
+#   make test   creates .venv if missing, then runs the tests
+# torch is pinned to the local CPU wheel here (a looser spec would pull a multi-GB CUDA build);
+# the package itself accepts torch 2.11-2.14.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.capa-installed
+OUT ?= out
+
+.PHONY: demo test native-cuda-check clean
+
+$(STAMP): pyproject.toml CMakeLists.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.0" "pytest>=8"
+	CUDAARCHS=$${CUDAARCHS:-90} $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/capa-export analyze --out $(OUT)/analysis
+	$(VENV)/bin/capa-export calibrate --out $(OUT)/capa
+	$(VENV)/bin/capa-export generate --capa $(OUT)/capa --max-new-tokens 8
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build $(OUT)

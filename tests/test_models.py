@@ -1,0 +1,58 @@
+"""Loading: the embedded default, a saved checkpoint directory through from_pretrained, refusals."""
+
+import pytest
+import torch
+
+from capa_export import CapaError, load_model
+from capa_export.models import adapter_for
+
+
+def test_tiny_has_llava_15_token_geometry():
+    model, processor = load_model("tiny-llava")
+    adapter = adapter_for(model)
+    assert adapter.image_token_id == 32000 and adapter.vocab_size == 32064
+    assert adapter.num_visual_tokens_per_image() == 576
+    assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == 32000
+
+
+def test_tiny_is_deterministic():
+    a, _ = load_model("tiny-llava")
+    b, _ = load_model("tiny-llava")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_from_pretrained_directory_round_trip(tmp_path, tiny, tiny_batch):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_model(str(tmp_path), dtype="fp32")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**tiny_batch).logits, model(**tiny_batch).logits, rtol=1e-5, atol=1e-5)
+    again = loaded_processor(images=None, text="hello", return_tensors="pt")
+    assert again["input_ids"].shape[1] > 1
+    half, _ = load_model(str(tmp_path), dtype="bf16")
+    assert half.dtype == torch.bfloat16
+
+
+def test_unsupported_family_lists_supported(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(CapaError, match="model type 'llama'.*supported: llava"):
+        load_model(str(tmp_path))
+
+
+def test_missing_path():
+    with pytest.raises(CapaError, match="does not exist"):
+        load_model("./no/such/model")
+
+
+def test_prompt_without_image_slot_is_refused(tiny, tiny_batch):
+    from capa_export import CapaConfig, apply_capa
+
+    model, _ = tiny
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with pytest.raises(CapaError, match="0 image-token slots"):
+        apply_capa(model, CapaConfig(prune=[]))(input_ids=ids, pixel_values=tiny_batch["pixel_values"])
