@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capa-installed
 OUT ?= out
 
-.PHONY: demo test native-cuda-check clean
+.PHONY: demo test cuda-check clean
 
 $(STAMP): pyproject.toml CMakeLists.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,3 +27,8 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build $(OUT)
+
+# Compile the CUDA kernels with nvcc, failing on any compile error (CI runs this: no GPU there).
+cuda-check:
+	cmake -S . -B build/cuda-check -DCAPA_REQUIRE_CUDA=ON -DCAPA_BUILD_PYTHON=OFF -DCMAKE_CUDA_ARCHITECTURES=90 > /dev/null
+	cmake --build build/cuda-check --target capa_contrib_topk_cuda

@@ -1,0 +1,96 @@
+"""PyTorch custom op `torch.ops.capa.contrib_topk(probs, values, o_weight, k, variant)`.
+
+Registered when this module is imported (importing `capa_export.ops` does it). Kernels:
+  CPU   the C++ reference (capa_export._native) when built, else the Python reference in
+        capa_export.capa.scoring (also for float64 inputs);
+  CUDA  the CUDA kernels through the raw-pointer binding, on torch's current stream;
+  fake  int32 [B, k] (torch.compile / export / meta tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capa_export.capa import scoring
+from capa_export.ops import native
+
+OP_NAME = "capa::contrib_topk"
+
+
+def validate_inputs(probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, k: int, variant: str) -> None:
+    """ValueError naming the argument that is wrong (shapes, dtypes, variant, k, devices)."""
+    scoring.check_scoring_inputs(probs, values, o_weight, variant)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {type(k).__name__}")
+    n = probs.shape[-1]
+    if not 0 < k <= n:
+        raise ValueError(f"k={k} must be in [1, {n}] (N, the number of visual keys in probs)")
+    if not (probs.device == values.device == o_weight.device):
+        raise ValueError(
+            f"probs, values and o_weight must be on one device; got {probs.device}, {values.device}, {o_weight.device}"
+        )
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cpu")
+def contrib_topk(
+    probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, k: int, variant: str = "contrib"
+) -> torch.Tensor:
+    """int32 [B, k]: the k keys with the largest contribution scores, ascending, ties to the lower index."""
+    validate_inputs(probs, values, o_weight, k, variant)
+    if native.available() and probs.dtype in native.DTYPE_CODES:
+        out = native.module().contrib_topk_cpu(
+            probs.contiguous(), values.contiguous(), o_weight.contiguous(), k, native.variant_code(variant)
+        )
+        return torch.from_numpy(out)
+    return scoring.contrib_topk(probs, values, o_weight, k, variant)
+
+
+@contrib_topk.register_kernel("cuda")
+def _contrib_topk_cuda(
+    probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, k: int, variant: str = "contrib"
+) -> torch.Tensor:
+    validate_inputs(probs, values, o_weight, k, variant)
+    if not native.cuda_compiled():
+        reason = native.unavailable_reason() or "capa_export._native was built without CUDA (no nvcc at build time)"
+        raise RuntimeError(f"capa::contrib_topk on CUDA needs the CUDA kernels: {reason}")
+    ext = native.module()
+    probs, values, o_weight = probs.contiguous(), values.contiguous(), o_weight.contiguous()
+    b, h, q, n = probs.shape
+    h_kv, d = values.shape[1], values.shape[3]
+    big_d = o_weight.shape[0]
+    code = native.variant_code(variant)
+    out = torch.empty((b, k), dtype=torch.int32, device=probs.device)
+    ws_bytes = ext.contrib_topk_workspace_size(b, h, h_kv, q, n, d, big_d, k, code)
+    workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=probs.device)
+    with torch.cuda.device(probs.device):
+        stream = torch.cuda.current_stream(probs.device).cuda_stream
+        ext.contrib_topk_cuda(
+            probs.data_ptr(), values.data_ptr(), o_weight.data_ptr(), out.data_ptr(),
+            b, h, h_kv, q, n, d, big_d, k, code, native.dtype_code(probs.dtype), stream,
+            workspace.data_ptr(), ws_bytes,
+        )
+    return out
+
+
+@contrib_topk.register_fake
+def _contrib_topk_fake(
+    probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, k: int, variant: str = "contrib"
+) -> torch.Tensor:
+    if variant not in scoring.VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; expected one of {', '.join(scoring.VARIANTS)}")
+    if probs.dim() != 4:
+        raise ValueError(f"probs must be [B, H, Q, N] (rank 4), got shape {tuple(probs.shape)}")
+    return probs.new_empty((probs.shape[0], k), dtype=torch.int32)
+
+
+def contribution_scores(
+    probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, variant: str = "contrib"
+) -> torch.Tensor:
+    """fp32 [B, N] scores on CPU: the C++ reference when built, else the Python one (for tests and analysis)."""
+    scoring.check_scoring_inputs(probs, values, o_weight, variant)
+    if probs.device.type == "cpu" and native.available() and probs.dtype in native.DTYPE_CODES:
+        out = native.module().contribution_scores_cpu(
+            probs.contiguous(), values.contiguous(), o_weight.contiguous(), native.variant_code(variant)
+        )
+        return torch.from_numpy(out)
+    return scoring.contribution_scores(probs, values, o_weight, variant=variant)

@@ -1,0 +1,395 @@
+// CUDA kernels of CapaContribTopK (launch API: contrib_topk.h).
+//
+// Scores, one of three kernels by variant, written to the workspace as fp32 [B, N]:
+//   contrib     one block per (batch, tile of JT keys). For every tile of kTileD output columns
+//               it builds U_j^h = v_j^h W_O^h for all heads in shared memory and accumulates the
+//               per-key H x H Gram matrix G_j = U_j U_j^T; then c_ij = sqrt(a_ij^T G_j a_ij) is
+//               summed over the queries. Working set: shared memory only, O(JT * H * (H + kTileD)).
+//   value_norm  one warp per (batch, kv head, key) computes ||v_j^h||, then one thread per key sums.
+//   attention   one thread per key sums a over heads and queries.
+// Top-k: one block per batch row, any N: a 4-pass radix select (8 bits per pass) finds the k-th
+// largest score; a block-wide scan then writes the kept indices in ascending order, taking the
+// lowest-index elements among those equal to the threshold (torch's stable-sort tie rule).
+//
+// Every per-key reduction runs in an order that does not depend on the key's position, so two
+// identical keys get bit-identical scores and ties break by index, as in the reference.
+#include "contrib_topk.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace {
+
+constexpr int kThreads = 256;                  // contrib kernel block size
+constexpr int kTileD = 64;                     // output columns (of D) per step
+constexpr int kTileK = 32;                     // inner-dimension (of d) chunk
+constexpr int kHeadGroups = kThreads / kTileD; // heads computed concurrently
+constexpr int kTopkThreads = 1024;
+constexpr int kRowThreads = 256;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+size_t align_up(size_t bytes) { return (bytes + 255) & ~static_cast<size_t>(255); }
+
+// Shared-memory floats of the contrib kernel for JT keys per block.
+size_t contrib_smem_floats(int jt, int heads) {
+    const size_t h = static_cast<size_t>(heads);
+    return jt * (h * h + 1)                               // Gram, padded stride per key
+        + jt * h * (kTileD + 1)                           // U tile (reused for probs)
+        + static_cast<size_t>(kHeadGroups) * kTileD * (kTileK + 1) // W_O tile (reused for c_ij)
+        + static_cast<size_t>(kHeadGroups) * jt * kTileK; // v tile
+}
+
+template <typename T, int JT>
+__global__ void __launch_bounds__(kThreads) contrib_scores_kernel(const T* __restrict__ probs,
+    const T* __restrict__ values, const T* __restrict__ o_weight, float* __restrict__ scores, int H, int H_kv,
+    int Q, int N, int d, int D) {
+    extern __shared__ float smem[];
+    const int gram_stride = H * H + 1;
+    float* gram = smem;
+    float* u_s = gram + JT * gram_stride;
+    float* w_s = u_s + JT * H * (kTileD + 1);
+    float* v_s = w_s + kHeadGroups * kTileD * (kTileK + 1);
+
+    const int b = blockIdx.y;
+    const int j0 = blockIdx.x * JT;
+    const int tid = threadIdx.x;
+    const int col = tid % kTileD;
+    const int hg = tid / kTileD;
+    const int group = H / H_kv;
+    const size_t hd = static_cast<size_t>(H) * d;
+
+    for (int e = tid; e < JT * gram_stride; e += kThreads) gram[e] = 0.0f;
+
+    for (int c0 = 0; c0 < D; c0 += kTileD) {
+        // U tile: u_s[jj][h][c] = sum_t v[b, h/group, j0+jj, t] * o_weight[c0+c, h*d + t]
+        for (int hbase = 0; hbase < H; hbase += kHeadGroups) {
+            const int h = hbase + hg;
+            float acc[JT];
+#pragma unroll
+            for (int jj = 0; jj < JT; ++jj) acc[jj] = 0.0f;
+            for (int t0 = 0; t0 < d; t0 += kTileK) {
+                __syncthreads(); // previous readers of w_s / v_s / u_s are done
+                for (int e = tid; e < kHeadGroups * kTileD * kTileK; e += kThreads) {
+                    const int t = e % kTileK;
+                    const int c = (e / kTileK) % kTileD;
+                    const int g = e / (kTileK * kTileD);
+                    const int hh = hbase + g, cc = c0 + c, tt = t0 + t;
+                    float x = 0.0f;
+                    if (hh < H && cc < D && tt < d) x = to_float(o_weight[static_cast<size_t>(cc) * hd + static_cast<size_t>(hh) * d + tt]);
+                    w_s[(g * kTileD + c) * (kTileK + 1) + t] = x;
+                }
+                for (int e = tid; e < kHeadGroups * JT * kTileK; e += kThreads) {
+                    const int t = e % kTileK;
+                    const int jj = (e / kTileK) % JT;
+                    const int g = e / (kTileK * JT);
+                    const int hh = hbase + g, j = j0 + jj, tt = t0 + t;
+                    float x = 0.0f;
+                    if (hh < H && j < N && tt < d)
+                        x = to_float(values[((static_cast<size_t>(b) * H_kv + hh / group) * N + j) * d + tt]);
+                    v_s[(g * JT + jj) * kTileK + t] = x;
+                }
+                __syncthreads();
+                const float* w_row = w_s + (hg * kTileD + col) * (kTileK + 1);
+                const float* v_rows = v_s + hg * JT * kTileK;
+#pragma unroll 8
+                for (int t = 0; t < kTileK; ++t) {
+                    const float wv = w_row[t];
+#pragma unroll
+                    for (int jj = 0; jj < JT; ++jj) acc[jj] = fmaf(v_rows[jj * kTileK + t], wv, acc[jj]);
+                }
+            }
+            if (h < H) {
+#pragma unroll
+                for (int jj = 0; jj < JT; ++jj) u_s[(jj * H + h) * (kTileD + 1) + col] = acc[jj];
+            }
+        }
+        __syncthreads();
+        // Gram: G_j[h][g] += sum_c U[j][h][c] * U[j][g][c]  (columns past D are zero)
+        for (int e = tid; e < JT * H * H; e += kThreads) {
+            const int jj = e / (H * H);
+            const int r = e % (H * H);
+            const int h = r / H, g = r % H;
+            const float* p = u_s + (jj * H + h) * (kTileD + 1);
+            const float* q = u_s + (jj * H + g) * (kTileD + 1);
+            float s = 0.0f;
+#pragma unroll 8
+            for (int c = 0; c < kTileD; ++c) s = fmaf(p[c], q[c], s);
+            gram[jj * gram_stride + r] += s;
+        }
+        __syncthreads();
+    }
+
+    // c_ij = sqrt(a^T G_j a), summed over queries in chunks of kQChunk.
+    constexpr int kQChunk = kTileD;
+    float* a_s = u_s; // [h][qi][jj], JT * H * kQChunk floats <= U tile size
+    float* c_s = w_s; // [qi][jj], JT * kQChunk floats <= W tile size
+    float total = 0.0f;
+    for (int i0 = 0; i0 < Q; i0 += kQChunk) {
+        __syncthreads();
+        for (int e = tid; e < JT * H * kQChunk; e += kThreads) {
+            const int jj = e % JT;
+            const int qi = (e / JT) % kQChunk;
+            const int h = e / (JT * kQChunk);
+            const int i = i0 + qi, j = j0 + jj;
+            float x = 0.0f;
+            if (i < Q && j < N) x = to_float(probs[((static_cast<size_t>(b) * H + h) * Q + i) * N + j]);
+            a_s[e] = x;
+        }
+        __syncthreads();
+        for (int p = tid; p < JT * kQChunk; p += kThreads) {
+            const int jj = p % JT;
+            const int qi = p / JT;
+            const float* G = gram + jj * gram_stride;
+            float quad = 0.0f;
+            for (int h = 0; h < H; ++h) {
+                const float ah = a_s[(h * kQChunk + qi) * JT + jj];
+                if (ah == 0.0f) continue;
+                float row = 0.0f;
+                for (int g = 0; g < H; ++g) row = fmaf(G[h * H + g], a_s[(g * kQChunk + qi) * JT + jj], row);
+                quad = fmaf(ah, row, quad);
+            }
+            c_s[p] = (i0 + qi < Q) ? sqrtf(fmaxf(quad, 0.0f)) : 0.0f;
+        }
+        __syncthreads();
+        if (tid < JT) {
+            for (int qi = 0; qi < kQChunk; ++qi) total += c_s[qi * JT + tid];
+        }
+    }
+    if (tid < JT && j0 + tid < N) scores[static_cast<size_t>(b) * N + j0 + tid] = total;
+}
+
+template <typename T>
+__global__ void value_norms_kernel(const T* __restrict__ values, float* __restrict__ norms, long long rows, int d) {
+    const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return; // whole warps exit together: rows are warp-aligned
+    const T* v = values + row * d;
+    float sq = 0.0f;
+    for (int t = lane; t < d; t += 32) {
+        const float x = to_float(v[t]);
+        sq = fmaf(x, x, sq);
+    }
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    if (lane == 0) norms[row] = sqrtf(sq);
+}
+
+// attention (norms == nullptr) and value_norm: score[b, j] = sum_h norm_h(j) sum_i a[b, h, i, j]
+template <typename T>
+__global__ void weighted_attention_kernel(const T* __restrict__ probs, const float* __restrict__ norms,
+    float* __restrict__ scores, int H, int H_kv, int Q, int N) {
+    const int b = blockIdx.y;
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= N) return;
+    const int group = H / H_kv;
+    float score = 0.0f;
+    for (int h = 0; h < H; ++h) {
+        const T* a = probs + (static_cast<size_t>(b) * H + h) * Q * N + j;
+        const float weight = norms ? norms[(static_cast<size_t>(b) * H_kv + h / group) * N + j] : 1.0f;
+        for (int i = 0; i < Q; ++i) score = fmaf(to_float(a[static_cast<size_t>(i) * N]), weight, score);
+    }
+    scores[static_cast<size_t>(b) * N + j] = score;
+}
+
+// Order-preserving map float -> uint32 (larger float, larger key); -0 and +0 map together.
+__device__ __forceinline__ unsigned ordered_key(float f) {
+    if (f == 0.0f) f = 0.0f;
+    const unsigned bits = __float_as_uint(f);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Exclusive block scan of one int per thread; *total receives the block sum. All threads call.
+__device__ int block_exclusive_scan(int value, int* warp_sums /* 33 */, int* total) {
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int nwarps = blockDim.x / 32;
+    int x = value;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        const int w = lane < nwarps ? warp_sums[lane] : 0;
+        int incl = w;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
+        }
+        warp_sums[lane] = incl - w;
+        if (lane == 31) warp_sums[32] = incl;
+    }
+    __syncthreads();
+    const int result = x - value + warp_sums[warp];
+    *total = warp_sums[32];
+    __syncthreads(); // warp_sums is reused by the next call
+    return result;
+}
+
+__global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float* __restrict__ scores, int N, int k,
+    int32_t* __restrict__ out) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned s_bin;
+    __shared__ int s_remaining;
+    __shared__ int warp_sums[33];
+    const int b = blockIdx.x;
+    const int tid = threadIdx.x;
+    const float* row = scores + static_cast<size_t>(b) * N;
+
+    // Radix select of the k-th largest key, most significant byte first.
+    unsigned prefix = 0, mask = 0;
+    int remaining = k; // rank of the target among the keys matching prefix under mask
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int j = tid; j < N; j += blockDim.x) {
+            const unsigned key = ordered_key(row[j]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            int cum = 0;
+            for (int bin = 255; bin >= 0; --bin) {
+                const int c = static_cast<int>(hist[bin]);
+                if (cum + c >= remaining) {
+                    s_bin = static_cast<unsigned>(bin);
+                    s_remaining = remaining - cum;
+                    break;
+                }
+                cum += c;
+            }
+        }
+        __syncthreads();
+        prefix |= s_bin << shift;
+        mask |= 0xffu << shift;
+        remaining = s_remaining;
+        __syncthreads();
+    }
+    // Now: #keys > prefix == k - remaining, and #keys == prefix >= remaining.
+    const unsigned threshold = prefix;
+    int eq_base = 0, out_base = 0;
+    for (int base = 0; base < N; base += blockDim.x) {
+        const int j = base + tid;
+        const unsigned key = j < N ? ordered_key(row[j]) : 0u;
+        const int gt = (j < N && key > threshold) ? 1 : 0;
+        const int eq = (j < N && key == threshold) ? 1 : 0;
+        int eq_total = 0;
+        const int eq_rank = block_exclusive_scan(eq, warp_sums, &eq_total);
+        const int keep = (gt || (eq && eq_base + eq_rank < remaining)) ? 1 : 0;
+        int keep_total = 0;
+        const int pos = block_exclusive_scan(keep, warp_sums, &keep_total);
+        if (keep) out[static_cast<size_t>(b) * k + out_base + pos] = j;
+        eq_base += eq_total;
+        out_base += keep_total;
+    }
+}
+
+template <typename T, int JT>
+int launch_contrib(const void* probs, const void* values, const void* o_weight, float* scores,
+    const capa_contrib_topk_shape& s, size_t smem, cudaStream_t stream) {
+    auto kernel = contrib_scores_kernel<T, JT>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+        return CAPA_ERR_CUDA;
+    const dim3 grid((s.N + JT - 1) / JT, s.B);
+    kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(probs), static_cast<const T*>(values),
+        static_cast<const T*>(o_weight), scores, s.H, s.H_kv, s.Q, s.N, s.d, s.D);
+    return cudaGetLastError() == cudaSuccess ? CAPA_OK : CAPA_ERR_CUDA;
+}
+
+template <typename T>
+int launch_scores_typed(const void* probs, const void* values, const void* o_weight, float* scores,
+    const capa_contrib_topk_shape& s, int variant, float* norms, cudaStream_t stream) {
+    if (variant == CAPA_VARIANT_CONTRIB) {
+        int device = 0, smem_limit = 0;
+        if (cudaGetDevice(&device) != cudaSuccess) return CAPA_ERR_CUDA;
+        if (cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+            return CAPA_ERR_CUDA;
+        // Most keys per block that fit: more keys per block, fewer re-reads of W_O.
+        const size_t limit = static_cast<size_t>(smem_limit);
+        size_t smem = contrib_smem_floats(8, s.H) * sizeof(float);
+        if (smem <= limit) return launch_contrib<T, 8>(probs, values, o_weight, scores, s, smem, stream);
+        smem = contrib_smem_floats(4, s.H) * sizeof(float);
+        if (smem <= limit) return launch_contrib<T, 4>(probs, values, o_weight, scores, s, smem, stream);
+        smem = contrib_smem_floats(2, s.H) * sizeof(float);
+        if (smem <= limit) return launch_contrib<T, 2>(probs, values, o_weight, scores, s, smem, stream);
+        smem = contrib_smem_floats(1, s.H) * sizeof(float);
+        if (smem <= limit) return launch_contrib<T, 1>(probs, values, o_weight, scores, s, smem, stream);
+        return CAPA_ERR_UNSUPPORTED;
+    }
+    if (variant == CAPA_VARIANT_VALUE_NORM) {
+        const long long rows = static_cast<long long>(s.B) * s.H_kv * s.N;
+        const long long blocks = (rows * 32 + kRowThreads - 1) / kRowThreads;
+        value_norms_kernel<T><<<static_cast<unsigned>(blocks), kRowThreads, 0, stream>>>(
+            static_cast<const T*>(values), norms, rows, s.d);
+        if (cudaGetLastError() != cudaSuccess) return CAPA_ERR_CUDA;
+    }
+    const dim3 grid((s.N + kRowThreads - 1) / kRowThreads, s.B);
+    weighted_attention_kernel<T><<<grid, kRowThreads, 0, stream>>>(static_cast<const T*>(probs),
+        variant == CAPA_VARIANT_VALUE_NORM ? norms : nullptr, scores, s.H, s.H_kv, s.Q, s.N);
+    return cudaGetLastError() == cudaSuccess ? CAPA_OK : CAPA_ERR_CUDA;
+}
+
+size_t scores_bytes(const capa_contrib_topk_shape& s) {
+    return align_up(static_cast<size_t>(s.B) * s.N * sizeof(float));
+}
+
+size_t scratch_bytes(const capa_contrib_topk_shape& s, int variant) {
+    return variant == CAPA_VARIANT_VALUE_NORM ? align_up(static_cast<size_t>(s.B) * s.H_kv * s.N * sizeof(float)) : 0;
+}
+
+} // namespace
+
+extern "C" {
+
+size_t capa_contrib_topk_workspace_size(const capa_contrib_topk_shape* shape, int variant) {
+    if (shape == nullptr) return 0;
+    return scores_bytes(*shape) + scratch_bytes(*shape, variant);
+}
+
+int capa_contribution_scores_launch(const void* probs, const void* values, const void* o_weight,
+    float* scores_out, const capa_contrib_topk_shape* shape, int variant, int dtype, void* workspace,
+    size_t workspace_size, void* stream) {
+    // k is not used by the scores: validate the rest with k = 1.
+    if (shape == nullptr) return CAPA_ERR_SHAPE;
+    capa_contrib_topk_shape s = *shape;
+    s.k = 1;
+    const int status = capa_contrib_topk_check(&s, variant, dtype);
+    if (status != CAPA_OK) return status;
+    const size_t scratch = scratch_bytes(s, variant);
+    if (scratch > 0 && (workspace == nullptr || workspace_size < scratch)) return CAPA_ERR_WORKSPACE;
+    float* norms = static_cast<float*>(workspace);
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    switch (dtype) {
+    case CAPA_DTYPE_FP16: return launch_scores_typed<__half>(probs, values, o_weight, scores_out, s, variant, norms, st);
+    case CAPA_DTYPE_BF16:
+        return launch_scores_typed<__nv_bfloat16>(probs, values, o_weight, scores_out, s, variant, norms, st);
+    default: return launch_scores_typed<float>(probs, values, o_weight, scores_out, s, variant, norms, st);
+    }
+}
+
+int capa_topk_indices_launch(const float* scores, int32_t B, int32_t N, int32_t k, int32_t* out, void* stream) {
+    if (B <= 0 || N <= 0 || k <= 0 || k > N) return CAPA_ERR_SHAPE;
+    topk_kernel<<<B, kTopkThreads, 0, static_cast<cudaStream_t>(stream)>>>(scores, N, k, out);
+    return cudaGetLastError() == cudaSuccess ? CAPA_OK : CAPA_ERR_CUDA;
+}
+
+int capa_contrib_topk_launch(const void* probs, const void* values, const void* o_weight, int32_t* out,
+    const capa_contrib_topk_shape* shape, int variant, int dtype, void* workspace, size_t workspace_size,
+    void* stream) {
+    const int status = capa_contrib_topk_check(shape, variant, dtype);
+    if (status != CAPA_OK) return status;
+    const size_t need = capa_contrib_topk_workspace_size(shape, variant);
+    if (workspace == nullptr || workspace_size < need) return CAPA_ERR_WORKSPACE;
+    float* scores = static_cast<float*>(workspace);
+    const size_t head = scores_bytes(*shape);
+    int rc = capa_contribution_scores_launch(probs, values, o_weight, scores, shape, variant, dtype,
+        static_cast<char*>(workspace) + head, workspace_size - head, stream);
+    if (rc != CAPA_OK) return rc;
+    return capa_topk_indices_launch(scores, shape->B, shape->N, shape->k, out, stream);
+}
+
+} // extern "C"

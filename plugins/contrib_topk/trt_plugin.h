@@ -1,0 +1,84 @@
+// TensorRT IPluginV3 glue of CapaContribTopK (plugin "CapaContribTopK", version "1", namespace
+// "capa"). The math lives in contrib_topk_kernels.cu behind contrib_topk.h; this file only maps
+// TensorRT's build/runtime interfaces onto that launch API.
+#ifndef CAPA_TRT_PLUGIN_H
+#define CAPA_TRT_PLUGIN_H
+
+#include <NvInfer.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace capa {
+
+constexpr char const* kPluginName = "CapaContribTopK";
+constexpr char const* kPluginVersion = "1";
+constexpr char const* kPluginNamespace = "capa";
+
+class ContribTopKPlugin final : public nvinfer1::IPluginV3,
+                                public nvinfer1::IPluginV3OneCore,
+                                public nvinfer1::IPluginV3OneBuild,
+                                public nvinfer1::IPluginV3OneRuntime {
+public:
+    ContribTopKPlugin(int32_t k, int32_t variant);
+    ~ContribTopKPlugin() override = default;
+
+    // IPluginV3
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+    nvinfer1::IPluginV3* clone() noexcept override;
+
+    // IPluginV3OneCore
+    char const* getPluginName() const noexcept override { return kPluginName; }
+    char const* getPluginVersion() const noexcept override { return kPluginVersion; }
+    char const* getPluginNamespace() const noexcept override { return kPluginNamespace; }
+
+    // IPluginV3OneBuild
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+        int32_t nbOutputs) noexcept override;
+    int32_t getNbOutputs() const noexcept override { return 1; }
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+
+    // IPluginV3OneRuntime
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+private:
+    int32_t mK;
+    int32_t mVariant;
+    std::vector<nvinfer1::PluginField> mFields;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+class ContribTopKPluginCreator final : public nvinfer1::IPluginCreatorV3One {
+public:
+    ContribTopKPluginCreator();
+    ~ContribTopKPluginCreator() override = default;
+
+    char const* getPluginName() const noexcept override { return kPluginName; }
+    char const* getPluginVersion() const noexcept override { return kPluginVersion; }
+    char const* getPluginNamespace() const noexcept override { return kPluginNamespace; }
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override { return &mFieldCollection; }
+    nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
+        nvinfer1::TensorRTPhase phase) noexcept override;
+
+private:
+    std::vector<nvinfer1::PluginField> mFields;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+} // namespace capa
+
+#endif // CAPA_TRT_PLUGIN_H

@@ -1,0 +1,309 @@
+"""CapaContribTopK on every implementation against a float64 brute force (test-backend-ops style).
+
+One table of cases (shapes x variants x dtypes) times one list of implementations. The reference
+is written here, independent of capa_export/capa/scoring.py: it materialises every v_j^h W_O^h
+with explicit per-head matmuls in float64 and takes the direct norm of sum_h a v W_O (no Gram
+form), from the same dtype-rounded inputs the implementations see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from capa_export.capa import scoring
+from capa_export.ops import native
+
+import capa_export.ops  # noqa: F401  (registers torch.ops.capa.contrib_topk)
+
+VARIANTS = ("contrib", "value_norm", "attention")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Relative (to the largest |score|) score tolerance. The reference uses the same rounded inputs,
+# so only fp32 accumulation differs; fp16/bf16 keep a little margin for longer sums.
+SCORE_RTOL = {"fp32": 1e-4, "fp16": 2e-4, "bf16": 2e-4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    B: int
+    H: int
+    H_kv: int
+    Q: int
+    N: int
+    d: int
+    D: int
+    k: int
+    ties: bool = False  # keys j and j + N/2 identical (probs and values), so scores tie exactly
+
+
+SHAPES = [
+    Shape("small", B=2, H=4, H_kv=4, Q=3, N=37, d=8, D=16, k=5),
+    Shape("k1", B=1, H=2, H_kv=2, Q=2, N=20, d=4, D=8, k=1),
+    Shape("k_eq_n", B=2, H=2, H_kv=1, Q=2, N=17, d=4, D=8, k=17),
+    Shape("n_not_block_multiple", B=1, H=2, H_kv=2, Q=2, N=1031, d=4, D=8, k=100),
+    Shape("n2880", B=1, H=4, H_kv=2, Q=2, N=2880, d=8, D=32, k=64),
+    Shape("gqa", B=2, H=8, H_kv=2, Q=5, N=50, d=16, D=32, k=10),
+    Shape("d_not_tile_multiple", B=1, H=3, H_kv=1, Q=70, N=9, d=40, D=70, k=4),
+    Shape("ties", B=2, H=4, H_kv=2, Q=3, N=24, d=8, D=16, k=7, ties=True),
+]
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    n_distinct = shape.N // 2 if shape.ties else shape.N
+    logits = torch.randn(shape.B, shape.H, shape.Q, n_distinct, generator=gen, dtype=torch.float64) * 2
+    probs = torch.softmax(logits, dim=-1)
+    values = torch.randn(shape.B, shape.H_kv, n_distinct, shape.d, generator=gen, dtype=torch.float64)
+    # Value norms spread over a decade so contribution and attention rankings differ.
+    values = values * torch.exp(torch.randn(shape.B, shape.H_kv, n_distinct, 1, generator=gen, dtype=torch.float64))
+    if shape.ties:
+        probs = torch.cat([probs, probs], dim=-1)
+        values = torch.cat([values, values], dim=2)
+    o_weight = torch.randn(shape.D, shape.H * shape.d, generator=gen, dtype=torch.float64) / shape.d**0.5
+    return probs.to(dtype), values.to(dtype), o_weight.to(dtype)
+
+
+def brute_force_scores(probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, variant: str) -> torch.Tensor:
+    a, v, w = probs.double(), values.double(), o_weight.double()
+    b, h, q, n = a.shape
+    h_kv, d = v.shape[1], v.shape[3]
+    group = h // h_kv
+    v_per_head = torch.stack([v[:, head // group] for head in range(h)], dim=1)  # [B, H, N, d]
+    if variant == "attention":
+        return a.sum(dim=(1, 2))
+    if variant == "value_norm":
+        norms = torch.sqrt((v_per_head**2).sum(dim=-1))  # [B, H, N]
+        return (a * norms[:, :, None, :]).sum(dim=(1, 2))
+    # U[b, n, h, :] = v_j^h W_O^h, with W_O^h = o_weight[:, h*d:(h+1)*d]^T (d x D)
+    u = torch.stack([v_per_head[:, head] @ w[:, head * d : (head + 1) * d].T for head in range(h)], dim=2)
+    y = torch.einsum("bhqn,bnhD->bqnD", a, u)  # sum_h a_ij^h v_j^h W_O^h, per query and key
+    return torch.sqrt((y**2).sum(dim=-1)).sum(dim=1)
+
+
+def float64_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.sort(dim=-1).values
+
+
+# ---- implementations: each returns (int32 indices [B, k], fp32 scores [B, N] or None) ------------
+
+
+def run_python(p, v, w, k, variant):
+    return scoring.contrib_topk(p, v, w, k, variant), scoring.contribution_scores(p, v, w, variant=variant)
+
+
+def run_native_cpu(p, v, w, k, variant):
+    if not native.available():
+        pytest.skip(native.unavailable_reason())
+    ext = native.module()
+    code = native.variant_code(variant)
+    return torch.from_numpy(ext.contrib_topk_cpu(p, v, w, k, code)), torch.from_numpy(
+        ext.contribution_scores_cpu(p, v, w, code)
+    )
+
+
+def run_torch_op_cpu(p, v, w, k, variant):
+    return torch.ops.capa.contrib_topk(p, v, w, k, variant), None
+
+
+def run_onnxruntime(p, v, w, k, variant):
+    if p.dtype != torch.float32:
+        pytest.skip("onnxruntime-extensions Python ops have no float16/bfloat16 (see capa_export/ops/ort_op.py)")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from capa_export.ops import ort_op
+
+    node = ort_op.make_contrib_topk_node(["probs", "values", "o_weight"], "keep", k=k, variant=variant)
+    graph = helper.make_graph(
+        [node],
+        "capa_contrib_topk",
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["B", p.shape[1], p.shape[2], "N"]),
+            helper.make_tensor_value_info("values", TensorProto.FLOAT, ["B", v.shape[1], "N", v.shape[3]]),
+            helper.make_tensor_value_info("o_weight", TensorProto.FLOAT, list(w.shape)),
+        ],
+        [helper.make_tensor_value_info("keep", TensorProto.INT32, ["B", k])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_op.DOMAIN, 1)]
+    )
+    session = ort.InferenceSession(
+        model.SerializeToString(), ort_op.session_options_with_capa_ops(), providers=["CPUExecutionProvider"]
+    )
+    (keep,) = session.run(None, {"probs": p.numpy(), "values": v.numpy(), "o_weight": w.numpy()})
+    return torch.from_numpy(keep), None
+
+
+def run_cuda(p, v, w, k, variant):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available (torch.cuda.is_available() is False)")
+    if not native.cuda_compiled():
+        pytest.skip(f"capa_export._native has no CUDA kernels: {native.unavailable_reason() or 'built without nvcc'}")
+    keep = torch.ops.capa.contrib_topk(p.cuda(), v.cuda(), w.cuda(), k, variant)
+    torch.cuda.synchronize()
+    return keep.cpu(), None
+
+
+def run_tensorrt(p, v, w, k, variant):
+    if importlib.util.find_spec("tensorrt") is None:
+        pytest.skip("tensorrt not installed")
+    from test_trt_plugin_build import run_plugin_engine  # noqa: PLC0415  (needs tensorrt)
+
+    return torch.from_numpy(run_plugin_engine(p, v, w, k, variant)), None
+
+
+IMPLEMENTATIONS = {
+    "python": run_python,
+    "native_cpu": run_native_cpu,
+    "torch_op_cpu": run_torch_op_cpu,
+    "onnxruntime": run_onnxruntime,
+    "cuda": run_cuda,
+    "tensorrt": run_tensorrt,
+}
+
+CASES = [
+    pytest.param(shape, variant, dtype_name, id=f"{shape.name}-{variant}-{dtype_name}")
+    for shape in SHAPES
+    for variant in VARIANTS
+    for dtype_name in DTYPES
+]
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("shape,variant,dtype_name", CASES)
+def test_contrib_topk(shape: Shape, variant: str, dtype_name: str, impl: str) -> None:
+    probs, values, o_weight = make_inputs(shape, DTYPES[dtype_name])
+    ref_scores = brute_force_scores(probs, values, o_weight, variant)
+    tol = SCORE_RTOL[dtype_name] * float(ref_scores.abs().max()) + 1e-12
+
+    keep, scores = IMPLEMENTATIONS[impl](probs, values, o_weight, shape.k, variant)
+
+    assert keep.dtype == torch.int32 and tuple(keep.shape) == (shape.B, shape.k)
+    keep64 = keep.long()
+    assert bool((keep64[:, 1:] > keep64[:, :-1]).all()), "indices must be strictly ascending"
+    assert int(keep64.min()) >= 0 and int(keep64.max()) < shape.N
+    if scores is not None:
+        assert tuple(scores.shape) == (shape.B, shape.N)
+        err = float((scores.double() - ref_scores).abs().max())
+        assert err <= tol, f"scores differ from the float64 reference by {err:.3g} > {tol:.3g}"
+
+    ref_sorted = torch.sort(ref_scores, dim=-1, descending=True).values
+    expected = float64_topk(ref_scores, shape.k)
+    for b in range(shape.B):
+        # The kept scores must be the k largest, whatever the tie-break among near-equal ones.
+        kept_sorted = torch.sort(ref_scores[b, keep64[b]], descending=True).values
+        assert float((kept_sorted - ref_sorted[b, : shape.k]).abs().max()) <= tol
+        gap = float(ref_sorted[b, shape.k - 1] - ref_sorted[b, shape.k]) if shape.k < shape.N else float("inf")
+        if gap > tol:
+            assert keep64[b].tolist() == expected[b].tolist()
+    if shape.ties:
+        # Identical keys j and j + N/2: when exactly one of a pair is kept, it is the lower index.
+        half = shape.N // 2
+        for b in range(shape.B):
+            kept = set(keep64[b].tolist())
+            for j in range(half):
+                if (j in kept) != (j + half in kept):
+                    assert j in kept, f"tie between keys {j} and {j + half} must keep {j}"
+
+
+# ---- bad inputs: every implementation raises ValueError naming the argument --------------------
+
+
+def _good(dtype=torch.float32):
+    return make_inputs(Shape("bad", B=2, H=4, H_kv=2, Q=3, N=10, d=4, D=8, k=3), dtype)
+
+
+def _bad_cases():
+    p, v, w = _good()
+    return [
+        ("probs_rank", (p[0], v, w, 3, "contrib"), "probs"),
+        ("values_rank", (p, v[0], w, 3, "contrib"), "values"),
+        ("o_weight_rank", (p, v, w[None], 3, "contrib"), "o_weight"),
+        ("batch_mismatch", (p, v[:1], w, 3, "contrib"), "batch"),
+        ("n_mismatch", (p, v[:, :, :9], w, 3, "contrib"), "keys|N"),
+        ("heads_not_multiple", (p[:, :3], v[:, :2], w[:, :12], 3, "contrib"), "H_kv"),
+        ("o_weight_columns", (p, v, w[:, :15], 3, "contrib"), "o_weight"),
+        ("k_above_n", (p, v, w, 11, "contrib"), "k="),
+        ("k_zero", (p, v, w, 0, "contrib"), "k="),
+        ("k_negative", (p, v, w, -2, "contrib"), "k="),
+        ("unknown_variant", (p, v, w, 3, "fastv"), "variant"),
+        ("mixed_dtypes", (p, v.half(), w, 3, "contrib"), "dtype"),
+    ]
+
+
+def _call_python(args):
+    return scoring.contrib_topk(*args)
+
+
+def _call_torch_op(args):
+    return torch.ops.capa.contrib_topk(*args)
+
+
+def _call_native(args):
+    if not native.available():
+        pytest.skip(native.unavailable_reason())
+    p, v, w, k, variant = args
+    return native.module().contrib_topk_cpu(p, v, w, k, variant)
+
+
+def _call_ort_function(args):
+    from capa_export.ops import ort_op
+
+    p, v, w, k, variant = args
+    return ort_op.contrib_topk_numpy(p.numpy(), v.numpy(), w.numpy(), k, variant)
+
+
+BAD_CALLERS = {"python": _call_python, "torch_op": _call_torch_op, "native_cpu": _call_native, "ort_fn": _call_ort_function}
+
+
+@pytest.mark.parametrize("caller", list(BAD_CALLERS))
+@pytest.mark.parametrize("case", range(len(_bad_cases())), ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs_raise_value_error(case: int, caller: str) -> None:
+    name, args, match = _bad_cases()[case]
+    if caller == "ort_fn" and name == "mixed_dtypes":
+        pytest.skip("the ONNX Runtime op receives one dtype by construction (fp32 graph)")
+    with pytest.raises(ValueError, match=match):
+        BAD_CALLERS[caller](args)
+
+
+def test_fake_tensor_shape() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        p, v, w = (torch.empty(2, 4, 3, 10), torch.empty(2, 2, 10, 4), torch.empty(8, 16))
+        out = torch.ops.capa.contrib_topk(p, v, w, 5, "contrib")
+    assert tuple(out.shape) == (2, 5) and out.dtype == torch.int32
+
+
+def test_ort_graph_matches_python_reference() -> None:
+    # The same hand-made graph through Polygraphy's ONNX Runtime runner (what the exporter uses).
+    pytest.importorskip("polygraphy")
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from capa_export.ops import ort_op
+
+    p, v, w = _good()
+    graph = helper.make_graph(
+        [ort_op.make_contrib_topk_node(["probs", "values", "o_weight"], "keep", k=3, variant=0)],
+        "g",
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, list(p.shape)),
+            helper.make_tensor_value_info("values", TensorProto.FLOAT, list(v.shape)),
+            helper.make_tensor_value_info("o_weight", TensorProto.FLOAT, list(w.shape)),
+        ],
+        [helper.make_tensor_value_info("keep", TensorProto.INT32, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_op.DOMAIN, 1)])
+    session = ort.InferenceSession(model.SerializeToString(), ort_op.session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
+    with OnnxrtRunner(session) as runner:
+        out = runner.infer({"probs": p.numpy(), "values": v.numpy(), "o_weight": w.numpy()})["keep"]
+    np.testing.assert_array_equal(out, scoring.contrib_topk(p, v, w, 3).numpy())
