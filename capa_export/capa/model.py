@@ -30,17 +30,31 @@ from .scoring import contribution_scores, top_k_indices
 
 @dataclass
 class CapaCache:
-    """Per-layer keys/values, each with the length its layer saw, and what decoding needs."""
+    """Per-layer keys/values, each with the length its layer saw, and what decoding needs.
+
+    A *segment* is a run of layers that see the same sequence: segment 0 = layers before the first
+    pruning layer, segment s = layers from the s-th stage on. Each has its own padding mask."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    #: padding mask [B, S_layer] of each layer's cached sequence
-    padding_masks: list[torch.Tensor]
-    #: next rotary position per row [B] (positions continue from the *full* prompt)
-    next_position: torch.Tensor
+    segment_masks: list[torch.Tensor]  # [B, S_segment] padding mask of each segment's cached sequence
+    layer_segment: list[int]  # segment of each layer
+    next_position: torch.Tensor  # [B] next rotary position (positions continue from the *full* prompt)
 
     def length(self, layer: int) -> int:
         return self.keys[layer].shape[2]
+
+
+@dataclass
+class PrefillState:
+    """What the traceable prefill loop returns (the exporter maps these to graph outputs)."""
+
+    hidden: torch.Tensor  # [B, L', D] after the last layer (before the final norm)
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    segment_masks: list[torch.Tensor]
+    stage_keep: list[torch.Tensor]  # per stage: [B, k_s] original visual indices kept, ascending
+    kept_positions: torch.Tensor  # [B, L'] original sequence indices kept
 
 
 @dataclass
@@ -72,6 +86,34 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """positions [..., B, L] (Llama [B, L]; multimodal rotary [3, B, L]) -> [..., B, L']."""
     return positions.gather(-1, index.expand(*positions.shape[:-2], *index.shape))
+
+
+def complement_slots(slots: torch.Tensor, length) -> torch.Tensor:
+    """[B, L - n] ascending indices of 0..L-1 not in `slots` [B, n] (traceable: a sort, no nonzero)."""
+    batch = slots.shape[0]
+    marked = torch.zeros(batch, length, dtype=torch.long, device=slots.device).scatter(1, slots, 1)
+    order_key = torch.arange(length, device=slots.device)[None, :] + marked * length
+    return torch.sort(order_key, dim=1).indices[:, : length - slots.shape[1]]
+
+
+def drop_visual(visual_slots: torch.Tensor, keep_local: torch.Tensor, length):
+    """Keep the visual tokens keep_local [B, k] (ascending indices into visual_slots [B, N]) and
+    every other token. Returns (keep_seq [B, L - N + k] ascending sequence indices kept,
+    new visual_slots [B, k] in the shortened sequence). Traceable: sort and cumsum only."""
+    visual_keep = visual_slots.gather(1, keep_local)
+    batch = visual_slots.shape[0]
+    dropped = torch.zeros(batch, length, dtype=torch.long, device=visual_slots.device)
+    dropped = dropped.scatter(1, visual_slots, 1).scatter(1, visual_keep, 0)
+    order_key = torch.arange(length, device=visual_slots.device)[None, :] + dropped * length
+    keep_seq = torch.sort(order_key, dim=1).indices[:, : length - visual_slots.shape[1] + keep_local.shape[1]]
+    # a kept token moves left by the number of tokens dropped before it
+    new_slots = visual_keep - torch.cumsum(dropped, dim=1).gather(1, visual_keep)
+    return keep_seq, new_slots
+
+
+def select_reference(probs, values, o_weight, keep: int, variant: str) -> torch.Tensor:
+    """Token selection by the reference semantics (chunked scores, stable top-k): int64 [B, k]."""
+    return top_k_indices(contribution_scores(probs, values, o_weight, variant=variant), keep)
 
 
 class CapaModel(nn.Module):
@@ -151,44 +193,79 @@ class CapaModel(nn.Module):
     def _prefill(self, input_ids, pixel_values, image_features, attention_mask, position_ids, use_cache,
                  last_logits_only):
         adapter = self.adapter
-        batch, length = input_ids.shape
         hidden = self.embed(input_ids, pixel_values, image_features)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = adapter.default_position_ids(input_ids, attention_mask)
         visual_slots = self.visual_slots(input_ids)
-        num_visual = visual_slots.shape[1]
-        if self.prune_at and num_visual == 0:
-            raise CapaError("pruning is configured but the input holds no image tokens")
         if self.prune_at:
-            self.config.check_for_visual_tokens(num_visual)
-        visual_ids = torch.arange(num_visual, device=hidden.device).expand(batch, num_visual)
-        kept_positions = torch.arange(length, device=hidden.device).expand(batch, length)
-        padding_mask = attention_mask
-        query_weight = self._query_weight(visual_slots, padding_mask)
+            if visual_slots.shape[1] == 0:
+                raise CapaError("pruning is configured but the input holds no image tokens")
+            self.config.check_for_visual_tokens(visual_slots.shape[1])
+        query_weight = self.query_weight(visual_slots, attention_mask)
+        if self.prune_at and bool((query_weight.sum(1) == 0).any()):
+            raise CapaError("the prompt has no text after the image to score visual tokens with; add an "
+                            "instruction after the image, or use queries='last'")
+        state = self.prefill_layers(hidden, position_ids, attention_mask, visual_slots, query_weight,
+                                    select=self.select_tokens, trim_queries=True)
+        hidden = state.hidden[:, -1:] if last_logits_only else state.hidden
+        logits = adapter.lm_head(adapter.final_norm(hidden))
+        batch, num_visual = visual_slots.shape
+        keep_indices = (state.stage_keep[-1] if state.stage_keep
+                        else torch.arange(num_visual, device=hidden.device).expand(batch, num_visual))
+        cache = None
+        if use_cache:
+            next_position = position_ids.reshape(-1, batch, position_ids.shape[-1])[0].amax(-1) + 1
+            cache = CapaCache(state.keys, state.values, state.segment_masks, self.layer_segments(), next_position)
+        return CapaOutput(logits, keep_indices, cache, state.stage_keep, state.kept_positions)
 
-        cache = CapaCache([], [], [], position_ids.reshape(-1, batch, position_ids.shape[-1])[0].amax(-1) + 1)
-        stage_keep = []
+    def layer_segments(self) -> list[int]:
+        stages = sorted(self.prune_at)
+        return [sum(1 for k in stages if k <= layer) for layer in range(self.adapter.num_layers)]
+
+    def query_weight(self, visual_slots, padding_mask) -> torch.Tensor:
+        """[B, L] 1.0 for the scoring queries (CAPA.md section 1), 0.0 elsewhere. Traceable."""
+        batch, length = padding_mask.shape
+        positions = torch.arange(length, device=padding_mask.device)[None, :]
+        if self.config.queries == "last":
+            return (positions == length - 1).to(torch.float32).expand(batch, length)
+        if visual_slots.shape[1] == 0:
+            return padding_mask.to(torch.float32)
+        after_image = positions > visual_slots[:, -1:]
+        return (after_image & padding_mask.bool()).to(torch.float32)
+
+    def select_tokens(self, probs, values, o_weight, keep: int) -> torch.Tensor:
+        """The reference selection; the exporter passes its own (plugin node or standard ops)."""
+        return select_reference(probs, values, o_weight, keep, self.config.variant)
+
+    def prefill_layers(self, hidden, position_ids, padding_mask, visual_slots, query_weight, *, select,
+                       trim_queries: bool = False) -> PrefillState:
+        """The decoder over the prompt with pruning stages and FFN approximation.
+
+        Traceable by torch.export when `select` is (no data-dependent Python), which is how the
+        exported prefill graph and this reference share one implementation.
+        """
+        adapter = self.adapter
+        batch, length = hidden.shape[:2]
+        num_visual = visual_slots.shape[1]
+        visual_ids = torch.arange(num_visual, device=hidden.device)[None, :].expand(batch, num_visual)
+        kept_positions = torch.arange(length, device=hidden.device)[None, :].expand(batch, length)
+        keys_out, values_out, segment_masks, stage_keep = [], [], [], []
         cos, sin = adapter.rotary(hidden, position_ids)
-        mask = additive_mask(padding_mask, hidden.shape[1], hidden.dtype)
+        mask = additive_mask(padding_mask, length, hidden.dtype)
         scoring = None
         for index in range(adapter.num_layers):
             if index in self.prune_at:
-                keep_local = self._select(scoring, self.prune_at[index])
-                visual_keep = visual_slots.gather(1, keep_local)
-                keep_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-                keep_mask.scatter_(1, visual_slots, False)
-                keep_mask.scatter_(1, visual_keep, True)
-                keep_seq = keep_mask.nonzero()[:, 1].view(batch, -1)
+                segment_masks.append(padding_mask)
+                keep_local = select(*scoring, self.prune_at[index])
+                keep_seq, visual_slots = drop_visual(visual_slots, keep_local, hidden.shape[1])
                 visual_ids = visual_ids.gather(1, keep_local)
                 stage_keep.append(visual_ids)
                 hidden = gather_rows(hidden, keep_seq)
                 position_ids = gather_positions(position_ids, keep_seq)
                 padding_mask = padding_mask.gather(1, keep_seq)
                 kept_positions = kept_positions.gather(1, keep_seq)
-                # the kept visual tokens' new slots: where keep_seq hits a kept visual index
-                visual_slots = torch.searchsorted(keep_seq, visual_keep)
                 query_weight = query_weight.gather(1, keep_seq)
                 cos, sin = adapter.rotary(hidden, position_ids)
                 mask = additive_mask(padding_mask, hidden.shape[1], hidden.dtype)
@@ -196,51 +273,30 @@ class CapaModel(nn.Module):
             hidden, (keys, values), probs = self._layer(index, hidden, cos, sin, mask, None, visual_slots,
                                                          want_probs=needs_scores)
             if needs_scores:
-                scoring = self._scoring_inputs(index, probs, values, visual_slots, query_weight)
+                scoring = self._scoring_inputs(index, probs, values, visual_slots, query_weight, trim_queries)
                 if self.attention_probe is not None:
                     self.attention_probe(index, *scoring, visual_slots)
-            if use_cache:
-                cache.keys.append(keys)
-                cache.values.append(values)
-                cache.padding_masks.append(padding_mask)
-        if last_logits_only:
-            hidden = hidden[:, -1:]
-        logits = adapter.lm_head(adapter.final_norm(hidden))
-        keep_indices = stage_keep[-1] if stage_keep else visual_ids
-        return CapaOutput(logits, keep_indices, cache if use_cache else None, stage_keep, kept_positions)
+            keys_out.append(keys)
+            values_out.append(values)
+        segment_masks.append(padding_mask)
+        return PrefillState(hidden, keys_out, values_out, segment_masks, stage_keep, kept_positions)
 
-    def _query_weight(self, visual_slots, padding_mask) -> torch.Tensor:
-        """[B, L] 1.0 for the scoring queries (CAPA.md section 1), 0.0 elsewhere."""
-        batch, length = padding_mask.shape
-        weight = torch.zeros(batch, length, device=padding_mask.device)
-        if self.config.queries == "last":
-            weight[:, -1] = 1.0
-            return weight
-        if visual_slots.shape[1] == 0:
-            return padding_mask.to(weight.dtype)
-        after_image = torch.arange(length, device=padding_mask.device)[None, :] > visual_slots[:, -1:]
-        weight[after_image & padding_mask.bool()] = 1.0
-        if self.prune_at and bool((weight.sum(1) == 0).any()):
-            raise CapaError("the prompt has no text after the image to score visual tokens with; add an "
-                            "instruction after the image, or use queries='last'")
-        return weight
-
-    def _scoring_inputs(self, index, probs, values, visual_slots, query_weight):
-        """What the scoring layer already computed, cut to the scoring queries and visual keys:
-        probs [B, H, Q, N] (zero rows for non-scoring queries), values [B, H_kv, N, d], W_O."""
-        rows = query_weight.nonzero()[:, 1]
-        first = int(rows.min()) if rows.numel() else probs.shape[2] - 1
+    def _scoring_inputs(self, index, probs, values, visual_slots, query_weight, trim_queries: bool):
+        """What the scoring layer already computed, cut to the visual keys: probs [B, H, Q, N]
+        (rows of non-scoring queries zeroed: they add exactly 0 to every variant), values
+        [B, H_kv, N, d], W_O. `trim_queries` drops the leading all-zero rows (eager only: the
+        exported graph keeps all L rows to stay free of data-dependent shapes)."""
+        first = 0
+        if trim_queries:
+            rows = query_weight.nonzero()[:, 1]
+            first = int(rows.min()) if rows.numel() else probs.shape[2] - 1
         b, h = probs.shape[:2]
         n = visual_slots.shape[1]
-        probs_q = probs[:, :, first:].gather(3, visual_slots[:, None, None, :].expand(b, h, probs.shape[2] - first, n))
+        probs = probs[:, :, first:]
+        probs_q = probs.gather(3, visual_slots[:, None, None, :].expand(b, h, probs.shape[2], n))
         probs_q = probs_q * query_weight[:, None, first:, None].to(probs_q.dtype)
         values_v = values.gather(2, visual_slots[:, None, :, None].expand(b, values.shape[1], n, values.shape[3]))
         return probs_q, values_v, self.adapter.layer(index).o_proj.weight
-
-    def _select(self, scoring, keep: int) -> torch.Tensor:
-        probs, values, o_weight = scoring
-        scores = contribution_scores(probs, values, o_weight, variant=self.config.variant)
-        return top_k_indices(scores, keep)
 
     # ------------------------------------------------------------------------------------------
     def _layer(self, index, hidden, cos, sin, mask, past, visual_slots, want_probs=False):
@@ -252,16 +308,22 @@ class CapaModel(nn.Module):
         hidden = residual + attn_out
         residual = hidden
         normed = parts.post_attention_norm(hidden)
-        ffn_out = parts.mlp(normed)
-        is_visual = None
-        if visual_slots is not None and visual_slots.shape[1] > 0:
+        if self.collector is not None and visual_slots is not None and visual_slots.shape[1] > 0:
             is_visual = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-            is_visual.scatter_(1, visual_slots, True)
-        if self.collector is not None and is_visual is not None:
-            self.collector(index, normed, ffn_out, is_visual)
-        if index in self.ffn_layers and is_visual is not None:
-            approx = self.ffn.apply(index, adapter.rms_normalize(parts.post_attention_norm, hidden))
-            ffn_out = torch.where(is_visual[..., None], approx.to(ffn_out.dtype), ffn_out)
+            self.collector(index, normed, parts.mlp(normed), is_visual.scatter(1, visual_slots, True))
+        if index in self.ffn_layers and visual_slots is not None and visual_slots.shape[1] > 0:
+            # Visual rows take the affine map of the un-gained normalised input, text rows the full
+            # FFN: gathered apart so the FFN really runs on text rows only, then scattered back.
+            text_slots = complement_slots(visual_slots, hidden.shape[1])
+            text_out = parts.mlp(gather_rows(normed, text_slots))
+            visual_in = adapter.rms_normalize(parts.post_attention_norm, gather_rows(hidden, visual_slots))
+            visual_out = self.ffn.apply(index, visual_in).to(text_out.dtype)
+            width = hidden.shape[-1]
+            ffn_out = torch.zeros_like(hidden)
+            ffn_out = ffn_out.scatter(1, text_slots[..., None].expand(*text_slots.shape, width), text_out)
+            ffn_out = ffn_out.scatter(1, visual_slots[..., None].expand(*visual_slots.shape, width), visual_out)
+        else:
+            ffn_out = parts.mlp(normed)
         return residual + ffn_out, (keys, values), (probs if want_probs else None)
 
     def _attention(self, parts, x, cos, sin, mask, past):
@@ -284,24 +346,33 @@ class CapaModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _decode(self, input_ids, cache: CapaCache, attention_mask, last_logits_only):
-        adapter = self.adapter
+        hidden = self.adapter.embed_tokens(input_ids)
         batch, steps = input_ids.shape
-        hidden = adapter.embed_tokens(input_ids)
         new_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         positions = cache.next_position[:, None] + torch.arange(steps, device=hidden.device)[None, :]
-        cos, sin = adapter.rotary(hidden, positions)
-        for index in range(adapter.num_layers):
-            padding = torch.cat([cache.padding_masks[index], new_mask], dim=1)
-            mask = additive_mask(padding, steps, hidden.dtype)
-            past = (cache.keys[index], cache.values[index])
-            hidden, (keys, values), _ = self._layer(index, hidden, cos, sin, mask, past, None)
-            cache.keys[index], cache.values[index] = keys, values
-            cache.padding_masks[index] = padding
+        masks = [torch.cat([m, new_mask.to(m.dtype)], dim=1) for m in cache.segment_masks]
+        hidden, keys, values = self.decode_layers(hidden, positions, masks, cache.keys, cache.values,
+                                                  cache.layer_segment)
+        cache.keys, cache.values, cache.segment_masks = keys, values, masks
         cache.next_position = cache.next_position + steps
         if last_logits_only:
             hidden = hidden[:, -1:]
-        logits = adapter.lm_head(adapter.final_norm(hidden))
+        logits = self.adapter.lm_head(self.adapter.final_norm(hidden))
         return CapaOutput(logits, torch.empty(0, dtype=torch.long), cache)
+
+    def decode_layers(self, hidden, positions, segment_masks, past_keys, past_values, layer_segment):
+        """New tokens through every layer, each attending to its own cache (traceable).
+        segment_masks[s]: [B, S_s + T] padding mask of segment s including the new tokens."""
+        steps = hidden.shape[1]
+        cos, sin = self.adapter.rotary(hidden, positions)
+        additive = [additive_mask(m, steps, hidden.dtype) for m in segment_masks]
+        keys_out, values_out = [], []
+        for index in range(self.adapter.num_layers):
+            past = (past_keys[index], past_values[index])
+            hidden, (keys, values), _ = self._layer(index, hidden, cos, sin, additive[layer_segment[index]], past, None)
+            keys_out.append(keys)
+            values_out.append(values)
+        return hidden, keys_out, values_out
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 16,
