@@ -121,3 +121,25 @@ def contrib_topk(
 ) -> torch.Tensor:
     """The CapaContribTopK op: int32 [B, k] sorted kept indices (reference semantics)."""
     return top_k_indices(contribution_scores(probs, values, o_weight, variant=variant), k).to(torch.int32)
+
+
+def contribution_scores_dense(
+    probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, variant: str = "contrib"
+) -> torch.Tensor:
+    """The same scores as `contribution_scores`, written with MatMul / Mul / ReduceSum / Sqrt only
+    (no loop over key chunks), in fp32: the form lowered to standard ONNX ops by the exporter for
+    runtimes without the CapaContribTopK plugin. Its U intermediate is [B, H, N, D]."""
+    a = probs.float()
+    if variant == "attention":
+        return a.sum(dim=(1, 2))
+    h = probs.shape[1]
+    v = expand_kv_heads(values, h).float()  # [B, H, N, d]
+    if variant == "value_norm":
+        return (a * torch.sqrt((v * v).sum(-1))[:, :, None, :]).sum(dim=(1, 2))
+    d = v.shape[-1]
+    w_heads = o_weight.float().t().reshape(h, d, o_weight.shape[0])  # [H, d, D]
+    u = (v @ w_heads[None]).transpose(1, 2)  # [B, N, H, D]
+    gram = u @ u.transpose(-1, -2)  # [B, N, H, H]
+    a_keys = a.permute(0, 3, 2, 1)  # [B, N, Q, H]
+    quad = ((a_keys @ gram) * a_keys).sum(-1)  # [B, N, Q]
+    return torch.sqrt(torch.clamp(quad, min=0.0)).sum(-1)

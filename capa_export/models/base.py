@@ -114,8 +114,9 @@ class ModelAdapter(abc.ABC):
         """The norm without its gain: norm(x) == rms_normalize(norm, x) * norm_gain(norm)."""
 
     # --- inputs ---------------------------------------------------------------------------
+    @classmethod
     @abc.abstractmethod
-    def prompt_with_image(self, processor, question: str) -> str:
+    def prompt_with_image(cls, processor, question: str) -> str:
         """The family's chat prompt for one image and one question."""
 
     def num_visual_tokens_per_image(self) -> int:

@@ -59,14 +59,16 @@ class LlavaAdapter(ModelAdapter):
         )
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # What LlavaModel.get_image_features computes, without its split into a per-image list (which
+        # would fix the number of images when the vision graph is exported).
         cfg = self.model.config
-        out = self.model.model.get_image_features(
-            pixel_values=pixel_values.to(self.model.dtype),
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
-        return torch.stack(list(out.pooler_output))
+        tower = self.model.model.vision_tower
+        hidden = tower(pixel_values.to(self.model.dtype), output_hidden_states=True).hidden_states
+        layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, (list, tuple)) else [cfg.vision_feature_layer]
+        selected = [hidden[layer] for layer in layers]
+        if cfg.vision_feature_select_strategy == "default":
+            selected = [h[:, 1:] for h in selected]  # drop CLS
+        return self.model.model.multi_modal_projector(torch.cat(selected, dim=-1))
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._decoder.embed_tokens(input_ids)
@@ -99,7 +101,8 @@ class LlavaAdapter(ModelAdapter):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return x32.to(x.dtype)
 
-    def prompt_with_image(self, processor, question: str) -> str:
+    @classmethod
+    def prompt_with_image(cls, processor, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         if getattr(processor, "chat_template", None):
             return processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -32,6 +32,13 @@ def adapter_for(model) -> ModelAdapter:
     )
 
 
+def adapter_class(family: str) -> type[ModelAdapter]:
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise CapaError(f"model family {family!r} has no adapter; supported: {', '.join(a.family for a in ADAPTERS)}")
+
+
 def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype

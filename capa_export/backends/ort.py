@@ -1,0 +1,89 @@
+"""ONNX Runtime backend: an "engine" is each graph optimised by ONNX Runtime for the profile's
+providers and written to disk (`optimized_model_filepath`), plus the session options to load it.
+
+The CapaContribTopK node runs through onnxruntime-extensions (its Python op calls the plugin's C++
+reference), so the graph with the plugin node is itself built and validated here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..errors import CapaError
+
+NAME = "onnxruntime"
+SESSION_FILE = "session.json"
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(level: str = "all", optimized_path: Path | None = None) -> ort.SessionOptions:
+    from ..ops.ort_op import session_options_with_capa_ops
+
+    options = session_options_with_capa_ops()
+    options.graph_optimization_level = LEVELS[level]
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+        # weights of the optimised graph go to a side file, as any graph over 2 GB must
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         optimized_path.with_suffix(".data").name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return options
+
+
+def usable_providers(wanted: list[str]) -> list[str]:
+    available = ort.get_available_providers()
+    usable = [p for p in wanted if p in available]
+    if not usable:
+        raise CapaError(f"none of the profile's providers {wanted} is available in this onnxruntime "
+                        f"({', '.join(available)}); install onnxruntime-gpu for CUDAExecutionProvider")
+    return usable
+
+
+def check_precision(precision: str, providers: list[str]) -> None:
+    if precision == "bf16" and providers == ["CPUExecutionProvider"]:
+        raise CapaError("bf16 engines need CUDAExecutionProvider (onnxruntime-gpu) or TensorRT: ONNX Runtime has "
+                        "no bf16 CPU kernels; use the cpu (fp32) or edge (fp16) profile here")
+
+
+def build(onnx_dir: Path, profile, out_dir: Path, graphs) -> dict:
+    """Optimise every graph for the profile; write <graph>.opt.onnx (+ .opt.data) and session.json."""
+    providers = usable_providers(profile.providers)
+    check_precision(profile.precision, providers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for graph in graphs:
+        optimized = out_dir / f"{graph}.opt.onnx"
+        options = session_options(profile.optimization_level, optimized)
+        try:
+            ort.InferenceSession(str(onnx_dir / f"{graph}.onnx"), options, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types; report which graph failed
+            raise CapaError(f"ONNX Runtime cannot build {graph}.onnx for {providers}: {str(exc).splitlines()[0]}") from None
+        files[graph] = optimized.name
+    description = {"backend": NAME, "onnxruntime": ort.__version__, "providers": providers,
+                   "optimization_level_at_build": profile.optimization_level, "graphs": files,
+                   "load_with": "graph optimisations disabled (already applied)"}
+    (out_dir / SESSION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    return description
+
+
+def load_session(engine_dir: Path, graph: str) -> ort.InferenceSession:
+    description = json.loads((engine_dir / SESSION_FILE).read_text())
+    options = session_options("disable")
+    return ort.InferenceSession(str(engine_dir / description["graphs"][graph]), options,
+                                providers=usable_providers(description["providers"]))
+
+
+def runner(engine_dir: Path, graph: str):
+    """A Polygraphy runner for one graph of a built engine."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    return OnnxrtRunner(load_session(engine_dir, graph), name=f"onnxruntime:{graph}")

@@ -1,0 +1,127 @@
+"""TensorRT backend: a thin adapter over Polygraphy's TensorRT loaders.
+
+    LoadPlugins(libcapa_contrib_topk_plugin.so)      the CapaContribTopK plugin, before parsing
+    NetworkFromOnnxPath(graph, strongly_typed=True)  TensorRT 11: precision comes from the ONNX dtypes
+    CreateConfig(profiles, memory pool, timing cache, builder level, version compatibility)
+    PostprocessConfig(...)                           plugins_to_serialize for version-compatible engines
+    EngineFromNetwork(..., save_timing_cache)        -> <graph>.plan
+
+`tensorrt` is imported only through Polygraphy's lazy loaders, inside these functions: the
+package imports and everything else works without it. NOT EXERCISED in this repository's CI or on
+its GPU machine (TensorRT cannot be installed there); see the README.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from ..errors import CapaError
+
+NAME = "tensorrt"
+PLAN_SUFFIX = ".plan"
+ENGINE_FILE = "tensorrt.json"
+PLUGIN_LIBRARY = "libcapa_contrib_topk_plugin.so"
+
+
+def unavailable_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return ("TensorRT is not installed (pip install tensorrt from NVIDIA's package index, TensorRT >= 10.8 "
+                "for IPluginV3); use --backend onnxruntime")
+    return None
+
+
+def require() -> None:
+    reason = unavailable_reason()
+    if reason:
+        raise CapaError(reason)
+
+
+def find_plugin_library(explicit: str | None = None) -> Path:
+    """The plugin library: an explicit path, $CAPA_TRT_PLUGIN, or the CMake build tree."""
+    import os
+
+    candidates = [explicit] if explicit else [os.environ.get("CAPA_TRT_PLUGIN")]
+    candidates += [str(p) for p in Path(__file__).resolve().parents[2].glob(f"build/**/{PLUGIN_LIBRARY}")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    if explicit:
+        raise CapaError(f"plugin library {explicit} does not exist; build it with cmake -DTensorRT_ROOT=... "
+                        f"(target capa_contrib_topk_plugin)")
+    raise CapaError(f"{PLUGIN_LIBRARY} not found: build it with cmake -DTensorRT_ROOT=<TensorRT> (target "
+                    f"capa_contrib_topk_plugin), or pass --plugin-library / set CAPA_TRT_PLUGIN")
+
+
+def shape_ranges(graph_inputs: dict[str, list], profile, fixed: dict[str, int]) -> dict[str, tuple]:
+    """(min, opt, max) shapes per input from the profile: each symbolic dim of the exported graph
+    (batch, sequence, past_segment*, images, new_tokens, visual_tokens) maps to a profile range."""
+    ranges = {}
+    for name, dims in graph_inputs.items():
+        lo, opt, hi = [], [], []
+        for dim in dims:
+            if isinstance(dim, int):
+                triple = (dim, dim, dim)
+            elif dim in fixed:
+                triple = (fixed[dim],) * 3
+            elif dim.startswith("past_segment"):
+                triple = profile.shapes["past"]
+            elif dim in ("batch", "sequence", "images"):
+                triple = profile.shapes[dim]
+            elif dim == "new_tokens":
+                triple = (1, 1, 1)
+            else:
+                raise CapaError(f"graph input {name} has a dimension {dim!r} the profile does not cover")
+            lo.append(triple[0]), opt.append(triple[1]), hi.append(triple[2])
+        ranges[name] = (tuple(lo), tuple(opt), tuple(hi))
+    return ranges
+
+
+def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fixed_dims: dict,
+          plugin_library: str | None = None) -> dict:
+    require()
+    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, LoadPlugins, NetworkFromOnnxPath,
+                                        PostprocessConfig, Profile, SaveEngine)
+    import tensorrt as trt
+
+    library = find_plugin_library(plugin_library)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = profile.tensorrt
+    cache = out_dir / settings.get("timing_cache", "timing.cache")
+    plans = {}
+    for graph in graphs:
+        shapes = Profile()
+        for name, (lo, opt, hi) in shape_ranges(graph_inputs[graph], profile, fixed_dims).items():
+            shapes.add(name, min=lo, opt=opt, max=hi)
+        network = NetworkFromOnnxPath(str(onnx_dir / f"{graph}.onnx"), strongly_typed=True)
+        network = LoadPlugins(plugins=[str(library)], obj=network)
+        config = CreateConfig(
+            profiles=[shapes],
+            memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(profile.workspace_mib) << 20},
+            load_timing_cache=str(cache) if cache.exists() else None,
+            builder_optimization_level=settings.get("builder_optimization_level"),
+            version_compatible=settings.get("version_compatible", False),
+        )
+        if settings.get("version_compatible"):
+            # a version-compatible engine embeds only the plugin libraries listed here
+            config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_plugins_to_serialize([str(library)]))
+        engine = EngineFromNetwork(network, config, save_timing_cache=str(cache))
+        plan = out_dir / f"{graph}{PLAN_SUFFIX}"
+        SaveEngine(engine, str(plan))()
+        plans[graph] = plan.name
+    description = {"backend": NAME, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
+                   "plugin_library": str(library)}
+    (out_dir / ENGINE_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    return description
+
+
+def runner(engine_dir: Path, graph: str):
+    require()
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
+
+    description = json.loads((engine_dir / ENGINE_FILE).read_text())
+    engine = EngineFromBytes(LoadPlugins(plugins=[description["plugin_library"]],
+                                         obj=BytesFromPath(str(engine_dir / description["graphs"][graph]))))
+    return TrtRunner(engine, name=f"tensorrt:{graph}")

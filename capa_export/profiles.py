@@ -1,0 +1,111 @@
+"""Build profiles (`engines/*.toml`): what an engine is built for.
+
+    name, description
+    backend      "onnxruntime" | "tensorrt" | "auto" (TensorRT where installed, else ONNX Runtime)
+    precision    "fp32" | "fp16" | "bf16": the dtype the ONNX graphs are exported in (TensorRT 11
+                 networks are strongly typed: the graph carries the precision, no builder flag)
+    pruning      "plugin" (one CapaContribTopK node) | "onnx" (standard ops only)
+    prune        optional [[K, k], ...] overriding the calibrated schedule (k is fixed per engine)
+    providers    ONNX Runtime execution providers, in order
+    workspace_mib              TensorRT memory-pool limit / ONNX Runtime arena cap
+    optimization_level         ONNX Runtime: "disable" | "basic" | "extended" | "all"
+    [shapes]     min / opt / max of: batch, sequence (prompt tokens incl. visual), past (KV length),
+                 images (per batch) -- the TensorRT optimisation profile, and the limits the
+                 runtime enforces
+    [tensorrt]   timing_cache (file name, reused across builds), version_compatible (bool),
+                 builder_optimization_level (0-5)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CapaError
+
+ENGINES_DIR = Path(__file__).resolve().parent.parent / "engines"
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+SHAPE_NAMES = ("batch", "sequence", "past", "images")
+ORT_LEVELS = ("disable", "basic", "extended", "all")
+#: TensorRT's TopK accepts k <= 3840 (the standard-op lowering uses TopK).
+TENSORRT_TOPK_MAX = 3840
+
+
+@dataclass
+class BuildProfile:
+    name: str
+    precision: str = "fp32"
+    backend: str = "auto"
+    pruning: str = "plugin"
+    prune: list[tuple[int, int]] | None = None
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    workspace_mib: int = 1024
+    optimization_level: str = "all"
+    shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    tensorrt: dict = field(default_factory=dict)
+    description: str = ""
+    source: str = ""
+
+    def __post_init__(self):
+        where = f"profile {self.source or self.name}"
+        if self.backend not in BACKENDS:
+            raise CapaError(f"{where}: backend {self.backend!r} must be one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise CapaError(f"{where}: precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.pruning not in ("plugin", "onnx"):
+            raise CapaError(f"{where}: pruning {self.pruning!r} must be 'plugin' or 'onnx'")
+        if self.optimization_level not in ORT_LEVELS:
+            raise CapaError(f"{where}: optimization_level {self.optimization_level!r} must be one of "
+                            f"{', '.join(ORT_LEVELS)}")
+        if int(self.workspace_mib) <= 0:
+            raise CapaError(f"{where}: workspace_mib {self.workspace_mib} must be positive")
+        shapes = {}
+        for key, value in self.shapes.items():
+            if key not in SHAPE_NAMES:
+                raise CapaError(f"{where}: shapes.{key} is unknown; expected {', '.join(SHAPE_NAMES)}")
+            try:
+                lo, opt, hi = (int(v) for v in value)
+            except (TypeError, ValueError):
+                raise CapaError(f"{where}: shapes.{key} = {value!r} must be [min, opt, max]") from None
+            if not 1 <= lo <= opt <= hi:
+                raise CapaError(f"{where}: shapes.{key} = [{lo}, {opt}, {hi}] must satisfy 1 <= min <= opt <= max")
+            shapes[key] = (lo, opt, hi)
+        for key in SHAPE_NAMES:
+            shapes.setdefault(key, (1, 1, 1) if key in ("batch", "images") else (1, 1024, 4096))
+        self.shapes = shapes
+        if self.prune is not None:
+            from .config import CapaConfig
+
+            self.prune = CapaConfig(prune=self.prune).prune  # same validation as the config's
+            for _, keep in self.prune:
+                if self.pruning == "onnx" and keep > TENSORRT_TOPK_MAX and self.backend == "tensorrt":
+                    raise CapaError(f"{where}: k={keep} exceeds TensorRT's TopK limit {TENSORRT_TOPK_MAX} for "
+                                    f"pruning = 'onnx'; use the plugin or a smaller k")
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "BuildProfile":
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = ENGINES_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            available = ", ".join(sorted(p.stem for p in ENGINES_DIR.glob("*.toml")))
+            raise CapaError(f"build profile {name_or_path!r} not found; give a TOML file or one of: {available}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise CapaError(f"build profile {path} is not valid TOML ({exc})") from None
+        known = set(cls.__dataclass_fields__) - {"source"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CapaError(f"build profile {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        data.setdefault("name", path.stem)
+        return cls(**data, source=str(path))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "precision": self.precision,
+                "backend": self.backend, "pruning": self.pruning,
+                "prune": [list(s) for s in self.prune] if self.prune else None, "providers": self.providers,
+                "workspace_mib": self.workspace_mib, "optimization_level": self.optimization_level,
+                "shapes": {k: list(v) for k, v in self.shapes.items()}, "tensorrt": self.tensorrt}

@@ -1,0 +1,148 @@
+"""CapaEngine: inference with a built engine directory (any backend, through Polygraphy runners).
+
+    preprocess (processor) -> vision -> embed + merge image features -> prefill (pruning inside)
+    -> greedy decode loop with the per-segment KV cache -> detokenise, streaming tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import CapaError
+from .manifest import read_manifest
+
+GRAPHS = ("vision", "embed", "prefill", "decode")
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    keep_indices: list[int]
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: vision, prefill, decode_per_token, ...
+
+
+class CapaEngine:
+    """A built engine directory, ready to generate. Use as a context manager, or call close()."""
+
+    def __init__(self, engine_dir: str | Path, *, verify: bool = True, require_complete: bool = True):
+        from . import backends
+        from .models import adapter_class
+
+        self.dir = Path(engine_dir)
+        self.manifest = read_manifest(self.dir, verify=verify, require_complete=require_complete)
+        backend = backends.BACKENDS[self.manifest["backend"]]
+        backend_dir = self.dir / self.manifest["backend_dir"]
+        self.runners = {graph: backend.runner(backend_dir, graph) for graph in GRAPHS}
+        for runner in self.runners.values():
+            runner.activate()
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(str(self.dir / "processor"))
+        self.adapter_class = adapter_class(self.manifest["model"]["family"])
+        self.model_info = self.manifest["model"]
+        self.layer_segment = self.manifest["layer_segment"]
+        self.num_layers = len(self.layer_segment)
+        self.max_sequence = self.manifest["profile"]["shapes"]["sequence"][2]
+        self.float_dtype = {"fp32": np.float32, "fp16": np.float16}.get(self.manifest["dtype"])
+
+    def close(self):
+        for runner in self.runners.values():
+            if runner.is_active:
+                runner.deactivate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------------------------------
+    def prepare(self, image, question: str) -> dict:
+        prompt = self.adapter_class.prompt_with_image(self.processor, question)
+        batch = self.processor(images=image, text=prompt, return_tensors="np")
+        return {"input_ids": batch["input_ids"].astype(np.int64),
+                "attention_mask": batch["attention_mask"].astype(np.int64),
+                "pixel_values": batch["pixel_values"]}
+
+    def _infer(self, graph: str, feed: dict) -> dict:
+        # copies: runners may reuse their output buffers between calls
+        return {k: np.array(v, copy=True) for k, v in self.runners[graph].infer(feed).items()}
+
+    def generate_ids(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
+                     eos_token_id: int | None = None, stream: Callable[[int], None] | None = None):
+        """Greedy generation from model inputs. Returns (tokens [B, T], keep_indices [B, k], timings)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch, length = input_ids.shape
+        if length > self.max_sequence:
+            raise CapaError(f"the prompt has {length} tokens but the engine's profile allows at most "
+                            f"{self.max_sequence} (shapes.sequence); shorten the prompt or rebuild with a larger profile")
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        timings = {}
+        start = time.perf_counter()
+        features = self._infer("vision", {"pixel_values": np.asarray(pixel_values, dtype=self.float_dtype)})
+        timings["vision"] = time.perf_counter() - start
+        start = time.perf_counter()
+        embeds = self._infer("embed", {"input_ids": input_ids})["inputs_embeds"]
+        slots = input_ids == self.model_info["image_token_id"]
+        image_features = features["image_features"]
+        if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
+            raise CapaError(f"the prompt has {int(slots.sum())} image-token slots but the images give "
+                            f"{image_features.shape[0] * image_features.shape[1]} features")
+        embeds[slots] = image_features.reshape(-1, embeds.shape[-1])
+        counts = slots.sum(axis=1)
+        visual_positions = np.stack([np.nonzero(row)[0] for row in slots]).astype(np.int64).reshape(batch, int(counts[0]))
+        positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
+        timings["embed"] = time.perf_counter() - start
+        start = time.perf_counter()
+        out = self._infer("prefill", {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                                      "visual_positions": visual_positions})
+        timings["prefill"] = time.perf_counter() - start
+        timings["time_to_first_token"] = timings["vision"] + timings["embed"] + timings["prefill"]
+        keep = out["keep_indices"]
+        segments = max(self.layer_segment) + 1
+        masks = [out[f"segment_mask.{s}"] for s in range(segments)]
+        past = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")}
+        token = out["logits"].argmax(-1)[:, None].astype(np.int64)
+        tokens = [token]
+        if stream:
+            stream(int(token[0, 0]))
+        next_position = np.full((batch, 1), length, dtype=np.int64)
+        finished = np.zeros(batch, dtype=bool)
+        start = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if eos_token_id is not None:
+                finished |= token[:, 0] == eos_token_id
+                if finished.all():
+                    break
+            new_embeds = self._infer("embed", {"input_ids": token})["inputs_embeds"]
+            feed = {"inputs_embeds": new_embeds, "position_ids": next_position, **past}
+            feed.update({f"past_segment_mask.{s}": masks[s] for s in range(segments)})
+            step = self._infer("decode", feed)
+            past = {f"past.{i}.{kv}": step[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")}
+            masks = [np.concatenate([m, np.ones((batch, 1), dtype=m.dtype)], axis=1) for m in masks]
+            next_position = next_position + 1
+            token = step["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+            tokens.append(token)
+            if stream:
+                stream(int(token[0, 0]))
+        steps = len(tokens) - 1
+        timings["decode_total"] = time.perf_counter() - start
+        timings["decode_per_token"] = timings["decode_total"] / steps if steps else 0.0
+        return np.concatenate(tokens, axis=1), keep, timings
+
+    def generate(self, image, question: str, max_new_tokens: int = 32,
+                 stream: Callable[[str], None] | None = None) -> Generation:
+        inputs = self.prepare(image, question)
+        tokenizer = self.processor.tokenizer
+        on_token = (lambda t: stream(tokenizer.decode([t], skip_special_tokens=True))) if stream else None
+        tokens, keep, timings = self.generate_ids(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                                  max_new_tokens, tokenizer.eos_token_id, on_token)
+        text = tokenizer.decode(tokens[0], skip_special_tokens=True)
+        return Generation(text, tokens[0].tolist(), keep[0].tolist(), int(inputs["input_ids"].shape[1]), timings)
