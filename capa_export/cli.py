@@ -41,12 +41,12 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not FIRST:LAST (e.g. 2:20)") from None
 
 
-def _add_model(parser):
+def _add_model(parser, dtype_help="weights dtype when loading (default: the checkpoint's; fp32 for tiny-llava)"):
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"'{DEFAULT_MODEL}' (embedded, offline), a local HF model directory, or a hub id "
                              f"(default: {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                        help="weights dtype when loading (default: the checkpoint's; fp32 for tiny-llava)")
+    if dtype_help:
+        parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help=dtype_help)
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
@@ -233,6 +233,76 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .build import calibrated_config
+    from .export.exporter import export_model, format_summary
+    from .models import load_model
+
+    model, processor = load_model(args.model, "fp32", args.device)
+    config, approx = calibrated_config(model, processor, args.capa)  # fitted in fp32, exported in --dtype
+    if args.prune is not None:
+        from .config import CapaConfig
+
+        config = CapaConfig(**{**config.to_dict(), "prune": args.prune})
+    start = time.perf_counter()
+    out = export_model(model, processor, config, approx, args.out, dtype=args.dtype or "fp32", pruning=args.pruning,
+                       model_name=args.model)
+    manifest = json.loads((out / "export.json").read_text())
+    print(format_summary(manifest))
+    print(f"exported {args.model} ({manifest['dtype']}) to {out}/ in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .build import build_engine
+    from .capa.calibration import builtin_samples
+
+    samples = [_input_sample(args)] if args.image else None
+    calibration = _calibration_samples(args) if args.calibration else builtin_samples(args.calibration_count)
+    start = time.perf_counter()
+    path, report = build_engine(args.model, args.profile, out=args.out, capa_dir=args.capa, backend=args.backend,
+                                pruning=args.pruning, plugin_library=args.plugin_library,
+                                calibration_samples=calibration, validation_samples=samples,
+                                max_new_tokens=args.validate_tokens)
+    print(report["table"])
+    if not report["passed"]:
+        print(f"engine NOT complete: validation failed; kept for inspection in {path}/", file=sys.stderr)
+        return 1
+    print(f"engine {path}/ built and validated in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .build import validate_engine
+    from .manifest import read_manifest
+    from .models import load_model
+
+    manifest = read_manifest(args.engine, verify=True, require_complete=False)
+    model, processor = load_model(args.model or manifest["model"]["name"], "fp32")
+    samples = [_input_sample(args)] if args.image else None
+    report = validate_engine(Path(args.engine), model, processor, samples, args.tokens)
+    print(report["table"])
+    return 0 if report["passed"] else 1
+
+
+def cmd_run(args) -> int:
+    from .runtime import CapaEngine
+
+    sample = _input_sample(args)
+    with CapaEngine(args.engine, verify=not args.no_verify) as engine:
+        print(f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
+              f"keep {engine.manifest['k']} visual tokens", file=sys.stderr)
+        result = engine.generate(sample.image, sample.question, args.max_new_tokens,
+                                 stream=lambda text: print(text, end="", flush=True))
+    print()
+    t = result.timings
+    print(f"prompt {result.prompt_tokens} tokens, kept {len(result.keep_indices)} visual tokens | vision "
+          f"{t['vision'] * 1e3:.1f} ms, prefill {t['prefill'] * 1e3:.1f} ms, time to first token "
+          f"{t['time_to_first_token'] * 1e3:.1f} ms, decode {t['decode_per_token'] * 1e3:.1f} ms/token "
+          f"({len(result.tokens)} tokens)", file=sys.stderr)
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capa-export", description=(
@@ -280,6 +350,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export ONNX graphs (vision, embed, prefill with pruning, decode)",
+                       description="Export the CAPA model to vision.onnx, embed.onnx, prefill.onnx (pruning as "
+                                   "one CapaContribTopK node, or standard ops with --pruning onnx; approximated "
+                                   "FFNs folded to MatMul + Add) and decode.onnx, sharing one weights.data.")
+    _add_model(p, dtype_help="dtype of the exported graphs: the engine precision (default: fp32)")
+    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` folder (default: calibrate now)")
+    p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
+                   help="override the pruning schedule (k is fixed in the exported graph)")
+    p.add_argument("--pruning", choices=("plugin", "onnx"), default="plugin",
+                   help="plugin: one CapaContribTopK node; onnx: standard ops only (default: plugin)")
+    p.add_argument("--out", default="out/onnx", help="output folder (default: out/onnx)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="calibrate + export + build an engine + validate, in one command",
+                       description="Model -> CAPA (calibrating unless --capa) -> ONNX -> engine (ONNX Runtime, "
+                                   "or TensorRT where installed) -> Polygraphy validation. The engine folder is "
+                                   "marked complete only when validation passes.")
+    _add_model(p, dtype_help=None)
+    _add_calibration(p)
+    p.add_argument("--profile", default="cpu", help="build profile: cpu, edge, datacenter, or a TOML file "
+                                                    "(default: cpu)")
+    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` folder (default: calibrate now)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default=None,
+                   help="override the profile's backend")
+    p.add_argument("--pruning", choices=("plugin", "onnx"), default=None, help="override the profile's lowering")
+    p.add_argument("--plugin-library", default=None, help="TensorRT plugin library (TensorRT backend only)")
+    p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
+    p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")
+    p.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
+    p.add_argument("--out", default=None, help="engine folder (default: engines/build/<model>-<profile>)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("validate", help="compare an engine with the PyTorch CapaModel (Polygraphy)",
+                       description="Graph-by-graph Polygraphy comparison and end-to-end greedy-token agreement; "
+                                   "writes validation.json, marks the engine complete or not; exit 1 on failure.")
+    p.add_argument("engine", help="engine folder")
+    p.add_argument("--model", default=None, help="model to compare with (default: the one in the manifest)")
+    _add_input(p)
+    p.add_argument("--tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="generate an answer with a built engine",
+                       description="Preprocess, vision, embeddings, prefill with pruning, decode with the KV "
+                                   "cache; streams tokens and prints timings.")
+    p.add_argument("engine", help="engine folder")
+    _add_input(p)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the engine files")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

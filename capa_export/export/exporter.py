@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -66,10 +68,20 @@ def example_inputs(capa: CapaModel, processor, batch: int = 2):
 
 def _export_one(module, args, path: Path, input_names, output_names, dynamic_shapes, quiet: bool):
     sink = io.StringIO()
-    with torch.no_grad(), (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
+    module.eval()
+    quiet_logs = logging.getLogger("torch.onnx")
+    level = quiet_logs.level
+    if quiet:  # the exporter's own chatter (and notes about torchvision ops we never use)
+        quiet_logs.setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings(), \
+            (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
+        if quiet:
+            warnings.simplefilter("ignore", category=UserWarning)
+            warnings.simplefilter("ignore", category=FutureWarning)
         program = torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
                                     external_data=True, verbose=False)
+    quiet_logs.setLevel(level)
     del program
 
 
