@@ -15,7 +15,6 @@ interrupted one leaves only the hidden temporary folder, never a directory that 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile
@@ -139,7 +138,7 @@ def build_engine(model_name: str, profile_name: str, out: str | Path | None = No
             approx.save(work / "capa")
         processor.save_pretrained(str(work / "processor"))
         log(f"[2/4] exporting ONNX ({profile.precision}, pruning lowering: {profile.pruning}) ...")
-        export_model(copy.deepcopy(model), processor, config, approx, work / "onnx", dtype=profile.precision,
+        export_model(model, processor, config, approx, work / "onnx", dtype=profile.precision,
                      pruning=profile.pruning, model_name=model_name, progress=progress)
         export_info = json.loads((work / "onnx" / "export.json").read_text())
         log(f"[3/4] building the {backend_name} engine ...")

@@ -50,7 +50,7 @@ class CapaEngine:
         self.layer_segment = self.manifest["layer_segment"]
         self.num_layers = len(self.layer_segment)
         self.max_sequence = self.manifest["profile"]["shapes"]["sequence"][2]
-        self.float_dtype = {"fp32": np.float32, "fp16": np.float16}.get(self.manifest["dtype"])
+        self._input_types: dict[str, dict] = {}
 
     def close(self):
         for runner in self.runners.values():
@@ -72,8 +72,14 @@ class CapaEngine:
                 "pixel_values": batch["pixel_values"]}
 
     def _infer(self, graph: str, feed: dict) -> dict:
+        runner = self.runners[graph]
+        if graph not in self._input_types:
+            metadata = runner.get_input_metadata(use_numpy_dtypes=False)
+            self._input_types[graph] = {name: meta.dtype.numpy() for name, meta in metadata.items()}
+        types = self._input_types[graph]
+        feed = {name: np.asarray(value, dtype=types[name]) for name, value in feed.items()}
         # copies: runners may reuse their output buffers between calls
-        return {k: np.array(v, copy=True) for k, v in self.runners[graph].infer(feed).items()}
+        return {k: np.array(v, copy=True) for k, v in runner.infer(feed).items()}
 
     def generate_ids(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
                      eos_token_id: int | None = None, stream: Callable[[int], None] | None = None):
@@ -86,7 +92,7 @@ class CapaEngine:
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         timings = {}
         start = time.perf_counter()
-        features = self._infer("vision", {"pixel_values": np.asarray(pixel_values, dtype=self.float_dtype)})
+        features = self._infer("vision", {"pixel_values": pixel_values})
         timings["vision"] = time.perf_counter() - start
         start = time.perf_counter()
         embeds = self._infer("embed", {"input_ids": input_ids})["inputs_embeds"]

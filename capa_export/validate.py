@@ -106,20 +106,25 @@ def compare_graphs(engine_runners: dict, capa: CapaModel, batches: list[dict], d
             metadata = runner.get_input_metadata(use_numpy_dtypes=False)
         inputs = list(metadata.keys())
         reference = CapaModelRunner(graph, modules[graph], inputs, output_names[graph], metadata)
-        exact = {"keep_indices": 0.0}
         results = Comparator.run([runner, reference], data_loader=[f[graph] for f in feeds])
-        compare = CompareFunc.simple(rtol={"": rtol, **exact}, atol={"": atol, **exact}, check_error_stat="max")
         with np.errstate(all="ignore"):  # relative errors of exact zeros
-            accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+            accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(check_error_stat="max"))
+        reference_outputs = results[1][1]
         outputs = {}
-        for iteration in next(iter(accuracy[0].values())):
-            for name, result in iteration.items():
-                entry = outputs.setdefault(name, {"passed": True, "max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0})
-                entry["passed"] &= bool(result)
-                entry["max_abs"] = max(entry["max_abs"], float(result.max_absdiff))
-                entry["max_rel"] = max(entry["max_rel"], float(result.max_reldiff))
-                entry["mean_abs"] = max(entry["mean_abs"], float(result.mean_absdiff))
-                entry["tolerance"] = {"rtol": exact.get(name, rtol), "atol": exact.get(name, atol)}
+        for iteration, per_output in enumerate(next(iter(accuracy[0].values()))):
+            for name, stats in per_output.items():
+                # |engine - reference| <= atol + rtol * max|reference| over the whole output: a
+                # relative tolerance on the output's scale (element-wise relative errors of
+                # near-zero elements say nothing about fp16 accuracy); kept indices must be exact.
+                scale = float(np.abs(np.asarray(reference_outputs[iteration][name], dtype=np.float64)).max(initial=0.0))
+                r, a = (0.0, 0.0) if name == "keep_indices" else (rtol, atol)
+                entry = outputs.setdefault(name, {"passed": True, "max_abs": 0.0, "normalised": 0.0, "mean_abs": 0.0,
+                                                  "tolerance": {"rtol": r, "atol": a}})
+                max_abs = float(stats.max_absdiff)
+                entry["passed"] &= max_abs <= a + r * scale
+                entry["max_abs"] = max(entry["max_abs"], max_abs)
+                entry["normalised"] = max(entry["normalised"], max_abs / scale if scale else 0.0)
+                entry["mean_abs"] = max(entry["mean_abs"], float(stats.mean_absdiff))
         report[graph] = {"passed": all(o["passed"] for o in outputs.values()), "outputs": outputs}
     return report
 
@@ -143,15 +148,15 @@ def token_agreement(engine, capa: CapaModel, unpruned: CapaModel, batch: dict, m
 
 
 def format_report(report: dict) -> str:
-    rows = [f"{'graph':<8} {'output':<22} {'max abs':>10} {'max rel':>10} {'tolerance':>16}  result"]
+    rows = [f"{'graph':<8} {'output':<22} {'max |diff|':>10} {'/max|ref|':>10} {'tolerance':>16}  result"]
     for graph, info in report["graphs"].items():
         shown = 0
         for name, out in info["outputs"].items():
             if name.startswith("present.") and out["passed"] and shown >= 2:
                 continue  # the table shows a few KV outputs; validation.json has all of them
             shown += name.startswith("present.")
-            tol = f"r{out['tolerance']['rtol']:.0e} a{out['tolerance']['atol']:.0e}"
-            rows.append(f"{graph:<8} {name:<22} {out['max_abs']:>10.2e} {out['max_rel']:>10.2e} {tol:>16}  "
+            tol = f"a{out['tolerance']['atol']:.0e}+r{out['tolerance']['rtol']:.0e}*max"
+            rows.append(f"{graph:<8} {name:<22} {out['max_abs']:>10.2e} {out['normalised']:>10.2e} {tol:>16}  "
                         f"{'ok' if out['passed'] else 'FAIL'}")
     for i, e2e in enumerate(report["end_to_end"]):
         rows.append(f"end-to-end input {i}: greedy-token agreement with the CapaModel {e2e['agreement']:.0%} "

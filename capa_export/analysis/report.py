@@ -123,7 +123,7 @@ def analyze(model, processor, sample, calibration_samples, settings: AnalysisSet
     layers = [sinks_of_layer(entry, settings) for entry in per_layer]
     calibration = [encode(adapter, processor, s) for s in calibration_samples]
     ffn = fit_ffn_approximation(model, calibration, list(range(adapter.num_layers)), ridge=settings.ffn_ridge,
-                                progress=progress)
+                                text_errors=True, progress=progress)
     errors = ffn.errors()
     suggested_k = suggest_pruning_layer(layers, settings, adapter.num_layers)
     ffn_range = suggest_ffn_range({l: e for l, e in errors.items() if 1 <= l <= adapter.num_layers - 2},

@@ -79,6 +79,13 @@ class FfnApproximation:
             self.layers[layer] = fit = _to_device(fit, normalised.device)
         return fit.apply(normalised)
 
+    def cast(self, dtype: torch.dtype) -> "FfnApproximation":
+        """A copy whose maps are stored in `dtype` (for export in that dtype)."""
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        layers = {l: LayerFit(cast(f.weight), cast(f.bias), cast(f.u), cast(f.v), f.train_error, f.heldout_error,
+                              f.text_error) for l, f in self.layers.items()}
+        return FfnApproximation(layers, list(self.selected_layers), self.fingerprint, dict(self.settings))
+
     def check_model(self, adapter) -> None:
         problem = fingerprints_match(self.fingerprint, adapter.fingerprint())
         if problem:
@@ -154,39 +161,57 @@ class FfnApproximation:
         return approx
 
 
+def select_layers(fits: dict[int, LayerFit], threshold: float, layer_range: tuple[int, int]) -> list[int]:
+    """The layers in range whose held-out relative error is below the threshold."""
+    lo, hi = layer_range
+    return [l for l, f in sorted(fits.items()) if lo <= l <= hi and f.heldout_error < threshold]
+
+
 def _to_device(fit: LayerFit, device) -> LayerFit:
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     return LayerFit(move(fit.weight), move(fit.bias), move(fit.u), move(fit.v),
                     fit.train_error, fit.heldout_error, fit.text_error)
 
 
+def _input_mean_and_covariance(moments: _Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(moments.rows, 1)
+    mean = moments.xtx[-1, :-1] / n  # the bias column is all ones: its row holds the input sums
+    return mean, moments.xtx[:-1, :-1] / n - torch.outer(mean, mean)
+
+
 def ridge_solve(moments: _Moments, ridge: float) -> torch.Tensor:
     """W [D+1, D_out] minimising ||Y - X W||^2 + lambda ||A||^2 (the bias row is not penalised).
 
-    lambda = ridge * mean diagonal of X^T X, so `ridge` means the same at any activation scale.
+    lambda = ridge * rows * mean input *variance* (centred: visual rows share a large common
+    offset, and the uncentred second moment would mostly measure that), so `ridge` means the same
+    at any activation scale.
     """
     dim = moments.xtx.shape[0] - 1
-    scale = float(torch.diagonal(moments.xtx)[:dim].mean()) if dim else 0.0
+    _, covariance = _input_mean_and_covariance(moments)
+    scale = float(torch.diagonal(covariance).mean()) * moments.rows if dim else 0.0
     penalty = torch.zeros_like(moments.xtx)
     penalty.diagonal()[:dim] = ridge * scale
     return torch.linalg.lstsq(moments.xtx + penalty, moments.xty).solution
 
 
-def reduce_rank(weight: torch.Tensor, moments: _Moments, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduced-rank regression: keep the r output directions that carry most of the prediction
-    X W (eigenvectors of W^T X^T X W), so the rank-r map is optimal for the calibration data, not
-    merely for the matrix. Returns U [D, r], V [r, D] with A ~= U V."""
-    a = weight[:-1]
-    covariance = weight.T @ moments.xtx @ weight
-    _, vectors = torch.linalg.eigh(covariance)
+def reduce_rank(weight: torch.Tensor, moments: _Moments, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced-rank regression: keep the r output directions that carry most of the *variation* of
+    the prediction (top eigenvectors P of A^T Cov(x) A), A_r = A P P^T, and refit the bias so the
+    mean prediction is unchanged (b_r = b + mean(x) (A - A_r)). Optimal rank-r for the calibration
+    data, not merely for the matrix. Returns U = A P [D, r], V = P^T [r, D], b_r [D]."""
+    a, b = weight[:-1], weight[-1]
+    mean, covariance = _input_mean_and_covariance(moments)
+    _, vectors = torch.linalg.eigh(a.T @ covariance @ a)
     top = vectors[:, -rank:]  # [D_out, r]
-    return a @ top, top.T
+    a_r = a @ top @ top.T
+    return a @ top, top.T, b + mean @ (a - a_r)
 
 
 def collect_moments(model, inputs, layers, *, holdout_every: int = 4, with_text: bool = False, progress: bool = True):
     """Run the unpruned model on each input and accumulate per-layer moments of
     (post-attention norm output, FFN output) over visual rows: train / held-out split by input
-    (every `holdout_every`-th input is held out; with one input, every other row)."""
+    (every `holdout_every`-th input is held out; with fewer inputs than that, every other row of
+    each input, so something is always held out)."""
     from ..config import CapaConfig
     from .model import CapaModel
 
@@ -198,14 +223,12 @@ def collect_moments(model, inputs, layers, *, holdout_every: int = 4, with_text:
     held = {l: _Moments(dim, dim) for l in layers}
     text = {l: _Moments(dim, dim) for l in layers} if with_text else {}
     inputs = list(inputs)
-    single = len(inputs) == 1
+    split_rows = len(inputs) < holdout_every
     state = {"heldout": False}
 
     def collector(layer, normed, ffn_out, is_visual):
-        if layer not in train:
-            return
         x, y = normed[is_visual], ffn_out[is_visual]
-        if single:
+        if split_rows:
             train[layer].add(x[0::2], y[0::2])
             held[layer].add(x[1::2], y[1::2])
         else:
@@ -214,6 +237,7 @@ def collect_moments(model, inputs, layers, *, holdout_every: int = 4, with_text:
             text[layer].add(normed[~is_visual], ffn_out[~is_visual])
 
     capa.collector = collector
+    capa.collect_layers = set(layers)
     for i, batch in enumerate(tqdm(inputs, desc="calibrating", unit="input", disable=not progress)):
         state["heldout"] = (i % holdout_every) == holdout_every - 1
         capa(**batch)
@@ -230,13 +254,16 @@ def fit_ffn_approximation(
     threshold: float = 0.15,
     layer_range: tuple[int, int] | None = None,
     holdout_every: int = 4,
+    text_errors: bool = False,
     progress: bool = True,
 ) -> FfnApproximation:
     """Fit FFN_l(n) ~= n A_l + b_l on visual rows for each layer (a list, or "auto": every layer in
     `layer_range`, selecting those whose held-out relative error is below `threshold`).
 
     calibration_inputs: an iterable of model-input dicts (input_ids, attention_mask, pixel_values),
-    e.g. `[calibration.encode(adapter, processor, s) for s in samples]`.
+    e.g. `[calibration.encode(adapter, processor, s) for s in samples]`. `text_errors` also measures
+    the map on text rows (for the analysis; one more D x D moment per layer).
+    Memory: two (three with text_errors) (D+1) x D float64 moments per candidate layer.
     """
     adapter = adapter_for(model)
     num_layers = adapter.num_layers
@@ -251,7 +278,7 @@ def fit_ffn_approximation(
     if rank is not None and not 0 < rank <= adapter.hidden_size:
         raise CapaError(f"ffn rank {rank} must be in [1, {adapter.hidden_size}] (the hidden size)")
     train, held, text = collect_moments(model, calibration_inputs, candidates, holdout_every=holdout_every,
-                                        with_text=True, progress=progress)
+                                        with_text=text_errors, progress=progress)
     fits = {}
     for layer in candidates:
         if train[layer].rows == 0:
@@ -259,8 +286,8 @@ def fit_ffn_approximation(
         weight = ridge_solve(train[layer], ridge)
         u = v = None
         if rank is not None:
-            u, v = reduce_rank(weight, train[layer], rank)
-            weight = torch.cat([u @ v, weight[-1:]], dim=0)
+            u, v, bias = reduce_rank(weight, train[layer], rank)
+            weight = torch.cat([u @ v, bias[None]], dim=0)
         gain = adapter.norm_gain(adapter.layer(layer).post_attention_norm).detach().double().cpu()
         folded = gain[:, None] * weight[:-1]  # A' = diag(gamma) A
         fits[layer] = LayerFit(
@@ -270,10 +297,10 @@ def fit_ffn_approximation(
             v=None if v is None else v.float(),
             train_error=train[layer].relative_error(weight),
             heldout_error=held[layer].relative_error(weight),
-            text_error=text[layer].relative_error(weight),
+            text_error=text[layer].relative_error(weight) if text_errors else float("nan"),
         )
     if layers == "auto":
-        selected = [l for l in candidates if fits[l].heldout_error < threshold]
+        selected = select_layers(fits, threshold, (candidates[0], candidates[-1]))
     else:
         selected = candidates
     settings = {"ridge": ridge, "rank": rank, "threshold": threshold, "layer_range": layer_range,

@@ -128,8 +128,10 @@ class CapaModel(nn.Module):
         self.ffn = ffn
         self.ffn_layers = self._resolve_ffn_layers(config, ffn)
         self.prune_at = dict(config.prune)  # layer K -> keep k
-        #: called as collector(layer, normed_input, ffn_output, is_visual) when set (calibration)
+        #: called as collector(layer, normed_input, ffn_output, is_visual) for layers in
+        #: collect_layers when set (calibration)
         self.collector: Callable | None = None
+        self.collect_layers: set[int] = set()
         #: called as probe(layer, probs, values, o_weight, visual_slots, query_weight) (analysis)
         self.attention_probe: Callable | None = None
 
@@ -138,7 +140,10 @@ class CapaModel(nn.Module):
             if ffn is None:
                 raise CapaError("CapaConfig.ffn_layers is 'auto' but no FFN approximation was given; run "
                                 "`capa-export calibrate` (or fit_ffn_approximation) first")
-            layers = list(ffn.selected_layers)
+            from .ffn import select_layers
+
+            # the config's threshold and range decide, not whatever the fit was asked for
+            layers = select_layers(ffn.layers, config.ffn_threshold, config.resolved_ffn_range(self.adapter.num_layers))
         else:
             layers = list(config.ffn_layers)
         if layers:
@@ -198,6 +203,10 @@ class CapaModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = adapter.default_position_ids(input_ids, attention_mask)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise CapaError("attention_mask has padding at the end of a row (right padding); CAPA scores with the "
+                            "tokens after the image and decodes after the last token: pad on the left "
+                            "(tokenizer.padding_side = 'left')")
         visual_slots = self.visual_slots(input_ids)
         if self.prune_at:
             if visual_slots.shape[1] == 0:
@@ -308,10 +317,8 @@ class CapaModel(nn.Module):
         hidden = residual + attn_out
         residual = hidden
         normed = parts.post_attention_norm(hidden)
-        if self.collector is not None and visual_slots is not None and visual_slots.shape[1] > 0:
-            is_visual = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-            self.collector(index, normed, parts.mlp(normed), is_visual.scatter(1, visual_slots, True))
-        if index in self.ffn_layers and visual_slots is not None and visual_slots.shape[1] > 0:
+        has_visual = visual_slots is not None and visual_slots.shape[1] > 0
+        if index in self.ffn_layers and has_visual:
             # Visual rows take the affine map of the un-gained normalised input, text rows the full
             # FFN: gathered apart so the FFN really runs on text rows only, then scattered back.
             text_slots = complement_slots(visual_slots, hidden.shape[1])
@@ -324,6 +331,10 @@ class CapaModel(nn.Module):
             ffn_out = ffn_out.scatter(1, visual_slots[..., None].expand(*visual_slots.shape, width), visual_out)
         else:
             ffn_out = parts.mlp(normed)
+        if self.collector is not None and has_visual and index in self.collect_layers:
+            full = ffn_out if index not in self.ffn_layers else parts.mlp(normed)
+            is_visual = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            self.collector(index, normed, full, is_visual.scatter(1, visual_slots, True))
         return residual + ffn_out, (keys, values), (probs if want_probs else None)
 
     def _attention(self, parts, x, cos, sin, mask, past):
@@ -349,6 +360,9 @@ class CapaModel(nn.Module):
         hidden = self.adapter.embed_tokens(input_ids)
         batch, steps = input_ids.shape
         new_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if new_mask.shape != input_ids.shape:
+            raise CapaError(f"when decoding with past_key_values, attention_mask covers the new tokens only: "
+                            f"expected shape {tuple(input_ids.shape)}, got {tuple(new_mask.shape)}")
         positions = cache.next_position[:, None] + torch.arange(steps, device=hidden.device)[None, :]
         masks = [torch.cat([m, new_mask.to(m.dtype)], dim=1) for m in cache.segment_masks]
         hidden, keys, values = self.decode_layers(hidden, positions, masks, cache.keys, cache.values,

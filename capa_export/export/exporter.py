@@ -9,6 +9,7 @@ check) and shape inference; `export.json` describes what was exported, from what
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import logging
@@ -25,7 +26,7 @@ from ..artifacts import replace_directory, sha256_file, write_json
 from ..capa.calibration import builtin_samples, encode
 from ..capa.model import CapaModel, apply_capa
 from ..errors import CapaError
-from ..models import adapter_for, parse_dtype
+from ..models import adapter_for, cast_model, parse_dtype
 from .graphs import PRUNING_LOWERINGS, DecodeGraph, EmbedGraph, PrefillGraph, VisionGraph
 
 GRAPHS = ("vision", "embed", "prefill", "decode")
@@ -100,8 +101,10 @@ def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, pro
     past = [dim(f"past_segment{s}", min=1, max=16384) for s in range(segments)]
     layer_segment = capa.layer_segments()
     steps = 2
-    new_embeds = adapter.embed_tokens(torch.full((ex["input_ids"].shape[0], steps), 5, dtype=torch.long)).detach()
-    new_positions = cache.next_position[:, None] + torch.arange(steps)[None, :]
+    device = ex["input_ids"].device
+    new_embeds = adapter.embed_tokens(torch.full((ex["input_ids"].shape[0], steps), 5, dtype=torch.long,
+                                                 device=device)).detach()
+    new_positions = cache.next_position[:, None] + torch.arange(steps, device=device)[None, :]
     kv_shapes = [{0: batch, 2: past[layer_segment[i // 2]]} for i in range(2 * adapter.num_layers)]
     jobs = {
         "vision": (VisionGraph(capa), (ex["pixel_values"],), ({0: images},)),
@@ -195,7 +198,10 @@ def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="f
     torch_dtype = parse_dtype(dtype)
     if torch_dtype not in DTYPE_NAMES:
         raise CapaError(f"dtype {dtype!r} cannot be exported; expected fp32, fp16 or bf16")
-    model = model.to(torch_dtype)
+    if next(model.parameters()).dtype != torch_dtype:
+        model = cast_model(copy.deepcopy(model), torch_dtype)  # the caller's model stays as it was
+    if ffn is not None:
+        ffn = ffn.cast(torch_dtype)  # folded weights in the graph's dtype: plain MatMul + Add, no Cast
     capa = apply_capa(model, config, ffn)
     adapter = adapter_for(model)
     start = time.perf_counter()

@@ -141,6 +141,23 @@ class ModelAdapter(abc.ABC):
         }
 
 
+#: Buffers that must stay fp32 whatever the model dtype: rotary frequencies rounded to fp16 turn
+#: into angle errors of ~0.25 rad at position 600 (inv_freq * position).
+FP32_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), keeping the rotary frequency buffers in fp32."""
+    saved = {name: buffer.detach().clone() for name, buffer in model.named_buffers()
+             if name.rsplit(".", 1)[-1] in FP32_BUFFERS}
+    model.to(dtype)
+    for name, value in saved.items():
+        owner, _, attribute = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        setattr(module, attribute, value.to(getattr(module, attribute).device))
+    return model
+
+
 def fingerprints_match(saved: dict, current: dict) -> str | None:
     """None when `saved` describes the same model as `current`; else what differs, in words."""
     for key in ("model_type", "num_layers", "hidden_size"):

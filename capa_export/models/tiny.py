@@ -165,7 +165,9 @@ def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), dtype: torch.dtype =
         torch.manual_seed(spec.seed)
         model = LlavaForConditionalGeneration(config)
         _plant_visual_structure(model, spec.seed)
-    model = model.to(dtype).eval()
+    from .base import cast_model
+
+    model = cast_model(model, dtype).eval()
     model.config.name_or_path = TINY_NAME
     return model, tiny_llava_processor()
 
