@@ -55,6 +55,15 @@ def calibrated_config(model, processor, capa_dir: str | None, calibration_sample
     return config, approx
 
 
+def check_topk_limit(config: CapaConfig, backend: str, pruning: str) -> None:
+    """TensorRT's TopK takes k <= 3840: the standard-op lowering cannot keep more there."""
+    if backend == "tensorrt" and pruning == "onnx":
+        for _, keep in config.prune:
+            if keep > TENSORRT_TOPK_MAX:
+                raise CapaError(f"k={keep} exceeds TensorRT's TopK limit of {TENSORRT_TOPK_MAX} for --pruning onnx; "
+                                f"use the plugin lowering or a smaller k")
+
+
 def validation_inputs(adapter, processor, samples=None) -> list[dict]:
     samples = samples or builtin_samples(1, seed=7)
     return [encode(adapter, processor, s) for s in samples]
@@ -115,17 +124,18 @@ def build_engine(model_name: str, profile_name: str, out: str | Path | None = No
     start = time.perf_counter()
     model, processor = load_model(model_name, "fp32")
     adapter = adapter_for(model)
+    if profile.prune is not None:  # a bad override is refused before the minutes of calibration
+        override = CapaConfig(prune=profile.prune)
+        override.check_for_model(adapter.num_layers)
+        override.check_for_visual_tokens(adapter.num_visual_tokens_per_image())
+        check_topk_limit(override, backend_name, profile.pruning)
     log(f"[1/4] CAPA config for {model_name} ({'from ' + capa_dir if capa_dir else 'calibrating on built-in inputs'})")
     config, approx = calibrated_config(model, processor, capa_dir, calibration_samples, progress)
     if profile.prune is not None:
         config = CapaConfig(**{**config.to_dict(), "prune": profile.prune})
     config.check_for_model(adapter.num_layers)
     config.check_for_visual_tokens(adapter.num_visual_tokens_per_image())
-    if backend_name == "tensorrt" and profile.pruning == "onnx":
-        for _, keep in config.prune:
-            if keep > TENSORRT_TOPK_MAX:
-                raise CapaError(f"k={keep} exceeds TensorRT's TopK limit of {TENSORRT_TOPK_MAX} for --pruning onnx; "
-                                f"use the plugin lowering or a smaller k")
+    check_topk_limit(config, backend_name, profile.pruning)
     if backend_name == "onnxruntime":
         providers = backends.ort.usable_providers(profile.providers)
         backends.ort.check_precision(profile.precision, providers)

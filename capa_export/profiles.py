@@ -29,7 +29,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 SHAPE_NAMES = ("batch", "sequence", "past", "images")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
-#: TensorRT's TopK accepts k <= 3840 (the standard-op lowering uses TopK).
+#: TensorRT's TopK accepts k <= 3840 (the standard-op lowering uses TopK); checked at build time.
 TENSORRT_TOPK_MAX = 3840
 
 
@@ -79,10 +79,6 @@ class BuildProfile:
             from .config import CapaConfig
 
             self.prune = CapaConfig(prune=self.prune).prune  # same validation as the config's
-            for _, keep in self.prune:
-                if self.pruning == "onnx" and keep > TENSORRT_TOPK_MAX and self.backend == "tensorrt":
-                    raise CapaError(f"{where}: k={keep} exceeds TensorRT's TopK limit {TENSORRT_TOPK_MAX} for "
-                                    f"pruning = 'onnx'; use the plugin or a smaller k")
 
     @classmethod
     def load(cls, name_or_path: str) -> "BuildProfile":

@@ -93,7 +93,8 @@ def graph_feeds(capa: CapaModel, batch: dict, dtype: str) -> dict[str, dict]:
 
 
 def compare_graphs(engine_runners: dict, capa: CapaModel, batches: list[dict], dtype: str, output_names: dict) -> dict:
-    from polygraphy.comparator import CompareFunc, Comparator
+    from polygraphy.comparator import Comparator
+    from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # the table below says what matters
@@ -108,7 +109,7 @@ def compare_graphs(engine_runners: dict, capa: CapaModel, batches: list[dict], d
         reference = CapaModelRunner(graph, modules[graph], inputs, output_names[graph], metadata)
         results = Comparator.run([runner, reference], data_loader=[f[graph] for f in feeds])
         with np.errstate(all="ignore"):  # relative errors of exact zeros
-            accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(check_error_stat="max"))
+            accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(check_error_stat="max"))
         reference_outputs = results[1][1]
         outputs = {}
         for iteration, per_output in enumerate(next(iter(accuracy[0].values()))):

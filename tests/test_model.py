@@ -157,3 +157,33 @@ def test_prune_layer_outside_decoder_is_refused(tiny):
     model, _ = tiny
     with pytest.raises(CapaError, match="K=8 is outside the decoder"):
         apply_capa(model, CapaConfig(prune=[(8, 64)]))
+
+
+def test_right_padding_is_refused(tiny, tiny_batch):
+    model, _ = tiny
+    mask = tiny_batch["attention_mask"].clone()
+    mask[:, -2:] = 0
+    with pytest.raises(CapaError, match="right padding"):
+        apply_capa(model, CapaConfig())(tiny_batch["input_ids"], pixel_values=tiny_batch["pixel_values"],
+                                        attention_mask=mask)
+
+
+def test_batch_of_two_images_with_left_padding_matches_rows_run_alone(tiny, tiny_batch):
+    """Per-row bookkeeping: each row keeps its own tokens; a left-padded row gives the same
+    last-token logits and kept set as the same prompt alone."""
+    from capa_export.capa.calibration import synthetic_image
+
+    model, processor = tiny
+    capa = apply_capa(model, CapaConfig(prune=[(2, 64)]))
+    short = capa.adapter.prompt_with_image(processor, "What?")
+    long = capa.adapter.prompt_with_image(processor, "What is in the picture? Answer in detail.")
+    images = [synthetic_image(1), synthetic_image(3)]
+    batch = processor(images=images, text=[short, long], return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0  # the short prompt is left-padded
+    out = capa(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+               last_logits_only=True)
+    for row, (image, prompt) in enumerate(zip(images, [short, long])):
+        alone = processor(images=image, text=prompt, return_tensors="pt")
+        single = capa(alone["input_ids"], pixel_values=alone["pixel_values"], last_logits_only=True)
+        assert out.keep_indices[row].tolist() == single.keep_indices[0].tolist()
+        torch.testing.assert_close(out.logits[row, -1], single.logits[0, -1], rtol=1e-4, atol=1e-4)

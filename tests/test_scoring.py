@@ -70,3 +70,17 @@ def test_bad_inputs_name_the_argument(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         contribution_scores(args["probs"], args["values"], args["o_weight"], variant=args["variant"])
+
+
+@pytest.mark.parametrize("variant", ["contrib", "value_norm", "attention"])
+@pytest.mark.parametrize("shape", CASES)
+def test_dense_form_for_onnx_matches_brute_force(shape, variant):
+    from capa_export.capa.scoring import contribution_scores_dense
+
+    b, h, h_kv, q, n, d, big_d = shape
+    gen = torch.Generator().manual_seed(11)
+    probs = torch.rand(b, h, q, n, generator=gen)
+    values = torch.randn(b, h_kv, n, d, generator=gen)
+    o_weight = torch.randn(big_d, h * d, generator=gen)
+    got = contribution_scores_dense(probs, values, o_weight, variant)
+    torch.testing.assert_close(got.double(), brute_force_scores(probs, values, o_weight, variant), rtol=1e-5, atol=1e-5)

@@ -86,7 +86,8 @@ def _export_one(module, args, path: Path, input_names, output_names, dynamic_sha
     del program
 
 
-def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, progress: bool = True) -> None:
+def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, progress: bool = True,
+                  graphs=GRAPHS) -> None:
     adapter = capa.adapter
     ex = example_inputs(capa, processor)
     cache = ex["cache"]
@@ -119,7 +120,7 @@ def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, pro
     }
     from tqdm import tqdm
 
-    for name in tqdm(GRAPHS, desc="exporting", unit="graph", disable=not progress):
+    for name in tqdm(graphs, desc="exporting", unit="graph", disable=not progress):
         module, args, shapes = jobs[name]
         inputs, outputs = names[name]
         _export_one(module, args, directory / f"{name}.onnx", inputs, outputs, shapes, quiet=True)
@@ -191,7 +192,7 @@ def check_graphs(directory: Path, graphs=GRAPHS) -> dict:
 
 
 def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="fp32", pruning: str = "plugin",
-                 model_name: str = "", progress: bool = True) -> Path:
+                 model_name: str = "", progress: bool = True, graphs=GRAPHS) -> Path:
     """Export the CAPA model to `out_dir` (written under a temporary name, renamed when complete)."""
     if pruning not in PRUNING_LOWERINGS:
         raise CapaError(f"pruning lowering {pruning!r} is unknown; expected one of {', '.join(PRUNING_LOWERINGS)}")
@@ -207,9 +208,9 @@ def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="f
     start = time.perf_counter()
 
     def write(tmp: Path):
-        export_graphs(capa, processor, tmp, pruning, progress)
-        sharing = share_weights(tmp)
-        summary = check_graphs(tmp)
+        export_graphs(capa, processor, tmp, pruning, progress, graphs)
+        sharing = share_weights(tmp, graphs)
+        summary = check_graphs(tmp, graphs)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
                  if p.is_file()}
         fingerprint = {k: v for k, v in adapter.fingerprint().items() if k != "weight_sample"}

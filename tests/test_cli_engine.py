@@ -1,0 +1,124 @@
+"""Bad input around engines: one line, exit status 2, nothing overwritten or half-written."""
+
+import json
+import shutil
+
+import pytest
+
+from capa_export.build import check_topk_limit
+from capa_export.cli import main
+from capa_export.config import CapaConfig
+from capa_export.errors import CapaError
+
+from .test_engine import cpu_engine  # noqa: F401  (the session fixture)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def engine_copy(cpu_engine, tmp_path):  # noqa: F811
+    target = tmp_path / "engine"
+    shutil.copytree(cpu_engine[0], target)
+    return target
+
+
+def edit_manifest(engine, change):
+    path = engine / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_run_and_validate_a_built_engine(cpu_engine, capsys):  # noqa: F811
+    code, out, err = run(capsys, "run", cpu_engine[0], "--max-new-tokens", "4")
+    assert code == 0 and "prefill" in err and "kept 64 visual tokens" in err
+    code, out, _ = run(capsys, "validate", cpu_engine[0], "--tokens", "4")
+    assert code == 0 and "validation PASSED" in out
+
+
+def test_corrupted_file(engine_copy, capsys):
+    data = engine_copy / "onnx" / "weights.data"
+    raw = bytearray(data.read_bytes())
+    raw[1000] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    code, _, err = run(capsys, "run", engine_copy)
+    assert code == 2 and "does not match its checksum" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_file(engine_copy, capsys):
+    (engine_copy / "onnx" / "decode.onnx").unlink()
+    code, _, err = run(capsys, "run", engine_copy)
+    assert code == 2 and "decode.onnx is missing" in err
+
+
+def test_manifest_from_a_newer_tool(engine_copy, capsys):
+    edit_manifest(engine_copy, lambda m: m.update(format_version=99, tool={"name": "capa-export", "version": "9.0"}))
+    code, _, err = run(capsys, "run", engine_copy)
+    assert code == 2 and "upgrade capa-export" in err
+
+
+def test_incomplete_engine_is_refused(engine_copy, capsys):
+    edit_manifest(engine_copy, lambda m: m.update(complete=False))
+    code, _, err = run(capsys, "run", engine_copy)
+    assert code == 2 and "not complete" in err
+
+
+def test_prompt_longer_than_the_profile(engine_copy, capsys):
+    edit_manifest(engine_copy, lambda m: m["profile"]["shapes"].update(sequence=[8, 64, 100]))
+    code, _, err = run(capsys, "run", engine_copy)
+    assert code == 2 and "allows at most 100" in err
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[shapes]\nbatch = [4, 2, 8]\n', "must satisfy 1 <= min <= opt <= max"),
+    ('precision = "fp8"\n', "precision 'fp8'"),
+    ('prune = [[2, 600]]\n', "k must be in [1, 576]"),
+    ('workspace = 3\n', "unknown field"),
+])
+def test_bad_profiles_write_nothing(tmp_path, capsys, toml, message):
+    profile = tmp_path / "bad.toml"
+    profile.write_text(toml)
+    out = tmp_path / "engines"
+    code, _, err = run(capsys, "build", "--profile", profile, "--out", out / "x")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unknown_profile_lists_the_known_ones(capsys):
+    code, _, err = run(capsys, "build", "--profile", "laptop")
+    assert code == 2 and "cpu, datacenter, edge" in err
+
+
+def test_tensorrt_missing_is_one_clear_line(tmp_path, capsys):
+    pytest.importorskip  # noqa: B018 (documenting: this test asserts the *absence* path)
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    code, _, err = run(capsys, "build", "--backend", "tensorrt", "--out", tmp_path / "x")
+    assert code == 2 and "TensorRT is not installed" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_plugin_library(tmp_path, capsys):
+    code, _, err = run(capsys, "build", "--plugin-library", tmp_path / "nope.so", "--out", tmp_path / "x")
+    assert code == 2 and "nope.so does not exist" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_topk_limit_for_tensorrt_standard_op_lowering():
+    check_topk_limit(CapaConfig(prune=[(2, 3840)]), "tensorrt", "onnx")
+    check_topk_limit(CapaConfig(prune=[(2, 4000)]), "tensorrt", "plugin")  # the plugin has no such limit
+    with pytest.raises(CapaError, match="TopK limit of 3840"):
+        check_topk_limit(CapaConfig(prune=[(2, 4000)]), "tensorrt", "onnx")
+
+
+def test_bf16_on_cpu_is_refused_before_anything_is_written(tmp_path, capsys):
+    code, _, err = run(capsys, "build", "--profile", "datacenter", "--backend", "onnxruntime", "--out", tmp_path / "x")
+    assert code == 2 and "bf16 engines need" in err
+    assert not (tmp_path / "x").exists()

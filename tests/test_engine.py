@@ -1,0 +1,157 @@
+"""Export, engines, validation and the runtime on the embedded default (ONNX Runtime, CPU).
+
+Independent references: the CapaModel (itself tested against HF), HF `generate`, and the ONNX
+files read back with `onnx` (not through our exporter's own bookkeeping)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from capa_export import CapaConfig, apply_capa
+from capa_export.build import build_engine
+from capa_export.capa.calibration import builtin_samples, encode, synthetic_image
+from capa_export.capa.ffn import FfnApproximation
+from capa_export.export.exporter import export_model
+from capa_export.models import adapter_for
+from capa_export.ops.ort_op import session_options_with_capa_ops
+from capa_export.runtime import CapaEngine
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(tmp_path_factory):
+    path, report = build_engine("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
+                                log=lambda *_: None)
+    return path, report
+
+
+def fresh_batch(processor, adapter):
+    """Two different pictures and prompts, neither used by the exporter or the validation."""
+    prompts = [adapter.prompt_with_image(processor, q) for q in ("What is it?", "Which colours are there?")]
+    return processor(images=[synthetic_image(2, seed=11), synthetic_image(4, seed=12)], text=prompts,
+                     return_tensors="pt", padding=True)
+
+
+def prefill_feed(capa, batch):
+    with torch.no_grad():
+        embeds = capa.embed(batch["input_ids"], batch["pixel_values"])
+    return {"inputs_embeds": embeds.numpy(), "attention_mask": batch["attention_mask"].numpy().astype(np.int64),
+            "position_ids": np.broadcast_to(np.arange(batch["input_ids"].shape[1]), batch["input_ids"].shape).astype(np.int64),
+            "visual_positions": capa.visual_slots(batch["input_ids"]).numpy()}
+
+
+def test_build_validates_and_marks_complete(cpu_engine):
+    path, report = cpu_engine
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert report["passed"] and manifest["complete"]
+    assert all(e["agreement"] == 1.0 for e in report["end_to_end"])
+    assert set(report["graphs"]) == {"vision", "embed", "prefill", "decode"}
+    for name, entry in manifest["files"].items():
+        assert (path / name).stat().st_size == entry["bytes"]
+
+
+def test_plugin_node_carries_the_tensorrt_attributes(cpu_engine):
+    path, _ = cpu_engine
+    graph = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False).graph
+    nodes = [n for n in graph.node if n.op_type == "CapaContribTopK"]
+    assert len(nodes) == 1
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs["k"] == 64 and attrs["variant"] == 0
+    assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"capa"
+    assert nodes[0].domain == "ai.onnx.contrib" and len(nodes[0].input) == 3
+
+
+@pytest.mark.parametrize("lowering", ["plugin", "onnx"])
+def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowering):
+    model, processor = tiny
+    path, _ = cpu_engine
+    config = CapaConfig.load(path / "capa")
+    approx = FfnApproximation.load(path / "capa", model)
+    if lowering == "plugin":
+        prefill = path / "onnx" / "prefill.onnx"
+    else:
+        export_model(model, processor, config, approx, tmp_path / "onnx", pruning="onnx", progress=False,
+                     graphs=("prefill",))
+        prefill = tmp_path / "onnx" / "prefill.onnx"
+        ops = {n.op_type for n in onnx.load(str(prefill), load_external_data=False).graph.node}
+        assert "CapaContribTopK" not in ops and "TopK" in ops
+    capa = apply_capa(model, config, approx)
+    batch = fresh_batch(processor, capa.adapter)
+    session = ort.InferenceSession(str(prefill), session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
+    logits, keep = session.run(["logits", "keep_indices"], prefill_feed(capa, batch))
+    expected = capa(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                    last_logits_only=True)
+    assert keep.tolist() == expected.keep_indices.tolist()
+    np.testing.assert_allclose(logits, expected.logits[:, -1].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_folded_ffn_weights_are_in_the_prefill_graph(tiny, cpu_engine):
+    model, _ = tiny
+    path, _ = cpu_engine
+    approx = FfnApproximation.load(path / "capa", model)
+    layers = json.loads((path / "capa" / "capa_config.json").read_text())["ffn_layers"]
+    assert layers, "the default calibration approximates some layers"
+    graph = onnx.load(str(path / "onnx" / "prefill.onnx"))
+    arrays = [numpy_helper.to_array(t) for t in graph.graph.initializer]
+    for layer in layers:
+        folded = approx.layers[layer].weight.numpy()
+        assert any(a.shape == folded.shape and np.array_equal(a, folded) for a in arrays), layer
+
+
+def test_weights_are_stored_once(cpu_engine):
+    path, _ = cpu_engine
+    directory = path / "onnx"
+    spans = {}
+    for name in ("vision", "embed", "prefill", "decode"):
+        graph = onnx.load(str(directory / f"{name}.onnx"), load_external_data=False).graph
+        spans[name] = {(e["offset"], e["length"]) for e in
+                       ({x.key: x.value for x in t.external_data} for t in graph.initializer) if e}
+        assert all(loc == "weights.data" for t in graph.initializer for x in t.external_data if x.key == "location"
+                   for loc in [x.value])
+    decoder_bytes = sum(int(length) for _, length in spans["decode"])
+    shared = sum(int(length) for span in spans["decode"] & spans["prefill"] for length in [span[1]])
+    assert shared > 0.95 * decoder_bytes  # the decode graph reuses the prefill graph's weights
+    distinct = sum(int(length) for _, length in set().union(*spans.values()))
+    stored = (directory / "weights.data").stat().st_size
+    assert distinct <= stored < distinct + 64 * len(set().union(*spans.values())) + 1  # each once (+ alignment)
+    for name in ("vision", "embed", "prefill", "decode"):
+        onnx.checker.check_model(str(directory / f"{name}.onnx"), full_check=True)
+
+
+def test_engine_decoding_equals_hf_generate_without_pruning(tiny, tmp_path):
+    model, processor = tiny
+    CapaConfig(prune=[], ffn_layers=[]).save(tmp_path)
+    path, report = build_engine("tiny-llava", "cpu", out=tmp_path / "plain", capa_dir=str(tmp_path), progress=False,
+                                log=lambda *_: None)
+    assert report["passed"]
+    adapter = adapter_for(model)
+    batch = encode(adapter, processor, builtin_samples(1, seed=21)[0])
+    with torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    with CapaEngine(path) as engine:
+        tokens, keep, _ = engine.generate_ids(batch["input_ids"].numpy(), batch["pixel_values"].numpy(),
+                                              batch["attention_mask"].numpy(), max_new_tokens=6)
+    assert tokens.tolist() == expected.tolist()
+    assert keep.shape == (1, 576)
+
+
+def test_fp16_edge_engine_validates(tmp_path):
+    path, report = build_engine("tiny-llava", "edge", out=tmp_path / "edge", progress=False, log=lambda *_: None)
+    assert report["passed"] and report["dtype"] == "fp16"
+    graph = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False).graph
+    assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["inputs_embeds"] == onnx.TensorProto.FLOAT16
+
+
+def test_runtime_generate_streams_and_times(cpu_engine):
+    path, _ = cpu_engine
+    pieces = []
+    with CapaEngine(path) as engine:
+        result = engine.generate(synthetic_image(0), "What is in the picture?", max_new_tokens=5, stream=pieces.append)
+    assert len(result.tokens) == 5 and len(pieces) == 5  # one streamed piece per token
+    assert len(result.keep_indices) == 64 and result.keep_indices == sorted(result.keep_indices)
+    assert {"vision", "prefill", "decode_per_token", "time_to_first_token"} <= set(result.timings)
