@@ -303,6 +303,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_benchmark, save
+
+    if args.smoke:  # CI: the whole path on the tiny model, a few runs; says nothing about speed
+        args.size, args.dtype, args.keep, args.ffn, args.repeats, args.warmup = "tiny", "fp32", [64], ["none", "affine"], 3, 1
+        args.no_compile = True
+    report = run_benchmark(size=args.size, dtype=args.dtype, batch=args.batch, keeps=args.keep, ffn_modes=args.ffn,
+                           rank=args.rank, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                           smoke=args.smoke, with_compile=not args.no_compile, with_engine=not args.no_engine)
+    out = args.out or f"bench/results/{report['date'][:10]}-{args.size}-{args.dtype}-b{args.batch}.json"
+    save(report, out)
+    print(format_table(report))
+    print(f"{report['device']}: results in {out} (+ .png)")
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capa-export", description=(
@@ -400,6 +416,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the engine files")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="time CAPA against HF SDPA, FastV, torch.compile and the engine",
+                       description="Prefill timings per runtime and scenario in one run, with measured floors "
+                                   "(matmul peak, copy bandwidth); JSON + PNG. --smoke runs the tiny model briefly.")
+    p.add_argument("--size", choices=("tiny", "llava-1.5-7b", "llava-next-7b"), default="tiny",
+                   help="model dims (random weights for the real sizes) (default: tiny)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype (default: fp32)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--keep", type=int, nargs="+", default=[64, 128, 192], help="visual tokens kept after layer 2")
+    p.add_argument("--ffn", nargs="+", choices=("none", "affine", "rank"), default=["none", "affine", "rank"],
+                   help="FFN approximation scenarios (default: all)")
+    p.add_argument("--rank", type=int, default=512, help="rank of the 'rank' scenario (default: 512)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--no-engine", action="store_true", help="skip the ONNX Runtime engine peer")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 3 runs: checks the path, not the speed")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<size>-<dtype>-b<batch>.json)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,302 @@
+"""`capa-export bench`: prefill / decode timings of CAPA against its peers, in one run, on one device.
+
+Peers, same inputs, same run: HF transformers SDPA unpruned; FastV-style pruning in eager PyTorch
+(the `attention` variant); the CapaModel eager; the CapaModel under torch.compile; the ONNX
+Runtime engine (prefill graph). Scenarios: keep k after K=2, with and without FFN approximation
+(affine, rank r). Real-size configs use random weights (timing does not depend on their values);
+their FFN maps are random matrices of the right shapes ("timing-only"), never used for accuracy.
+
+Timing: CUDA events on a GPU (perf_counter on CPU) after warm-up; medians and the 10th/90th
+percentiles of `repeats` runs. Floors measured in the same run: the matmul peak (a large matmul in
+the benchmark dtype) and the copy bandwidth (a large device copy); compute floor = FLOPs / peak,
+weight floor = weight bytes read once / bandwidth. Results: JSON (+ a PNG of latency vs kept tokens).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .capa.ffn import FfnApproximation, LayerFit
+from .capa.model import apply_capa
+from .config import CapaConfig
+from .models import adapter_for, cast_model
+
+#: Real-size decoder/vision dims (random weights). "visual" is the number of visual tokens fed.
+SIZES = {
+    "tiny": None,  # the embedded tiny-llava
+    "llava-1.5-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
+                         vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, visual=576),
+    "llava-next-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
+                          vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, visual=2880),
+}
+
+
+def build_model(size: str, dtype: torch.dtype, device: str):
+    from .models import load_model
+
+    if size == "tiny":
+        model, _ = load_model("tiny-llava")
+        return cast_model(model, dtype).to(device).eval(), 576
+    spec = SIZES[size]
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_intermediate"],
+                                       num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
+                                       image_size=336, patch_size=14),
+        text_config=LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+                                num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                                num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"]),
+        image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    return cast_model(model, dtype).eval(), spec["visual"]
+
+
+def timing_only_ffn(adapter, layers, rank, dtype, device) -> FfnApproximation:
+    dim = adapter.hidden_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    fits = {}
+    for layer in layers:
+        if rank:
+            u = torch.randn(dim, rank, generator=gen, device=device, dtype=dtype) / dim**0.5
+            v = torch.randn(rank, dim, generator=gen, device=device, dtype=dtype) / rank**0.5
+            fits[layer] = LayerFit(u @ v, torch.zeros(dim, device=device, dtype=dtype), u, v)
+        else:
+            fits[layer] = LayerFit(torch.randn(dim, dim, generator=gen, device=device, dtype=dtype) / dim**0.5,
+                                   torch.zeros(dim, device=device, dtype=dtype))
+    return FfnApproximation(fits, list(layers), adapter.fingerprint(), {"timing_only": True})
+
+
+class Timer:
+    def __init__(self, device: str, warmup: int, repeats: int):
+        self.cuda = device.startswith("cuda")
+        self.warmup, self.repeats = warmup, repeats
+
+    def __call__(self, fn) -> dict:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+        return {"median_ms": statistics.median(times), "p10_ms": pick(0.1), "p90_ms": pick(0.9), "runs": len(times)}
+
+
+def measure_floors(device: str, dtype: torch.dtype, timer: Timer, smoke: bool) -> dict:
+    n = 1024 if smoke else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    matmul = timer(lambda: a @ a)
+    peak = 2 * n**3 / (matmul["median_ms"] * 1e-3)
+    buffer = torch.empty(64 << 20 if not smoke else 8 << 20, dtype=torch.uint8, device=device)
+    other = torch.empty_like(buffer)
+    copy = timer(lambda: other.copy_(buffer))
+    bandwidth = 2 * buffer.numel() / (copy["median_ms"] * 1e-3)  # read + write
+    return {"matmul_flops_per_s": peak, "copy_bytes_per_s": bandwidth}
+
+
+def prefill_flops(adapter, length: int, num_visual: int, prune: list, ffn_layers, rank) -> float:
+    """Multiply-adds x 2 of the decoder prefill (projections, attention, FFN, last-token head)."""
+    parts = adapter.layer(0)
+    dim, heads, kv, d = adapter.hidden_size, parts.num_heads, parts.num_kv_heads, parts.head_dim
+    inter = parts.mlp.gate_proj.weight.shape[0] if hasattr(parts.mlp, "gate_proj") else 4 * dim
+    flops, seq, visual = 0.0, length, num_visual
+    stages = dict(prune)
+    for layer in range(adapter.num_layers):
+        if layer in stages:
+            seq, visual = seq - visual + stages[layer], stages[layer]
+        flops += 2 * seq * dim * (heads * d + 2 * kv * d) + 2 * seq * heads * d * dim  # q,k,v,o
+        flops += 2 * 2 * seq * seq * heads * d / 2  # causal QK^T and PV
+        if layer in ffn_layers:
+            flops += 2 * 3 * (seq - visual) * dim * inter + 2 * visual * dim * (2 * rank if rank else dim)
+        else:
+            flops += 2 * 3 * seq * dim * inter
+    return flops + 2 * dim * adapter.vocab_size
+
+
+def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps=(64, 128, 192), text_tokens: int = 45,
+                  ffn_modes=("none", "affine"), rank: int = 512, repeats: int = 20, warmup: int = 3,
+                  device: str | None = None, smoke: bool = False, with_compile: bool = True,
+                  with_engine: bool = True) -> dict:
+    from .models import parse_dtype
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = parse_dtype(dtype)
+    timer = Timer(device, warmup, repeats)
+    model, num_visual = build_model(size, torch_dtype, device)
+    adapter = adapter_for(model)
+    length = num_visual + text_tokens + 2
+    gen = torch.Generator(device=device).manual_seed(0)
+    embeds = torch.randn(batch, length, adapter.hidden_size, generator=gen, device=device, dtype=torch_dtype) * 0.02
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=device)[None].expand(batch, length)
+    visual = torch.arange(2, 2 + num_visual, device=device)[None].expand(batch, num_visual)
+    floors = measure_floors(device, torch_dtype, timer, smoke)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+    weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    results = []
+
+    def record(runtime, scenario, timing, flops, extra=None):
+        entry = {"runtime": runtime, **scenario, **timing, "flops": flops,
+                 "compute_floor_ms": flops / floors["matmul_flops_per_s"] * 1e3,
+                 "weight_floor_ms": weight_bytes / floors["copy_bytes_per_s"] * 1e3}
+        entry["ratio_to_floor"] = timing["median_ms"] / max(entry["compute_floor_ms"], entry["weight_floor_ms"])
+        if device.startswith("cuda"):
+            entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        results.append({**entry, **(extra or {})})
+
+    with torch.no_grad():
+        lm = model.model.language_model
+        hf = lambda: model.lm_head(lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, -1])  # noqa: E731
+        model.config._attn_implementation = lm.config._attn_implementation = "sdpa"
+        base = {"keep": num_visual, "ffn": "none", "prune_layer": None}
+        record("hf_sdpa_unpruned", base, timer(hf), prefill_flops(adapter, length, num_visual, [], [], None))
+        ffn_range = list(range(3, adapter.num_layers - 1))
+        for keep in keeps:
+            for ffn_mode in ffn_modes:
+                ffn_rank = rank if ffn_mode == "rank" else None
+                layers = ffn_range if ffn_mode != "none" else []
+                approx = timing_only_ffn(adapter, layers, ffn_rank, torch_dtype, device) if layers else None
+                scenario = {"keep": keep, "ffn": ffn_mode if ffn_mode != "rank" else f"rank{rank}", "prune_layer": 2}
+                flops = prefill_flops(adapter, length, num_visual, [(2, keep)], layers, ffn_rank)
+                for runtime, variant in (("fastv_eager", "attention"), ("capa_eager", "contrib")):
+                    if runtime == "fastv_eager" and ffn_mode != "none":
+                        continue
+                    capa = apply_capa(model, CapaConfig(prune=[(2, keep)], variant=variant, ffn_layers=layers), approx)
+                    weight = capa.query_weight(visual, mask)
+                    step = lambda capa=capa, weight=weight: capa.prefill_layers(  # noqa: E731
+                        embeds, positions, mask, visual, weight, select=capa.select_tokens)
+                    state = step()
+                    kv_bytes = sum(t.numel() * t.element_size() for t in state.keys + state.values)
+                    record(runtime, scenario, timer(step), flops, {"kv_cache_bytes": kv_bytes})
+                if with_compile and ffn_mode == "none":
+                    record_compiled(record, timer, model, keep, embeds, positions, mask, visual, scenario, flops)
+                if with_engine and ffn_mode == "none":
+                    record_engine(record, timer, model, keep, embeds, mask, positions, visual, scenario, flops,
+                                  torch_dtype, device)
+    import onnxruntime
+    import transformers
+
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(device),
+            "size": size, "dtype": dtype, "batch": batch, "sequence": length, "visual_tokens": num_visual,
+            "smoke": smoke, "floors": floors, "weight_bytes": weight_bytes,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+            "results": results}
+
+
+def record_compiled(record, timer, model, keep, embeds, positions, mask, visual, scenario, flops):
+    capa = apply_capa(model, CapaConfig(prune=[(2, keep)]))
+    weight = capa.query_weight(visual, mask)
+    from .export.graphs import select_with_standard_ops
+
+    select = select_with_standard_ops("contrib")  # no Python data-dependence: compilable
+    try:
+        compiled = torch.compile(lambda: capa.prefill_layers(embeds, positions, mask, visual, weight, select=select))
+        compiled()
+        record("capa_torch_compile", scenario, timer(compiled), flops)
+    except Exception as exc:  # report why, keep benchmarking the others
+        record("capa_torch_compile", scenario, {"median_ms": float("nan"), "p10_ms": None, "p90_ms": None, "runs": 0},
+               flops, {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+
+
+def record_engine(record, timer, model, keep, embeds, mask, positions, visual, scenario, flops, dtype, device):
+    import onnxruntime as ort
+
+    from .export.exporter import export_graphs
+    from .ops.ort_op import session_options_with_capa_ops
+
+    capa = apply_capa(model, CapaConfig(prune=[(2, keep)]))
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    if device.startswith("cuda") and providers[0] != "CUDAExecutionProvider":
+        record("ort_engine", scenario, {"median_ms": float("nan"), "p10_ms": None, "p90_ms": None, "runs": 0}, flops,
+               {"skipped": "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)"})
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        from .models.registry import load_model  # noqa: F401  (processor for example inputs)
+
+        export_graphs(capa, _processor(), Path(tmp), "onnx", progress=False, graphs=("prefill",))
+        session = ort.InferenceSession(str(Path(tmp) / "prefill.onnx"), session_options_with_capa_ops(),
+                                       providers=providers)
+        feed = {"inputs_embeds": embeds.float().cpu().numpy().astype(_numpy(dtype)),
+                "attention_mask": mask.cpu().numpy(), "position_ids": positions.cpu().numpy(),
+                "visual_positions": visual.cpu().numpy()}
+        record("ort_engine", scenario, timer(lambda: session.run(["logits"], feed)), flops,
+               {"providers": providers, "note": "session.run with host arrays (copies included)"})
+
+
+def _processor():
+    from .models.tiny import tiny_llava_processor
+
+    return tiny_llava_processor()
+
+
+def _numpy(dtype):
+    import numpy as np
+
+    return {torch.float32: np.float32, torch.float16: np.float16}.get(dtype, np.float32)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for runtime in sorted({r["runtime"] for r in report["results"]}):
+        rows = sorted((r for r in report["results"] if r["runtime"] == runtime and r["ffn"] == "none"
+                       and r["median_ms"] == r["median_ms"]), key=lambda r: r["keep"])
+        if rows:
+            ax.plot([r["keep"] for r in rows], [r["median_ms"] for r in rows], marker="o", label=runtime)
+    ax.set_xlabel("visual tokens kept after layer 2")
+    ax.set_ylabel("prefill median (ms)")
+    ax.set_title(f"{report['size']} {report['dtype']} batch {report['batch']} on {report['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(report: dict) -> str:
+    rows = [f"{'runtime':<20} {'keep':>5} {'ffn':>8} {'median ms':>10} {'p10-p90 ms':>15} {'x floor':>8}"]
+    for r in report["results"]:
+        spread = f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}" if r.get("p10_ms") is not None else r.get("skipped", "")[:15]
+        rows.append(f"{r['runtime']:<20} {r['keep']:>5} {r['ffn']:>8} {r['median_ms']:>10.2f} {spread:>15} "
+                    f"{r['ratio_to_floor']:>8.1f}")
+    return "\n".join(rows)
+
+
+def save(report: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    plot(report, out.with_suffix(".png"))
+    return out
