@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 
 import torch
@@ -29,29 +28,6 @@ def eager(probs, values, o_weight, k, variant):
 
     scores = contribution_scores(probs, values, o_weight, variant=variant)
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
-
-
-def time_cuda(fn, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return {
-        "median_ms": statistics.median(times),
-        "min_ms": times[0],
-        "max_ms": times[-1],
-        "p10_ms": times[len(times) // 10],
-        "p90_ms": times[(9 * len(times)) // 10],
-        "repeats": repeats,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import capa_export.ops  # noqa: F401  (registers torch.ops.capa.contrib_topk)
 
+    from capa_export.bench import Timer
+
+    time_cuda = Timer("cuda", args.warmup, args.repeats)  # CUDA events, median and 10th/90th percentiles
     dtype = DTYPES[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
     results = []
@@ -91,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 **cfg,
                 "variant": variant,
                 "dtype": args.dtype,
-                "capa_cuda": time_cuda(op, args.warmup, args.repeats),
-                "torch_eager": time_cuda(ref, args.warmup, args.repeats),
+                "capa_cuda": time_cuda(op),
+                "torch_eager": time_cuda(ref),
                 "kept_overlap_with_eager": overlap,
             }
             row["speedup"] = row["torch_eager"]["median_ms"] / row["capa_cuda"]["median_ms"]

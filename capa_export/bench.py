@@ -233,8 +233,6 @@ def record_engine(record, timer, model, keep, embeds, mask, positions, visual, s
                {"skipped": "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)"})
         return
     with tempfile.TemporaryDirectory() as tmp:
-        from .models.registry import load_model  # noqa: F401  (processor for example inputs)
-
         export_graphs(capa, _processor(), Path(tmp), "onnx", progress=False, graphs=("prefill",))
         session = ort.InferenceSession(str(Path(tmp) / "prefill.onnx"), session_options_with_capa_ops(),
                                        providers=providers)

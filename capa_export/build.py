@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from . import backends
 from .artifacts import write_json
 from .capa.calibration import builtin_samples, encode

@@ -25,6 +25,16 @@ def tiny_batch(tiny):
     return dict(processor(images=image, text=prompt, return_tensors="pt"))
 
 
+@pytest.fixture(scope="session")
+def cpu_engine(tmp_path_factory):
+    """The default engine (tiny-llava, cpu profile), built and validated once per session."""
+    from capa_export.build import build_engine
+
+    path, report = build_engine("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
+                                log=lambda *_: None)
+    return path, report
+
+
 def brute_force_scores(probs, values, o_weight, variant):
     """float64, explicit loops over keys and heads, materialising every v_j^h W_O^h."""
     probs, values, o_weight = probs.double(), values.double(), o_weight.double()

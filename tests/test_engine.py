@@ -4,7 +4,6 @@ Independent references: the CapaModel (itself tested against HF), HF `generate`,
 files read back with `onnx` (not through our exporter's own bookkeeping)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,13 +20,6 @@ from capa_export.export.exporter import export_model
 from capa_export.models import adapter_for
 from capa_export.ops.ort_op import session_options_with_capa_ops
 from capa_export.runtime import CapaEngine
-
-
-@pytest.fixture(scope="session")
-def cpu_engine(tmp_path_factory):
-    path, report = build_engine("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
-                                log=lambda *_: None)
-    return path, report
 
 
 def fresh_batch(processor, adapter):
