@@ -107,3 +107,15 @@ def test_few_inputs_still_hold_rows_out(tiny, count):
     approx = fit_ffn_approximation(model, inputs, "auto", threshold=0.5, progress=False)
     assert approx.settings["heldout_rows"]["2"] > 0
     assert approx.selected_layers  # errors are finite, so "auto" can select
+
+
+def test_fitting_in_layer_groups_gives_the_same_maps(tiny):
+    model, processor = tiny
+    adapter = adapter_for(model)
+    inputs = [encode(adapter, processor, s) for s in builtin_samples(4)]
+    whole = fit_ffn_approximation(model, inputs, [1, 2, 3], progress=False)
+    one_layer = 2 * 129 * 129 * 8  # bytes of one layer's moments at D = 128
+    grouped = fit_ffn_approximation(model, inputs, [1, 2, 3], memory_budget_bytes=one_layer, progress=False)
+    for layer in (1, 2, 3):
+        torch.testing.assert_close(grouped.layers[layer].weight, whole.layers[layer].weight)
+        assert grouped.layers[layer].heldout_error == pytest.approx(whole.layers[layer].heldout_error)

@@ -244,6 +244,27 @@ def collect_moments(model, inputs, layers, *, holdout_every: int = 4, with_text:
     return train, held, text
 
 
+def _fit_layer(adapter, layer: int, train: _Moments, held: _Moments, text: _Moments | None, ridge: float,
+               rank: int | None) -> LayerFit:
+    if train.rows == 0:
+        raise CapaError("the calibration inputs hold no image tokens; give inputs with images")
+    weight = ridge_solve(train, ridge)
+    u = v = None
+    if rank is not None:
+        u, v, bias = reduce_rank(weight, train, rank)
+        weight = torch.cat([u @ v, bias[None]], dim=0)
+    gain = adapter.norm_gain(adapter.layer(layer).post_attention_norm).detach().double().cpu()
+    return LayerFit(
+        weight=(gain[:, None] * weight[:-1]).float(),  # A' = diag(gamma) A
+        bias=weight[-1].float(),
+        u=None if u is None else (gain[:, None] * u).float(),
+        v=None if v is None else v.float(),
+        train_error=train.relative_error(weight),
+        heldout_error=held.relative_error(weight),
+        text_error=text.relative_error(weight) if text is not None else float("nan"),
+    )
+
+
 def fit_ffn_approximation(
     model,
     calibration_inputs,
@@ -255,6 +276,7 @@ def fit_ffn_approximation(
     layer_range: tuple[int, int] | None = None,
     holdout_every: int = 4,
     text_errors: bool = False,
+    memory_budget_bytes: int = 4 << 30,
     progress: bool = True,
 ) -> FfnApproximation:
     """Fit FFN_l(n) ~= n A_l + b_l on visual rows for each layer (a list, or "auto": every layer in
@@ -263,7 +285,8 @@ def fit_ffn_approximation(
     calibration_inputs: an iterable of model-input dicts (input_ids, attention_mask, pixel_values),
     e.g. `[calibration.encode(adapter, processor, s) for s in samples]`. `text_errors` also measures
     the map on text rows (for the analysis; one more D x D moment per layer).
-    Memory: two (three with text_errors) (D+1) x D float64 moments per candidate layer.
+    Memory: two (three with text_errors) (D+1) x D float64 moments per layer: layers are fitted
+    in groups that fit `memory_budget_bytes` (at D = 4096, ~5 layers per pass over the inputs).
     """
     adapter = adapter_for(model)
     num_layers = adapter.num_layers
@@ -277,33 +300,22 @@ def fit_ffn_approximation(
         raise CapaError(f"FFN approximation layers {bad} are outside the decoder: must be in [0, {num_layers - 1}]")
     if rank is not None and not 0 < rank <= adapter.hidden_size:
         raise CapaError(f"ffn rank {rank} must be in [1, {adapter.hidden_size}] (the hidden size)")
-    train, held, text = collect_moments(model, calibration_inputs, candidates, holdout_every=holdout_every,
-                                        with_text=text_errors, progress=progress)
-    fits = {}
-    for layer in candidates:
-        if train[layer].rows == 0:
-            raise CapaError("the calibration inputs hold no image tokens; give inputs with images")
-        weight = ridge_solve(train[layer], ridge)
-        u = v = None
-        if rank is not None:
-            u, v, bias = reduce_rank(weight, train[layer], rank)
-            weight = torch.cat([u @ v, bias[None]], dim=0)
-        gain = adapter.norm_gain(adapter.layer(layer).post_attention_norm).detach().double().cpu()
-        folded = gain[:, None] * weight[:-1]  # A' = diag(gamma) A
-        fits[layer] = LayerFit(
-            weight=folded.float(),
-            bias=weight[-1].float(),
-            u=None if u is None else (gain[:, None] * u).float(),
-            v=None if v is None else v.float(),
-            train_error=train[layer].relative_error(weight),
-            heldout_error=held[layer].relative_error(weight),
-            text_error=text[layer].relative_error(weight) if text_errors else float("nan"),
-        )
+    dim = adapter.hidden_size
+    per_layer = (3 if text_errors else 2) * (dim + 1) * (dim + 1) * 8
+    group = max(1, memory_budget_bytes // per_layer)
+    calibration_inputs = list(calibration_inputs)
+    fits, rows = {}, {}
+    for start in range(0, len(candidates), group):
+        train, held, text = collect_moments(model, calibration_inputs, candidates[start:start + group],
+                                            holdout_every=holdout_every, with_text=text_errors, progress=progress)
+        for layer in train:
+            fits[layer] = _fit_layer(adapter, layer, train[layer], held[layer], text.get(layer), ridge, rank)
+            rows[layer] = (train[layer].rows, held[layer].rows)
     if layers == "auto":
         selected = select_layers(fits, threshold, (candidates[0], candidates[-1]))
     else:
         selected = candidates
     settings = {"ridge": ridge, "rank": rank, "threshold": threshold, "layer_range": layer_range,
-                "candidates": candidates, "train_rows": {str(l): train[l].rows for l in candidates},
-                "heldout_rows": {str(l): held[l].rows for l in candidates}}
+                "candidates": candidates, "train_rows": {str(l): r[0] for l, r in rows.items()},
+                "heldout_rows": {str(l): r[1] for l, r in rows.items()}}
     return FfnApproximation(fits, selected, adapter.fingerprint(), settings)
