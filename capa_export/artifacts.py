@@ -10,11 +10,35 @@ import tempfile
 from pathlib import Path
 
 
-def replace_directory(target: str | Path, write) -> Path:
-    """Call write(tmp_dir), then move tmp_dir to target: a failed run leaves no half-written target."""
+#: Files that mark a folder as one of our outputs: only such a folder (or an empty one) is replaced.
+ARTIFACT_MARKERS = ("export.json", "manifest.json", "capa_config.json", "report.json")
+
+
+def check_replaceable(target: str | Path) -> None:
+    """Refuse to overwrite anything that is not an earlier capa-export output."""
+    from .errors import CapaError
+
     target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir() or (any(target.iterdir()) and not any((target / m).exists() for m in ARTIFACT_MARKERS)):
+        raise CapaError(f"{target} exists and is not a capa-export output; choose another --out, or remove it first")
+
+
+def make_work_dir(target: Path) -> Path:
+    """A hidden temporary folder next to target (same filesystem: the final rename is atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared (e.g. a serving account)
+    return tmp
+
+
+def replace_directory(target: str | Path, write) -> Path:
+    """Call write(tmp_dir), then move tmp_dir to target: a failed run leaves no half-written target.
+    An existing target is replaced only if it is an earlier capa-export output."""
+    target = Path(target)
+    check_replaceable(target)
+    tmp = make_work_dir(target)
     try:
         write(tmp)
         if target.exists():
@@ -39,6 +63,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def write_json(path: str | Path, data) -> Path:
+    """Write JSON under a temporary name, then rename: readers never see half a file."""
     path = Path(path)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
     return path

@@ -141,9 +141,14 @@ def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype)
+    if torch_dtype == torch.bfloat16 and not device.startswith("cuda"):
+        from .errors import CapaError
+
+        raise CapaError("bf16 benchmarks need a CUDA device (no bf16 CPU kernels in ONNX Runtime); use fp32 or fp16")
     timer = Timer(device, warmup, repeats)
     model, num_visual = build_model(size, torch_dtype, device)
     adapter = adapter_for(model)
+    CapaConfig(prune=[(2, max(keeps))]).check_for_visual_tokens(num_visual)
     length = num_visual + text_tokens + 2
     gen = torch.Generator(device=device).manual_seed(0)
     embeds = torch.randn(batch, length, adapter.hidden_size, generator=gen, device=device, dtype=torch_dtype) * 0.02

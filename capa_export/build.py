@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from . import backends
-from .artifacts import write_json
+from .artifacts import check_replaceable, make_work_dir, write_json
 from .capa.calibration import builtin_samples, encode
 from .capa.ffn import FfnApproximation, fit_ffn_approximation
 from .capa.model import apply_capa
@@ -53,6 +52,13 @@ def calibrated_config(model, processor, capa_dir: str | None, calibration_sample
     return config, approx
 
 
+def check_engine_dtype(dtype: str) -> None:
+    if dtype == "bf16":
+        raise CapaError("bf16 engines are not supported yet: the runtime and the validation pass tensors as numpy "
+                        "arrays, which have no bfloat16; build with the edge profile (fp16), or export bf16 ONNX "
+                        "for your own runtime with `capa-export export --dtype bf16`")
+
+
 def check_topk_limit(config: CapaConfig, backend: str, pruning: str) -> None:
     """TensorRT's TopK takes k <= 3840: the standard-op lowering cannot keep more there."""
     if backend == "tensorrt" and pruning == "onnx":
@@ -76,9 +82,7 @@ def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_to
 
     manifest = read_manifest(engine_dir, verify=True, require_complete=False)
     dtype = manifest["dtype"]
-    if dtype not in ("fp32", "fp16"):
-        raise CapaError(f"{dtype} engines cannot be validated on this machine: ONNX Runtime has no {dtype} CPU "
-                        f"kernels and numpy no {dtype} arrays; validate on a GPU with TensorRT or onnxruntime-gpu")
+    check_engine_dtype(dtype)
     config, approx = calibrated_config(model, processor, str(engine_dir / "capa"))
     capa = apply_capa(model, config, approx)
     unpruned = apply_capa(model, CapaConfig(prune=[]))
@@ -88,12 +92,16 @@ def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_to
     runners = {g: backend.runner(engine_dir / manifest["backend_dir"], g) for g in GRAPHS}
     names = {g: outs for g, (_, outs) in graph_io_names(adapter.num_layers, max(manifest["layer_segment"]) + 1).items()}
     graphs = compare_graphs(runners, capa, batches, dtype, names)
+    del runners  # one set of sessions at a time (the engine below opens its own)
     with CapaEngine(engine_dir, verify=False, require_complete=False) as engine:
         end_to_end = [token_agreement(engine, capa, unpruned, b, max_new_tokens) for b in batches]
-    required = 1.0 if dtype == "fp32" else 0.0
-    passed = all(g["passed"] for g in graphs.values()) and all(e["agreement"] >= required for e in end_to_end)
+    # fp32: free-running greedy tokens must all agree. Reduced precision may flip a near-tie and
+    # then drift, so it is held to the teacher-forced agreement: at each step, fed the reference's
+    # tokens, the engine's argmax must match the reference's next token.
+    measure, required = ("agreement", 1.0) if dtype == "fp32" else ("forced_agreement", 0.9)
+    passed = all(g["passed"] for g in graphs.values()) and all(e[measure] >= required for e in end_to_end)
     report = {"passed": passed, "dtype": dtype, "backend": manifest["backend"], "tolerances": TOLERANCES[dtype],
-              "required_agreement": required, "max_new_tokens": max_new_tokens, "graphs": graphs,
+              "required_agreement": required, "agreement_measure": measure, "max_new_tokens": max_new_tokens, "graphs": graphs,
               "end_to_end": end_to_end, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if write:
         write_json(engine_dir / "validation.json", report)
@@ -112,12 +120,17 @@ def build_engine(model_name: str, profile_name: str, out: str | Path | None = No
     profile = BuildProfile.load(profile_name)
     if pruning:
         profile.pruning = pruning
+    check_engine_dtype(profile.precision)
     backend_name = backends.resolve(backend or profile.backend)
     name = f"{Path(model_name).name}-{profile.name}"
     final = Path(out) if out else DEFAULT_ROOT / name
+    check_replaceable(final)
+    check_replaceable(final.with_name(final.name + ".failed"))
     if plugin_library is not None and not Path(plugin_library).is_file():
         raise CapaError(f"plugin library {plugin_library} does not exist; build it with cmake (target "
                         f"capa_contrib_topk_plugin) or leave --plugin-library out")
+    if backend_name == "tensorrt" and profile.pruning == "plugin":
+        backends.trt.find_plugin_library(plugin_library)  # before minutes of export, not after
 
     start = time.perf_counter()
     model, processor = load_model(model_name, "fp32")
@@ -135,11 +148,9 @@ def build_engine(model_name: str, profile_name: str, out: str | Path | None = No
     config.check_for_visual_tokens(adapter.num_visual_tokens_per_image())
     check_topk_limit(config, backend_name, profile.pruning)
     if backend_name == "onnxruntime":
-        providers = backends.ort.usable_providers(profile.providers)
-        backends.ort.check_precision(profile.precision, providers)
+        backends.ort.usable_providers(profile.providers)
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    work = make_work_dir(final)
     try:
         config.save(_mkdir(work / "capa"))
         if approx is not None:

@@ -309,6 +309,11 @@ def cmd_bench(args) -> int:
     if args.smoke:  # CI: the whole path on the tiny model, a few runs; says nothing about speed
         args.size, args.dtype, args.keep, args.ffn, args.repeats, args.warmup = "tiny", "fp32", [64], ["none", "affine"], 3, 1
         args.no_compile = True
+    for name in ("batch", "repeats", "rank"):
+        if getattr(args, name) < 1:
+            raise CapaError(f"--{name} {getattr(args, name)} must be >= 1")
+    if args.warmup < 0:
+        raise CapaError(f"--warmup {args.warmup} must be >= 0")
     report = run_benchmark(size=args.size, dtype=args.dtype, batch=args.batch, keeps=args.keep, ffn_modes=args.ffn,
                            rank=args.rank, repeats=args.repeats, warmup=args.warmup, device=args.device,
                            smoke=args.smoke, with_compile=not args.no_compile, with_engine=not args.no_engine)

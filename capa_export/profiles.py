@@ -59,7 +59,7 @@ class BuildProfile:
         if self.optimization_level not in ORT_LEVELS:
             raise CapaError(f"{where}: optimization_level {self.optimization_level!r} must be one of "
                             f"{', '.join(ORT_LEVELS)}")
-        if int(self.workspace_mib) <= 0:
+        if not isinstance(self.workspace_mib, int) or self.workspace_mib <= 0:
             raise CapaError(f"{where}: workspace_mib {self.workspace_mib} must be positive")
         shapes = {}
         for key, value in self.shapes.items():
@@ -81,6 +81,17 @@ class BuildProfile:
             self.prune = CapaConfig(prune=self.prune).prune  # same validation as the config's
 
     @classmethod
+    def from_dict(cls, data: dict, source: str) -> "BuildProfile":
+        try:
+            if not isinstance(data.get("shapes", {}), dict) or not isinstance(data.get("tensorrt", {}), dict):
+                raise TypeError("[shapes] and [tensorrt] must be tables")
+            if not isinstance(data.get("providers", []), list):
+                raise TypeError("providers must be a list of names")
+            return cls(**data, source=source)
+        except (TypeError, ValueError) as exc:
+            raise CapaError(f"build profile {source}: {exc}") from None
+
+    @classmethod
     def load(cls, name_or_path: str) -> "BuildProfile":
         path = Path(name_or_path)
         if not path.suffix:
@@ -97,7 +108,7 @@ class BuildProfile:
         if unknown:
             raise CapaError(f"build profile {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         data.setdefault("name", path.stem)
-        return cls(**data, source=str(path))
+        return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "precision": self.precision,

@@ -49,7 +49,9 @@ class CapaEngine:
         self.model_info = self.manifest["model"]
         self.layer_segment = self.manifest["layer_segment"]
         self.num_layers = len(self.layer_segment)
-        self.max_sequence = self.manifest["profile"]["shapes"]["sequence"][2]
+        shapes = self.manifest["profile"]["shapes"]
+        self.max_sequence, self.max_past, self.max_batch = shapes["sequence"][2], shapes["past"][2], shapes["batch"][2]
+        self.queries = self.manifest["capa_config"]["queries"]
         self._input_types: dict[str, dict] = {}
 
     def close(self):
@@ -81,15 +83,39 @@ class CapaEngine:
         # copies: runners may reuse their output buffers between calls
         return {k: np.array(v, copy=True) for k, v in runner.infer(feed).items()}
 
-    def generate_ids(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
-                     eos_token_id: int | None = None, stream: Callable[[int], None] | None = None):
-        """Greedy generation from model inputs. Returns (tokens [B, T], keep_indices [B, k], timings)."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
+    def check_inputs(self, input_ids, mask, max_new_tokens: int) -> None:
+        """What the engine cannot serve, refused with one line before anything runs."""
         batch, length = input_ids.shape
+        if max_new_tokens < 1:
+            raise CapaError(f"max_new_tokens={max_new_tokens} must be >= 1")
         if length > self.max_sequence:
             raise CapaError(f"the prompt has {length} tokens but the engine's profile allows at most "
                             f"{self.max_sequence} (shapes.sequence); shorten the prompt or rebuild with a larger profile")
+        if length + max_new_tokens > self.max_past:
+            raise CapaError(f"{length} prompt tokens + {max_new_tokens} new ones exceed the engine's KV length "
+                            f"{self.max_past} (shapes.past); ask for fewer tokens or rebuild with a larger profile")
+        if batch > self.max_batch:
+            raise CapaError(f"batch {batch} exceeds the engine's profile maximum {self.max_batch} (shapes.batch)")
+        if (mask[:, -1] == 0).any():
+            raise CapaError("attention_mask has padding at the end of a row (right padding): pad on the left")
+        slots = input_ids == self.model_info["image_token_id"]
+        counts = slots.sum(axis=1)
+        if (counts != counts[0]).any():
+            raise CapaError(f"every batch row must hold the same number of image tokens; got {counts.tolist()}")
+        if self.queries == "text" and counts[0] and (np.argwhere(slots)[:, 1].max() >= length - 1):
+            raise CapaError("the prompt has no text after the image to score visual tokens with")
+
+    def generate_ids(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
+                     eos_token_id: int | None = None, stream: Callable[[int], None] | None = None,
+                     forced_tokens=None):
+        """Greedy generation from model inputs. Returns (tokens [B, T], keep_indices [B, k], timings).
+
+        forced_tokens [B, T]: teacher forcing (validation): each step is fed the given token, and the
+        returned tokens are the engine's argmax predictions at each step."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch, length = input_ids.shape
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        self.check_inputs(input_ids, mask, max_new_tokens)
         timings = {}
         start = time.perf_counter()
         features = self._infer("vision", {"pixel_values": pixel_values})
@@ -122,8 +148,10 @@ class CapaEngine:
         next_position = np.full((batch, 1), length, dtype=np.int64)
         finished = np.zeros(batch, dtype=bool)
         start = time.perf_counter()
-        for _ in range(max_new_tokens - 1):
-            if eos_token_id is not None:
+        for step_index in range(max_new_tokens - 1):
+            if forced_tokens is not None:
+                token = np.asarray(forced_tokens, dtype=np.int64)[:, step_index:step_index + 1]
+            elif eos_token_id is not None:
                 finished |= token[:, 0] == eos_token_id
                 if finished.all():
                     break
@@ -135,6 +163,8 @@ class CapaEngine:
             masks = [np.concatenate([m, np.ones((batch, 1), dtype=m.dtype)], axis=1) for m in masks]
             next_position = next_position + 1
             token = step["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+            if eos_token_id is not None and forced_tokens is None:
+                token[finished] = eos_token_id  # finished rows stay finished
             tokens.append(token)
             if stream:
                 stream(int(token[0, 0]))

@@ -114,7 +114,70 @@ def test_topk_limit_for_tensorrt_standard_op_lowering():
         check_topk_limit(CapaConfig(prune=[(2, 4000)]), "tensorrt", "onnx")
 
 
-def test_bf16_on_cpu_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_bf16_engine_is_refused_before_anything_is_written(tmp_path, capsys):
     code, _, err = run(capsys, "build", "--profile", "datacenter", "--backend", "onnxruntime", "--out", tmp_path / "x")
-    assert code == 2 and "bf16 engines need" in err
+    assert code == 2 and "bf16 engines are not supported yet" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_out_never_replaces_a_folder_that_is_not_ours(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    for argv in (["export", "--out", precious], ["build", "--out", precious], ["calibrate", "--out", precious]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "is not a capa-export output" in err
+    assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_files_not_in_the_manifest_are_refused(engine_copy, capsys):
+    (engine_copy / "onnxruntime" / "extra.onnx").write_bytes(b"x")
+    code, _, err = run(capsys, "run", engine_copy)
+    assert code == 2 and "does not list" in err and "extra.onnx" in err
+
+
+def test_manifest_without_checksums_is_refused(engine_copy, capsys):
+    edit_manifest(engine_copy, lambda m: m.pop("files"))
+    code, _, err = run(capsys, "run", engine_copy)
+    assert code == 2 and "lists no files" in err
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda ids, mask: (ids, mask.__setitem__((slice(None), -1), 0)), "right padding"),
+    (lambda ids, mask: None, "max_new_tokens=0"),
+])
+def test_runtime_refuses_what_it_cannot_serve(cpu_engine, tiny, mutate, message):
+    import numpy as np
+
+    from capa_export.capa.calibration import builtin_samples, encode
+    from capa_export.models import adapter_for
+    from capa_export.runtime import CapaEngine
+
+    model, processor = tiny
+    batch = encode(adapter_for(model), processor, builtin_samples(1)[0])
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy().copy()
+    mutate(ids, mask)
+    tokens = 0 if "max_new" in message else 3
+    with CapaEngine(cpu_engine[0], verify=False) as engine, pytest.raises(CapaError, match=message):
+        engine.generate_ids(ids, batch["pixel_values"].numpy(), np.asarray(mask), max_new_tokens=tokens)
+
+
+def test_tensorrt_shape_ranges_cover_decode_tokens():
+    from capa_export.backends.trt import shape_ranges
+    from capa_export.profiles import BuildProfile
+
+    profile = BuildProfile.load("edge")
+    ranges = shape_ranges({"input_ids": ["batch", "tokens"], "past.0.key": ["batch", 2, "past_segment1", 32]},
+                          profile, {"visual_tokens": 576})
+    assert ranges["input_ids"][0] == (1, 1)  # embed serves single decode tokens
+    assert ranges["past.0.key"] == ((1, 2, 1, 32), (1, 2, 660, 32), (1, 2, 1536, 32))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--batch", "0"], "--batch 0 must be >= 1"),
+    (["bench", "--repeats", "0"], "--repeats 0 must be >= 1"),
+    (["bench", "--keep", "1000", "--no-engine", "--no-compile", "--repeats", "1"], "k must be in [1, 576]"),
+])
+def test_bench_bad_arguments(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err

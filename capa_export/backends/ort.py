@@ -48,16 +48,15 @@ def usable_providers(wanted: list[str]) -> list[str]:
     return usable
 
 
-def check_precision(precision: str, providers: list[str]) -> None:
-    if precision == "bf16" and providers == ["CPUExecutionProvider"]:
-        raise CapaError("bf16 engines need CUDAExecutionProvider (onnxruntime-gpu) or TensorRT: ONNX Runtime has "
-                        "no bf16 CPU kernels; use the cpu (fp32) or edge (fp16) profile here")
+def with_options(providers: list[str], workspace_mib: int) -> list:
+    """Provider entries with their options: the CUDA arena is capped at the profile's workspace."""
+    return [(p, {"gpu_mem_limit": str(int(workspace_mib) << 20)}) if p == "CUDAExecutionProvider" else p
+            for p in providers]
 
 
 def build(onnx_dir: Path, profile, out_dir: Path, graphs) -> dict:
     """Optimise every graph for the profile; write <graph>.opt.onnx (+ .opt.data) and session.json."""
-    providers = usable_providers(profile.providers)
-    check_precision(profile.precision, providers)
+    providers = with_options(usable_providers(profile.providers), profile.workspace_mib)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     for graph in graphs:
@@ -78,8 +77,11 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs) -> dict:
 def load_session(engine_dir: Path, graph: str) -> ort.InferenceSession:
     description = json.loads((engine_dir / SESSION_FILE).read_text())
     options = session_options("disable")
-    return ort.InferenceSession(str(engine_dir / description["graphs"][graph]), options,
-                                providers=usable_providers(description["providers"]))
+    names = [p if isinstance(p, str) else p[0] for p in description["providers"]]
+    usable = set(usable_providers(names))
+    providers = [p if isinstance(p, str) else tuple(p) for p in description["providers"]
+                 if (p if isinstance(p, str) else p[0]) in usable]
+    return ort.InferenceSession(str(engine_dir / description["graphs"][graph]), options, providers=providers)
 
 
 def runner(engine_dir: Path, graph: str):

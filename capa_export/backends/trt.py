@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 from ..errors import CapaError
@@ -71,6 +72,8 @@ def shape_ranges(graph_inputs: dict[str, list], profile, fixed: dict[str, int]) 
                 triple = profile.shapes[dim]
             elif dim == "new_tokens":
                 triple = (1, 1, 1)
+            elif dim == "tokens":  # embed: prompts and single decode tokens
+                triple = (1, profile.shapes["sequence"][1], profile.shapes["sequence"][2])
             else:
                 raise CapaError(f"graph input {name} has a dimension {dim!r} the profile does not cover")
             lo.append(triple[0]), opt.append(triple[1]), hi.append(triple[2])
@@ -85,8 +88,12 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fi
                                         PostprocessConfig, Profile, SaveEngine)
     import tensorrt as trt
 
-    library = find_plugin_library(plugin_library)
     out_dir.mkdir(parents=True, exist_ok=True)
+    library = None
+    if profile.pruning == "plugin":
+        # the engine folder carries its plugin: it loads on another host, and is checksummed
+        library = out_dir / PLUGIN_LIBRARY
+        shutil.copy2(find_plugin_library(plugin_library), library)
     settings = profile.tensorrt
     cache = out_dir / settings.get("timing_cache", "timing.cache")
     plans = {}
@@ -95,7 +102,8 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fi
         for name, (lo, opt, hi) in shape_ranges(graph_inputs[graph], profile, fixed_dims).items():
             shapes.add(name, min=lo, opt=opt, max=hi)
         network = NetworkFromOnnxPath(str(onnx_dir / f"{graph}.onnx"), strongly_typed=True)
-        network = LoadPlugins(plugins=[str(library)], obj=network)
+        if library is not None:
+            network = LoadPlugins(plugins=[str(library)], obj=network)
         config = CreateConfig(
             profiles=[shapes],
             memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(profile.workspace_mib) << 20},
@@ -103,15 +111,18 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fi
             builder_optimization_level=settings.get("builder_optimization_level"),
             version_compatible=settings.get("version_compatible", False),
         )
-        if settings.get("version_compatible"):
+        if settings.get("version_compatible") and library is not None:
             # a version-compatible engine embeds only the plugin libraries listed here
-            config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_plugins_to_serialize([str(library)]))
+            def serialize_plugin(builder, network, cfg, library=str(library)):
+                cfg.plugins_to_serialize = [library]  # a property in TensorRT's Python API
+
+            config = PostprocessConfig(config, serialize_plugin)
         engine = EngineFromNetwork(network, config, save_timing_cache=str(cache))
         plan = out_dir / f"{graph}{PLAN_SUFFIX}"
         SaveEngine(engine, str(plan))()
         plans[graph] = plan.name
     description = {"backend": NAME, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
-                   "plugin_library": str(library)}
+                   "plugin_library": library.name if library is not None else None}
     (out_dir / ENGINE_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return description
 
@@ -122,6 +133,8 @@ def runner(engine_dir: Path, graph: str):
     from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
 
     description = json.loads((engine_dir / ENGINE_FILE).read_text())
-    engine = EngineFromBytes(LoadPlugins(plugins=[description["plugin_library"]],
-                                         obj=BytesFromPath(str(engine_dir / description["graphs"][graph]))))
+    plan = BytesFromPath(str(engine_dir / description["graphs"][graph]))
+    if description.get("plugin_library"):
+        plan = LoadPlugins(plugins=[str(engine_dir / description["plugin_library"])], obj=plan)
+    engine = EngineFromBytes(plan)
     return TrtRunner(engine, name=f"tensorrt:{graph}")

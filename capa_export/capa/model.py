@@ -392,6 +392,8 @@ class CapaModel(nn.Module):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 16,
                  eos_token_id: int | None = None, image_features=None) -> tuple[torch.Tensor, CapaOutput]:
         """Greedy decoding with the CAPA cache. Returns (new tokens [B, T], the prefill output)."""
+        if max_new_tokens < 1:
+            raise CapaError(f"max_new_tokens={max_new_tokens} must be >= 1")
         prefill = self(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
                        last_logits_only=True, image_features=image_features)
         cache = prefill.past_key_values

@@ -97,6 +97,7 @@ def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, pro
     batch = dim("batch", min=1, max=256)
     images = dim("images", min=1, max=64)
     seq = dim("sequence", min=8, max=16384)
+    tokens = dim("tokens", min=1, max=16384)  # embed serves prompts and single decode tokens
     visual = dim("visual_tokens", min=1, max=16384)
     new = dim("new_tokens", min=1, max=4096)
     past = [dim(f"past_segment{s}", min=1, max=16384) for s in range(segments)]
@@ -109,7 +110,7 @@ def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, pro
     kv_shapes = [{0: batch, 2: past[layer_segment[i // 2]]} for i in range(2 * adapter.num_layers)]
     jobs = {
         "vision": (VisionGraph(capa), (ex["pixel_values"],), ({0: images},)),
-        "embed": (EmbedGraph(capa), (ex["input_ids"],), ({0: batch, 1: seq},)),
+        "embed": (EmbedGraph(capa), (ex["input_ids"],), ({0: batch, 1: tokens},)),
         "prefill": (PrefillGraph(capa, pruning),
                     (ex["inputs_embeds"], ex["attention_mask"], ex["position_ids"], ex["visual_positions"]),
                     ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: visual})),
