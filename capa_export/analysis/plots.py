@@ -45,8 +45,11 @@ def plot_attention_vs_contribution(report: dict, per_layer: list[dict], path: Pa
         if chosen:
             ax.scatter([s["attention"] for s in chosen], [s["contribution"] for s in chosen], s=40, color=colour,
                        edgecolor="black", label=f"{label}s")
-    ax.set_xlabel("attention received (sum over heads and scoring queries)")
-    ax.set_ylabel("attention contribution C_j")
+    # log axes: a few sinks take most of the mass, and the bulk of the tokens sits decades below
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("attention received (sum over heads and scoring queries, log)")
+    ax.set_ylabel("attention contribution C_j (log)")
     ax.set_title(f"Layer {layer}: attention vs contribution")
     ax.legend()
     fig.tight_layout()
