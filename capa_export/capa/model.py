@@ -111,9 +111,12 @@ def drop_visual(visual_slots: torch.Tensor, keep_local: torch.Tensor, length):
     return keep_seq, new_slots
 
 
-def select_reference(probs, values, o_weight, keep: int, variant: str) -> torch.Tensor:
-    """Token selection by the reference semantics (chunked scores, stable top-k): int64 [B, k]."""
-    return top_k_indices(contribution_scores(probs, values, o_weight, variant=variant), keep)
+def select_with_op(probs, values, o_weight, keep: int, variant: str) -> torch.Tensor:
+    """Token selection by the `capa::contrib_topk` op (C++ reference on CPU, the CUDA kernel on GPU),
+    whose semantics are `top_k_indices(contribution_scores(...), k)`: int64 [B, k]."""
+    from ..ops import contrib_topk
+
+    return contrib_topk(probs.contiguous(), values.contiguous(), o_weight, keep, variant).to(torch.int64)
 
 
 class CapaModel(nn.Module):
@@ -245,8 +248,9 @@ class CapaModel(nn.Module):
         return (after_image & padding_mask.bool()).to(torch.float32)
 
     def select_tokens(self, probs, values, o_weight, keep: int) -> torch.Tensor:
-        """The reference selection; the exporter passes its own (plugin node or standard ops)."""
-        return select_reference(probs, values, o_weight, keep, self.config.variant)
+        """The eager selection: the capa::contrib_topk op; the exporter passes its own (plugin node or
+        standard ops)."""
+        return select_with_op(probs, values, o_weight, keep, self.config.variant)
 
     def prefill_layers(self, hidden, position_ids, padding_mask, visual_slots, query_weight, *, select,
                        trim_queries: bool = False) -> PrefillState:
