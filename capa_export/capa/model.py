@@ -25,7 +25,6 @@ from torch import nn
 from ..config import CapaConfig
 from ..errors import CapaError
 from ..models import adapter_for
-from .scoring import contribution_scores, top_k_indices
 
 
 @dataclass
