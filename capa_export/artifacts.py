@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -54,6 +55,16 @@ def replace_directory(target: str | Path, write) -> Path:
     return target
 
 
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -66,6 +77,7 @@ def write_json(path: str | Path, data) -> Path:
     """Write JSON under a temporary name, then rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    # strict JSON: an undefined number (NaN, inf) is written as null
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path

@@ -15,7 +15,6 @@ weight floor = weight bytes read once / bandwidth. Results: JSON (+ a PNG of lat
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import statistics
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import write_json
 from .capa.ffn import FfnApproximation, LayerFit
 from .capa.model import apply_capa
 from .config import CapaConfig
@@ -300,6 +300,6 @@ def format_table(report: dict) -> str:
 def save(report: dict, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(out, report)
     plot(report, out.with_suffix(".png"))
     return out

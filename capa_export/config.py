@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .capa.scoring import VARIANTS
+from .artifacts import write_json
 from .errors import CapaError
 
 QUERY_MODES = ("text", "last")
@@ -123,7 +124,7 @@ class CapaConfig:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
         return path
 
     @classmethod

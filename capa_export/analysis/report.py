@@ -81,7 +81,8 @@ def sinks_of_layer(entry: dict, settings: AnalysisSettings) -> dict:
         })
     top_attention = set(torch.nonzero(attention_rank < keep).flatten().tolist())
     top_contrib = set(torch.nonzero(contrib_rank < keep).flatten().tolist())
-    rho = spearmanr(attention.numpy(), contribution.numpy()).statistic
+    constant = bool((attention == attention[0]).all() or (contribution == contribution[0]).all())
+    rho = float("nan") if constant else spearmanr(attention.numpy(), contribution.numpy()).statistic
     return {
         "layer": entry["layer"],
         "sink_threshold": threshold,

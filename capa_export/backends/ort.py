@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from ..artifacts import write_json
 from ..errors import CapaError
 
 NAME = "onnxruntime"
@@ -70,7 +71,7 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs) -> dict:
     description = {"backend": NAME, "onnxruntime": ort.__version__, "providers": providers,
                    "optimization_level_at_build": profile.optimization_level, "graphs": files,
                    "load_with": "graph optimisations disabled (already applied)"}
-    (out_dir / SESSION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    write_json(out_dir / SESSION_FILE, description)
     return description
 
 

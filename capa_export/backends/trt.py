@@ -18,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..artifacts import write_json
 from ..errors import CapaError
 
 NAME = "tensorrt"
@@ -123,7 +124,7 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fi
         plans[graph] = plan.name
     description = {"backend": NAME, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
                    "plugin_library": library.name if library is not None else None}
-    (out_dir / ENGINE_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    write_json(out_dir / ENGINE_FILE, description)
     return description
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..artifacts import write_json
 from ..errors import CapaError
 from ..models import adapter_for, fingerprints_match
 
@@ -119,7 +120,7 @@ class FfnApproximation:
             "settings": self.settings,
         }
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "capa-ffn-approx"})
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(directory / META_FILE, meta)
         return directory
 
     @classmethod
@@ -146,8 +147,9 @@ class FfnApproximation:
             get = lambda name: tensors.get(f"layers.{layer}.{name}")  # noqa: E731
             if get("weight") is None or get("bias") is None:
                 raise CapaError(f"FFN approximation in {directory} lacks tensors for layer {layer}")
+            number = lambda x: float("nan") if x is None else float(x)  # noqa: E731  (null = not measured)
             layers[layer] = LayerFit(get("weight"), get("bias"), get("u"), get("v"),
-                                     errors["train"], errors["heldout"], errors["text"])
+                                     number(errors["train"]), number(errors["heldout"]), number(errors["text"]))
         approx = cls(layers, list(meta["selected_layers"]), meta["fingerprint"], meta.get("settings", {}))
         if model is not None:
             adapter = adapter_for(model)

@@ -14,7 +14,6 @@ sinks trained models have, not a claim about any trained model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
@@ -223,7 +222,3 @@ def _plant_sinks(model, gen: torch.Generator, key_gain: float = 2.0, text_shift:
         attention.k_proj.weight += key_gain * torch.outer(key_dir.flatten(), sink)
         attention.q_proj.weight += key_gain * torch.outer(query_dir.flatten(), text)
         attention.v_proj.weight -= torch.outer(attention.v_proj.weight @ sink, sink)
-
-
-def describe(spec: TinyLlavaSpec = TinyLlavaSpec()) -> str:
-    return json.dumps(spec.__dict__)
