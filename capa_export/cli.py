@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .artifacts import check_replaceable
 from .errors import CapaError
 
 DEFAULT_MODEL = "tiny-llava"
@@ -115,6 +116,9 @@ def cmd_analyze(args) -> int:
     from .artifacts import replace_directory, write_json
     from .models import load_model
 
+    check_replaceable(args.out)  # before the work, not after
+    if args.sink_ratio <= 0 or args.keep < 1:
+        raise CapaError(f"--sink-ratio {args.sink_ratio} must be > 0 and --keep {args.keep} >= 1")
     settings = AnalysisSettings(sink_ratio=args.sink_ratio, keep=args.keep, ffn_threshold=args.ffn_threshold)
     sample, calibration = _input_sample(args), _calibration_samples(args)
     model, processor = load_model(args.model, args.dtype, args.device)
@@ -139,6 +143,7 @@ def cmd_calibrate(args) -> int:
     from .models import adapter_for, load_model
     from . import __version__
 
+    check_replaceable(args.out)
     config = _capa_config(args)
     calibration = _calibration_samples(args)
     model, processor = load_model(args.model, args.dtype, args.device)
@@ -155,7 +160,6 @@ def cmd_calibrate(args) -> int:
         if config.ffn_layers == "auto":
             # Freeze the choice: the saved config names the layers the fit selected.
             config.ffn_layers = list(approx.selected_layers)
-            approx.selected_layers = list(config.ffn_layers)
 
     def write(tmp: Path):
         config.save(tmp)
@@ -182,16 +186,6 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def load_capa(model, capa_dir):
-    """(CapaConfig, FfnApproximation | None) from a `calibrate` output folder."""
-    from .capa.ffn import META_FILE, FfnApproximation
-    from .config import CapaConfig
-
-    config = CapaConfig.load(capa_dir)
-    approx = FfnApproximation.load(capa_dir, model) if (Path(capa_dir) / META_FILE).exists() else None
-    return config, approx
-
-
 def cmd_generate(args) -> int:
     from .capa.calibration import encode
     from .capa.model import apply_capa
@@ -201,7 +195,9 @@ def cmd_generate(args) -> int:
     sample = _input_sample(args)
     model, processor = load_model(args.model, args.dtype, args.device)
     if args.capa:
-        config, approx = load_capa(model, args.capa)
+        from .build import calibrated_config
+
+        config, approx = calibrated_config(model, processor, args.capa)
     else:
         config, approx = _capa_config(args), None
         if config.ffn_layers == "auto":
@@ -238,6 +234,7 @@ def cmd_export(args) -> int:
     from .export.exporter import export_model, format_summary
     from .models import load_model
 
+    check_replaceable(args.out)
     model, processor = load_model(args.model, "fp32", args.device)
     config, approx = calibrated_config(model, processor, args.capa)  # fitted in fp32, exported in --dtype
     if args.prune is not None:
