@@ -23,7 +23,7 @@ from pathlib import Path
 from . import backends
 from .artifacts import check_replaceable, make_work_dir, write_json
 from .capa.calibration import builtin_samples, encode
-from .capa.ffn import FfnApproximation, fit_ffn_approximation
+from .capa.ffn import META_FILE, FfnApproximation, fit_ffn_approximation
 from .capa.model import apply_capa
 from .config import CapaConfig
 from .errors import CapaError
@@ -39,7 +39,7 @@ def calibrated_config(model, processor, capa_dir: str | None, calibration_sample
     """(CapaConfig, FfnApproximation | None): from a `calibrate` folder, or calibrated now."""
     if capa_dir:
         config = CapaConfig.load(capa_dir)
-        approx = FfnApproximation.load(capa_dir, model) if (Path(capa_dir) / "ffn_approx.json").exists() else None
+        approx = FfnApproximation.load(capa_dir, model) if (Path(capa_dir) / META_FILE).exists() else None
         return config, approx
     adapter = adapter_for(model)
     config = CapaConfig(ffn_layers="auto")
