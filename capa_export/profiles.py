@@ -24,7 +24,10 @@ from pathlib import Path
 
 from .errors import CapaError
 
-ENGINES_DIR = Path(__file__).resolve().parent.parent / "engines"
+#: Where named profiles are looked up, in order: the working directory's engines/, this
+#: repository's engines/ (source checkout), the copies installed with the package.
+PROFILE_DIRS = (Path("engines"), Path(__file__).resolve().parent.parent / "engines",
+                Path(__file__).resolve().parent / "engine_profiles")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 SHAPE_NAMES = ("batch", "sequence", "past", "images")
@@ -95,9 +98,10 @@ class BuildProfile:
     def load(cls, name_or_path: str) -> "BuildProfile":
         path = Path(name_or_path)
         if not path.suffix:
-            path = ENGINES_DIR / f"{name_or_path}.toml"
+            found = [d / f"{name_or_path}.toml" for d in PROFILE_DIRS if (d / f"{name_or_path}.toml").is_file()]
+            path = found[0] if found else Path(f"{name_or_path}.toml")
         if not path.is_file():
-            available = ", ".join(sorted(p.stem for p in ENGINES_DIR.glob("*.toml")))
+            available = ", ".join(sorted({p.stem for d in PROFILE_DIRS for p in d.glob("*.toml")}))
             raise CapaError(f"build profile {name_or_path!r} not found; give a TOML file or one of: {available}")
         try:
             data = tomllib.loads(path.read_text())

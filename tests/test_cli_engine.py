@@ -181,3 +181,17 @@ def test_tensorrt_shape_ranges_cover_decode_tokens():
 def test_bench_bad_arguments(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err
+
+
+def test_named_profiles_are_found_in_the_installed_copy(tmp_path, monkeypatch):
+    """Outside the repository (a wheel install), named profiles come from capa_export/engine_profiles
+    (installed by CMake from engines/*.toml)."""
+    import capa_export.profiles as profiles
+
+    installed = tmp_path / "engine_profiles"
+    installed.mkdir()
+    (installed / "cpu.toml").write_text((profiles.PROFILE_DIRS[1] / "cpu.toml").read_text())
+    monkeypatch.setattr(profiles, "PROFILE_DIRS", (tmp_path / "engines", tmp_path / "repo", installed))
+    assert profiles.BuildProfile.load("cpu").source == str(installed / "cpu.toml")
+    with pytest.raises(CapaError, match="one of: cpu"):
+        profiles.BuildProfile.load("edge")
