@@ -1,0 +1,330 @@
+"""Train the tiny LLaVA-geometry model on Shapes-VQA (CPU, minutes), seeded and reproducible.
+
+The model is a plain `LlavaForConditionalGeneration` built from `tiny_llava_config` (LLaVA-1.5's
+token geometry: 336 px, patch 14, 576 visual tokens, vocabulary 32064, image token 32000, CLIP
+layer -2 without CLS) with the tiny tokenizer, processor and chat template, trained from a seeded
+initialisation (not the planted structure of the random `tiny-llava`).
+
+Each training sequence is a multi-turn conversation about one image, LLaVA-instruct style:
+"USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...". The 576 visual tokens dominate
+the cost, so several questions per image give several supervised answers for little more compute.
+The loss is cross-entropy on the answer tokens and their `</s>` only, and the LM head is applied
+to those positions only (scoring all 32064 words at every position costs ~5x the step).
+
+Run: `python -m capa_export.training.train_tiny --out DIR` (see --help); `--ship` writes the
+package's weights and card (capa_export/models/weights/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import shapes_vqa
+from ..models.tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, TinyLlavaSpec, tiny_llava_config, tiny_llava_processor
+
+SCRIPT_VERSION = "1"
+NUM_VISUAL_TOKENS = (shapes_vqa.IMAGE_SIZE // 14) ** 2
+MAX_ANSWER_TOKENS = 12   # the longest answer (" triangle") is 9 byte tokens, then </s>
+
+
+def default_spec() -> TinyLlavaSpec:
+    """Widths of the trained model: tiny-llava's text widths; 3 CLIP layers so that layer -2 (the
+    one LLaVA reads) has two layers of attention behind it."""
+    return TinyLlavaSpec(vision_layers=3)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2400
+    batch_size: int = 8
+    questions_per_image: int = 3
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 5e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0            # initialisation
+    data_seed: int = 0       # Shapes-VQA seed; batch b holds train samples [b*B, (b+1)*B)
+    threads: int = 2
+    spec: TinyLlavaSpec = field(default_factory=default_spec)
+    log_every: int = 50
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- batches --------------------------------------------------------------------------------
+class ConversationEncoder:
+    """Token ids of a conversation about one image, and which positions are answer tokens.
+
+    Encoded piecewise (the byte-level tokenizer has no merges, so pieces concatenate to the ids
+    the processor gives the whole text; tests check that), so the answer positions are known
+    without searching the ids."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode(self, questions: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+        eos = self.tokenizer.eos_token_id
+        ids = [self.tokenizer.bos_token_id] + self._ids("USER: ") + [IMAGE_TOKEN_ID] * NUM_VISUAL_TOKENS
+        is_answer = [False] * len(ids)
+        for turn, (question, answer) in enumerate(questions):
+            prefix = ("\n" if turn == 0 else "USER: ") + question + " ASSISTANT:"
+            prompt = self._ids(prefix)
+            reply = self._ids(" " + answer) + [eos]
+            ids += prompt + reply
+            is_answer += [False] * len(prompt) + [True] * len(reply)
+        return ids, is_answer
+
+    def text(self, questions: list[tuple[str, str]]) -> str:
+        """The same conversation as text, through the chat template (for the check above)."""
+        messages = []
+        for turn, (question, answer) in enumerate(questions):
+            content = ([{"type": "image"}] if turn == 0 else []) + [{"type": "text", "text": question}]
+            messages.append({"role": "user", "content": content})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.processor.apply_chat_template(messages)
+
+    def batch(self, samples: list[shapes_vqa.VqaSample]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode([(q.text, q.answer) for q in s.questions]) for s in samples]
+        length = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(samples), length), PAD_TOKEN_ID, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        answer_mask = torch.zeros((len(samples), length), dtype=torch.bool)
+        for row, (ids, is_answer) in enumerate(encoded):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+            answer_mask[row, :len(ids)] = torch.tensor(is_answer)
+        pixel_values = self.processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                "answer_mask": answer_mask}
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (each predicted from the position before it)."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"]).last_hidden_state
+    targets_at = batch["answer_mask"].clone()
+    targets_at[:, 0] = False
+    rows, cols = targets_at.nonzero(as_tuple=True)
+    logits = model.lm_head(hidden[rows, cols - 1]).float()
+    return torch.nn.functional.cross_entropy(logits, batch["input_ids"][rows, cols])
+
+
+# --- the model --------------------------------------------------------------------------------
+def init_model(spec: TinyLlavaSpec, seed: int):
+    """A freshly initialised plain LlavaForConditionalGeneration, deterministic from the seed."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(tiny_llava_config(spec))
+    model.config.name_or_path = "tiny-llava"
+    return model
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_learning_rate + 0.5 * (config.learning_rate - config.min_learning_rate) * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(model, config: TrainConfig):
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        # Norm gains, biases, embeddings: no weight decay (the usual split).
+        (decay if parameter.ndim >= 2 and "embed" not in name else no_decay).append(parameter)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=config.learning_rate, betas=(0.9, 0.98), eps=1e-8)
+
+
+def train(config: TrainConfig = TrainConfig(), log=print, model=None, batches=None, on_step=None):
+    """Train and return (model, processor, history). `batches`, if given, replaces the Shapes-VQA
+    stream (a callable step -> batch dict; the smoke test passes a fixed batch); `on_step(step,
+    model, processor)` is called after each step (for evaluations during development)."""
+    torch.set_num_threads(config.threads)
+    processor = tiny_llava_processor()
+    encoder = ConversationEncoder(processor)
+    model = model if model is not None else init_model(config.spec, config.seed)
+    model.train()
+    optimizer = _optimizer(model, config)
+    if batches is None:
+        def batches(step):
+            samples = shapes_vqa.make_split("train", config.batch_size, config.data_seed, config.questions_per_image,
+                                            start=step * config.batch_size)
+            return encoder.batch(samples)
+    history = []
+    started = time.time()
+    for step in range(config.steps):
+        batch = batches(step)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        loss = answer_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        history.append(float(loss.detach()))
+        if log and ((step + 1) % config.log_every == 0 or step == 0):
+            recent = history[-config.log_every:]
+            log(f"step {step + 1}/{config.steps} loss {sum(recent) / len(recent):.4f} "
+                f"lr {_learning_rate(config, step):.2e} {time.time() - started:.0f}s")
+        if on_step is not None:
+            on_step(step, model, processor)
+            model.train()
+    model.eval()
+    return model, processor, history
+
+
+# --- evaluation -------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_answers(model, processor, images, questions: list[str], batch_size: int = 16,
+                     max_new_tokens: int = MAX_ANSWER_TOKENS) -> list[str]:
+    """Greedy answers from the model's own HF `generate`, prompt `USER: <image>\\n{q} ASSISTANT:`.
+
+    Prompts of equal length are batched together, so no padding enters any forward pass."""
+    from ..models.llava import LlavaAdapter
+
+    prompts = [LlavaAdapter.prompt_with_image(processor, q) for q in questions]
+    lengths = [len(processor.tokenizer(p).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    answers: list[str] = [""] * len(prompts)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] == lengths[i] and len(groups[-1]) < batch_size:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in groups:
+        inputs = processor(images=[images[i] for i in group], text=[prompts[i] for i in group], return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=processor.tokenizer.eos_token_id, pad_token_id=PAD_TOKEN_ID)
+        for i, row in zip(group, out[:, inputs["input_ids"].shape[1]:]):
+            answers[i] = _decode_until_eos(processor.tokenizer, row.tolist())
+    return answers
+
+
+def _decode_until_eos(tokenizer, ids: list[int]) -> str:
+    """The text before the first </s>; with no </s> the whole output, marked so it never matches
+    (an answer that does not end is not an answer)."""
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        return tokenizer.decode(ids[:ids.index(eos)])
+    return tokenizer.decode(ids) + " <no end>"
+
+
+def evaluate(model, processor, split: str = "test", size: int = 500, seed: int = 0, batch_size: int = 16) -> dict:
+    """Exact match after `normalize_answer` on `size` questions of a split (one per image)."""
+    samples = shapes_vqa.make_split(split, size, seed)
+    questions = [s.questions[0] for s in samples]
+    predicted = generate_answers(model, processor, [s.image for s in samples], [q.text for q in questions],
+                                 batch_size=batch_size)
+    correct = [shapes_vqa.normalize_answer(p) == shapes_vqa.normalize_answer(q.answer)
+               for p, q in zip(predicted, questions)]
+    per_type: dict[str, list[bool]] = {}
+    for q, ok in zip(questions, correct):
+        per_type.setdefault(q.type, []).append(ok)
+    return {
+        "split": split, "questions": size, "data_seed": seed,
+        "exact_match": sum(correct) / len(correct),
+        "per_type": {t: {"exact_match": sum(v) / len(v), "questions": len(v)} for t, v in sorted(per_type.items())},
+        "predictions": [{"question": q.text, "answer": q.answer, "predicted": p}
+                        for q, p in zip(questions, predicted)],
+    }
+
+
+# --- shipping -------------------------------------------------------------------------------
+def save_weights(model, folder: str | Path, card: dict) -> Path:
+    """`model.safetensors` (fp16) + `card.json` in `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: (tensor.to(torch.float16) if tensor.is_floating_point() else tensor).detach().contiguous()
+             for name, tensor in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return folder
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capa_export.training.train_tiny", description=__doc__.split("\n")[0])
+    defaults = TrainConfig()
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--questions-per-image", type=int, default=defaults.questions_per_image)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--data-seed", type=int, default=defaults.data_seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--widths", type=json.loads, default={},
+                        help='JSON of TinyLlavaSpec fields to change, e.g. \'{"text_layers": 4}\'')
+    parser.add_argument("--eval-size", type=int, default=1000, help="test questions measured after training")
+    parser.add_argument("--out", type=Path, help="folder for model.safetensors, card.json, predictions.jsonl")
+    parser.add_argument("--ship", action="store_true", help="write into the package (capa_export/models/weights/)")
+    args = parser.parse_args(argv)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, questions_per_image=args.questions_per_image,
+                         learning_rate=args.lr, seed=args.seed, data_seed=args.data_seed, threads=args.threads,
+                         spec=dataclasses.replace(default_spec(), **args.widths))
+    load_before = os.getloadavg()
+    started = time.time()
+    model, processor, history = train(config, log=lambda line: print(line, flush=True))
+    train_seconds = time.time() - started
+    # Measure what ships: the weights rounded to fp16 (and computed in fp32, as the loader does).
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(torch.float16))
+    result = evaluate(model, processor, "test", args.eval_size, config.data_seed)
+    print(f"test exact match {result['exact_match']:.4f} on {args.eval_size} questions; "
+          + ", ".join(f"{t} {v['exact_match']:.3f}" for t, v in result["per_type"].items()), flush=True)
+    import transformers
+
+    card = {
+        "model": "tiny-llava (trained)",
+        "task": "shapes-vqa",
+        "script": "capa_export.training.train_tiny",
+        "script_version": SCRIPT_VERSION,
+        "data_seed": config.data_seed,
+        "train_images": config.steps * config.batch_size,
+        "train_questions": config.steps * config.batch_size * config.questions_per_image,
+        "steps": config.steps,
+        "config": config.to_json(),
+        "final_loss": sum(history[-50:]) / len(history[-50:]),
+        "accuracy": {k: v for k, v in result.items() if k != "predictions"},
+        "train_wall_seconds": round(train_seconds, 1),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": sys.version.split()[0]},
+    }
+    out = Path(__file__).resolve().parent.parent / "models" / "weights" if args.ship else args.out
+    if out is not None:
+        save_weights(model, out, card)
+        if not args.ship:  # the package carries the weights and the card only
+            with open(out / "predictions.jsonl", "w") as handle:
+                for row in result["predictions"]:
+                    handle.write(json.dumps(row) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Training the tiny model on Shapes-VQA: batches match the processor, a few steps learn, runs are
+reproducible, and the shipped weights load and answer as well as their card says."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from capa_export.data import shapes_vqa
+from capa_export.models.tiny import TinyLlavaSpec, tiny_llava_processor
+from capa_export.training import train_tiny
+from capa_export.training.train_tiny import ConversationEncoder, TrainConfig
+
+# Narrow enough that a step takes well under a second on one core; the geometry is unchanged.
+SMOKE_SPEC = TinyLlavaSpec(text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=128,
+                           vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_llava_processor()
+
+
+def test_encoded_conversation_is_what_the_processor_makes_of_the_chat_template(processor):
+    encoder = ConversationEncoder(processor)
+    sample = shapes_vqa.make_sample("train", 0, questions_per_image=3)
+    turns = [(q.text, q.answer) for q in sample.questions]
+    ids, is_answer = encoder.encode(turns)
+    reference = processor(images=sample.image, text=encoder.text(turns), return_tensors="pt")["input_ids"][0].tolist()
+    assert ids == reference
+    # the supervised positions are exactly " <answer></s>" of each turn, in order
+    answer_ids = [i for i, keep in zip(ids, is_answer) if keep]
+    expected = processor.tokenizer("".join(f" {a}</s>" for _, a in turns), add_special_tokens=False).input_ids
+    assert answer_ids == expected
+
+
+def test_batch_pixels_are_the_processors(processor):
+    encoder = ConversationEncoder(processor)
+    samples = shapes_vqa.make_split("train", 2, questions_per_image=2)
+    batch = encoder.batch(samples)
+    single = processor(images=samples[1].image, text="<image>", return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch["pixel_values"][1], single[0], rtol=0, atol=0)
+    assert batch["attention_mask"].sum(1).tolist() == [len(encoder.encode([(q.text, q.answer) for q in s.questions])[0])
+                                                       for s in samples]
+
+
+def test_answer_loss_is_the_hf_loss_on_answer_tokens(processor):
+    """Scoring only the answer positions gives the loss HF computes with labels elsewhere -100."""
+    model = train_tiny.init_model(SMOKE_SPEC, seed=1).eval()
+    batch = ConversationEncoder(processor).batch(shapes_vqa.make_split("train", 2, questions_per_image=2))
+    labels = torch.where(batch["answer_mask"], batch["input_ids"], torch.full_like(batch["input_ids"], -100))
+    with torch.no_grad():
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"], labels=labels).loss
+        ours = train_tiny.answer_loss(model, batch)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(processor):
+    batch = ConversationEncoder(processor).batch(shapes_vqa.make_split("train", 2, questions_per_image=2))
+    config = TrainConfig(steps=8, batch_size=2, warmup_steps=1, learning_rate=3e-3, threads=1, spec=SMOKE_SPEC)
+    _, _, history = train_tiny.train(config, log=None, batches=lambda step: batch)
+    assert all(math.isfinite(x) for x in history)
+    # from ~ln(32064) = 10.4 nats at initialisation; a broken update (zero gradients, wrong targets,
+    # no optimiser step) leaves it there
+    assert max(history[1:]) < history[0] and history[-1] < history[0] - 1.0, history
+
+
+def _train_two_steps(seed):
+    config = TrainConfig(steps=2, batch_size=2, questions_per_image=2, warmup_steps=1, threads=1, spec=SMOKE_SPEC,
+                         seed=seed)
+    model, _, history = train_tiny.train(config, log=None)
+    return model, history
+
+
+def test_training_is_reproducible_from_its_seeds():
+    first, first_history = _train_two_steps(seed=0)
+    second, second_history = _train_two_steps(seed=0)
+    assert first_history == second_history
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    third, _ = _train_two_steps(seed=1)
+    assert not torch.equal(first.lm_head.weight, third.lm_head.weight)
+
+
+def test_script_runs_end_to_end(tmp_path):
+    widths = json.dumps(dataclasses.asdict(SMOKE_SPEC))
+    assert train_tiny.main(["--steps", "2", "--batch-size", "2", "--threads", "1", "--eval-size", "3",
+                            "--widths", widths, "--out", str(tmp_path)]) == 0
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["steps"] == 2 and card["accuracy"]["questions"] == 3 and card["task"] == "shapes-vqa"
+    from capa_export.models.tiny_trained import build_trained_tiny_llava
+
+    model, _ = build_trained_tiny_llava(folder=tmp_path)
+    assert model.config.text_config.hidden_size == SMOKE_SPEC.text_hidden
+
+
+# --- the shipped model --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    from capa_export.models.tiny_trained import build_trained_tiny_llava, trained_card
+
+    model, processor = build_trained_tiny_llava()
+    return model, processor, trained_card()
+
+
+def test_shipped_model_has_llava_geometry_and_round_trips(shipped, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor, card = shipped
+    assert type(model) is LlavaForConditionalGeneration
+    assert model.config.image_seq_length == 576 and model.config.text_config.vocab_size == 32064
+    assert model.config.image_token_id == 32000 and model.config.vision_feature_layer == -2
+    model.save_pretrained(tmp_path)
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    sample = shapes_vqa.make_sample("test", 0)
+    from capa_export.models.llava import LlavaAdapter
+
+    inputs = processor(images=sample.image, text=LlavaAdapter.prompt_with_image(processor, sample.questions[0].text),
+                       return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_shipped_card_accuracy_holds_on_a_fresh_measurement(shipped):
+    """40 test questions, greedy HF generate, exact match after normalisation. With the card's
+    accuracy p measured on many more questions, 40 answers scatter with standard deviation
+    sqrt(p(1-p)/40); 3 of those (plus one question, for p near 1) is the allowed gap."""
+    model, processor, card = shipped
+    p = card["accuracy"]["exact_match"]
+    assert card["accuracy"]["split"] == "test" and card["accuracy"]["questions"] >= 500
+    assert p >= 0.9
+    samples = shapes_vqa.make_split("test", 40, card["data_seed"], start=card["accuracy"]["questions"])
+    predicted = train_tiny.generate_answers(model, processor, [s.image for s in samples],
+                                            [s.questions[0].text for s in samples])
+    correct = sum(shapes_vqa.normalize_answer(a) == shapes_vqa.normalize_answer(s.questions[0].answer)
+                  for a, s in zip(predicted, samples))
+    spread = 3 * math.sqrt(p * (1 - p) / 40) + 1 / 40
+    assert abs(correct / 40 - p) <= spread, (correct, p, list(zip(predicted, [s.questions[0].answer for s in samples])))
