@@ -180,3 +180,22 @@ def test_reader_refuses_bad_folders(tmp_path):
                    r"names image 'nope.png', which does not exist")
     assert_refused(_write_lines(good, [json.dumps({"image": image, "question": "", "answer": "a"})]),
                    r"data.jsonl:1 has no 'question'")
+
+
+def test_patch_map_marks_the_patches_the_shapes_cover():
+    """Each patch labelled with shape i holds at least 20% pixels of that shape's colour, and every
+    shape owns at least one patch."""
+    palette = np.array(list(REFERENCE_COLOURS.values()), dtype=np.float64)
+    for sample in make_split("validation", 30):
+        pixels = np.asarray(sample.image).astype(np.float64)
+        distance = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1)
+        colour_of = np.where(distance.min(-1) < 35, distance.argmin(-1), -1)
+        patches = colour_of.reshape(24, 14, 24, 14).transpose(0, 2, 1, 3).reshape(24, 24, 196)
+        owner = shapes_vqa.patch_shape_index(sample.scene)
+        for i, shape in enumerate(sample.scene.shapes):
+            colour = list(REFERENCE_COLOURS).index(shape.colour)
+            rows, cols = np.nonzero(owner == i + 1)
+            assert len(rows) >= 1
+            for r, c in zip(rows, cols):
+                assert (patches[r, c] == colour).mean() >= 0.2
+        assert owner.max() <= len(sample.scene.shapes)

@@ -117,8 +117,10 @@ def sample_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
 
 
 # --- scenes ---------------------------------------------------------------------------------
-def make_scene(rng: np.random.Generator) -> Scene:
-    count = int(rng.integers(SHAPES_PER_IMAGE[0], SHAPES_PER_IMAGE[1] + 1))
+def make_scene(rng: np.random.Generator, shapes: tuple[int, int] = SHAPES_PER_IMAGE) -> Scene:
+    """A scene with between shapes[0] and shapes[1] shapes (the task's splits use 2 to 5; training
+    may start with fewer, see `train_tiny`)."""
+    count = int(rng.integers(shapes[0], shapes[1] + 1))
     while True:
         shapes = _place_shapes(rng, count)
         if shapes is not None:
@@ -215,6 +217,33 @@ def render(scene: Scene):
     return image
 
 
+def shape_index_map(scene: Scene) -> np.ndarray:
+    """(336, 336) uint8: 0 for background, i + 1 where shape i is drawn (same geometry as `render`)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(canvas)
+    for i, shape in enumerate(scene.shapes):
+        polygon = shape_polygon(shape)
+        if polygon is None:
+            r = shape.radius
+            draw.ellipse((shape.cx - r, shape.cy - r, shape.cx + r, shape.cy + r), fill=i + 1)
+        else:
+            draw.polygon(polygon, fill=i + 1)
+    return np.asarray(canvas)
+
+
+def patch_shape_index(scene: Scene, patch: int = 14, min_cover: float = 0.2) -> np.ndarray:
+    """(24, 24) int: per vision patch (row-major, the order of LLaVA's visual tokens), 0 or i + 1
+    for the shape covering most of it, if it covers at least `min_cover` of the patch. So the
+    visual tokens a question's regions occupy are those whose value is in `Question.shapes` + 1."""
+    grid = IMAGE_SIZE // patch
+    index = shape_index_map(scene).reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+    cover = np.stack([(index == i + 1).mean(-1) for i in range(len(scene.shapes))], axis=-1)
+    best = cover.argmax(-1)
+    return np.where(cover.max(-1) >= min_cover, best + 1, 0)
+
+
 # --- questions ------------------------------------------------------------------------------
 def scene_questions(scene: Scene) -> dict[str, list[Question]]:
     """Every question the task asks about this scene, by type (a type may have none)."""
@@ -263,14 +292,16 @@ def pick_questions(scene: Scene, rng: np.random.Generator, count: int = 1) -> li
     return chosen
 
 
-def make_sample(split: str, index: int, seed: int = 0, questions_per_image: int = 1) -> VqaSample:
+def make_sample(split: str, index: int, seed: int = 0, questions_per_image: int = 1,
+                shapes: tuple[int, int] = SHAPES_PER_IMAGE) -> VqaSample:
     rng = sample_rng(split, index, seed)
-    scene = make_scene(rng)
+    scene = make_scene(rng, shapes)
     return VqaSample(split, index, scene, pick_questions(scene, rng, questions_per_image))
 
 
-def make_split(split: str, size: int, seed: int = 0, questions_per_image: int = 1, start: int = 0) -> list[VqaSample]:
-    return [make_sample(split, i, seed, questions_per_image) for i in range(start, start + size)]
+def make_split(split: str, size: int, seed: int = 0, questions_per_image: int = 1, start: int = 0,
+               shapes: tuple[int, int] = SHAPES_PER_IMAGE) -> list[VqaSample]:
+    return [make_sample(split, i, seed, questions_per_image, shapes) for i in range(start, start + size)]
 
 
 # --- answers ----------------------------------------------------------------------------------
