@@ -11,18 +11,16 @@ import tempfile
 from pathlib import Path
 
 
-#: Files that mark a folder as one of our outputs: only such a folder (or an empty one) is replaced.
-ARTIFACT_MARKERS = ("export.json", "manifest.json", "capa_config.json", "report.json")
-
-
 def check_replaceable(target: str | Path) -> None:
     """Refuse to overwrite anything that is not an earlier capa-export output."""
     from .errors import CapaError
 
+    from .manifest import MANIFEST_FILES  # the files that mark a folder as one of our outputs
+
     target = Path(target)
     if not target.exists():
         return
-    if not target.is_dir() or (any(target.iterdir()) and not any((target / m).exists() for m in ARTIFACT_MARKERS)):
+    if not target.is_dir() or (any(target.iterdir()) and not any((target / m).exists() for m in MANIFEST_FILES)):
         raise CapaError(f"{target} exists and is not a capa-export output; choose another --out, or remove it first")
 
 
@@ -42,17 +40,23 @@ def replace_directory(target: str | Path, write) -> Path:
     tmp = make_work_dir(target)
     try:
         write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def commit_directory(source: Path, target: Path) -> None:
+    """Move a finished work folder to target, replacing what was there (renames only: a reader
+    sees the old folder or the new one, never a mix)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        source.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        source.rename(target)
 
 
 def _finite(value):

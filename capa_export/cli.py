@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from .artifacts import check_replaceable
+from .dtypes import NAMES as FLOAT_TYPE_NAMES
 from .errors import CapaError
-
-DEFAULT_MODEL = "tiny-llava"
+from .method.scoring import VARIANTS
+from .pipeline import DEFAULT_MODEL
 DEFAULT_QUESTION = "What is in the picture? Describe it briefly."
 
 
@@ -47,7 +48,7 @@ def _add_model(parser, dtype_help="weights dtype when loading (default: the chec
                         help=f"'{DEFAULT_MODEL}' (embedded, offline), a local HF model directory, or a hub id "
                              f"(default: {DEFAULT_MODEL})")
     if dtype_help:
-        parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help=dtype_help)
+        parser.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default=None, help=dtype_help)
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
@@ -57,8 +58,9 @@ def _add_input(parser):
 
 
 def _add_calibration(parser):
-    parser.add_argument("--calibration", default=None, metavar="DIR",
-                        help="folder of images (+ prompts.txt or <image>.txt); default: a built-in synthetic set")
+    parser.add_argument("--calibration-images", "--calibration", dest="calibration_images", default=None, metavar="DIR",
+                        help="folder of images (+ prompts.txt or <image>.txt) to calibrate on; default: a built-in "
+                             "synthetic set")
     parser.add_argument("--calibration-count", type=int, default=8,
                         help="size of the built-in calibration set (default: 8)")
 
@@ -67,7 +69,7 @@ def _add_capa(parser):
     parser.add_argument("--prune", type=_stage, nargs="*", default=[(2, 64)], metavar="K:k",
                         help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K); "
                              "several for a progressive schedule; none to disable (default: 2:64)")
-    parser.add_argument("--variant", choices=("contrib", "value_norm", "attention"), default="contrib",
+    parser.add_argument("--variant", choices=VARIANTS, default="contrib",
                         help="token score: contrib (CAPA), value_norm, attention (FastV) (default: contrib)")
     parser.add_argument("--queries", choices=("text", "last"), default="text",
                         help="scoring queries: text after the image, or the last token (default: text)")
@@ -90,7 +92,7 @@ def _capa_config(args):
 
 
 def _input_sample(args):
-    from .capa.calibration import CalibrationSample, builtin_samples, open_image
+    from .inputs import CalibrationSample, builtin_samples, open_image
 
     if args.image:
         return CalibrationSample(open_image(args.image), args.prompt, args.image)
@@ -100,36 +102,26 @@ def _input_sample(args):
 
 
 def _calibration_samples(args):
-    from .capa.calibration import builtin_samples, folder_samples
+    from .inputs import builtin_samples, folder_samples
 
-    if args.calibration:
-        return folder_samples(args.calibration)
+    if args.calibration_images:
+        return folder_samples(args.calibration_images)
     if args.calibration_count < 1:
         raise CapaError(f"--calibration-count {args.calibration_count} must be >= 1")
     return builtin_samples(args.calibration_count)
 
 
-# --- commands ------------------------------------------------------------------------------------
+# --- commands: each calls one pipeline stage and prints its result --------------------------------
 def cmd_analyze(args) -> int:
-    from .analysis import AnalysisSettings, analyze, format_table
-    from .analysis.plots import write_plots
-    from .artifacts import replace_directory, write_json
-    from .models import load_model
+    from .analysis import AnalysisSettings, format_table
+    from .pipeline import analyze
 
-    check_replaceable(args.out)  # before the work, not after
     if args.sink_ratio <= 0 or args.keep < 1:
         raise CapaError(f"--sink-ratio {args.sink_ratio} must be > 0 and --keep {args.keep} >= 1")
     settings = AnalysisSettings(sink_ratio=args.sink_ratio, keep=args.keep, ffn_threshold=args.ffn_threshold)
-    sample, calibration = _input_sample(args), _calibration_samples(args)
-    model, processor = load_model(args.model, args.dtype, args.device)
     start = time.perf_counter()
-    report, raw = analyze(model, processor, sample, calibration, settings)
-
-    def write(tmp: Path):
-        write_json(tmp / "report.json", report)
-        write_plots(report, raw["per_layer"], tmp)
-
-    out = replace_directory(args.out, write)
+    out, report = analyze(args.model, args.out, sample=_input_sample(args), calibration_samples=_calibration_samples(args),
+                          settings=settings, dtype=args.dtype, device=args.device)
     print(format_table(report))
     print(f"analysis of {args.model} written to {out}/ (report.json, sinks.png, attention_vs_contribution.png, "
           f"ffn_linearity.png) in {time.perf_counter() - start:.1f} s")
@@ -137,44 +129,13 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .artifacts import replace_directory, write_json
-    from .capa.calibration import encode
-    from .capa.ffn import fit_ffn_approximation
-    from .models import adapter_for, load_model
-    from . import __version__
+    from .pipeline import calibrate
 
     check_replaceable(args.out)
-    config = _capa_config(args)
     calibration = _calibration_samples(args)
-    model, processor = load_model(args.model, args.dtype, args.device)
-    adapter = adapter_for(model)
-    config.check_for_model(adapter.num_layers)
     start = time.perf_counter()
-    inputs = [encode(adapter, processor, s) for s in calibration]
-    approx = None
-    if config.ffn_layers:
-        lo, hi = config.resolved_ffn_range(adapter.num_layers)
-        layers = config.ffn_layers if config.ffn_layers != "auto" else "auto"
-        approx = fit_ffn_approximation(model, inputs, layers, ridge=config.ffn_ridge, rank=config.ffn_rank,
-                                       threshold=config.ffn_threshold, layer_range=(lo, hi))
-        if config.ffn_layers == "auto":
-            # Freeze the choice: the saved config names the layers the fit selected.
-            config.ffn_layers = list(approx.selected_layers)
-
-    def write(tmp: Path):
-        config.save(tmp)
-        if approx is not None:
-            approx.save(tmp)
-        write_json(tmp / "manifest.json", {
-            "artifact": "capa-calibration",
-            "tool": {"name": "capa-export", "version": __version__},
-            "model": args.model,
-            "calibration_inputs": [s.source for s in calibration],
-            "capa_config": config.to_dict(),
-            "ffn_errors": {str(k): v for k, v in (approx.errors() if approx else {}).items()},
-        })
-
-    out = replace_directory(args.out, write)
+    out, config, approx = calibrate(args.model, args.out, config=_capa_config(args), calibration_samples=calibration,
+                                    dtype=args.dtype, device=args.device)
     if approx is not None:
         print(f"{'layer':>5} {'train err':>9} {'held-out':>9} {'text rows':>9}  approximated")
         for layer, errors in approx.errors().items():
@@ -187,80 +148,48 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .capa.calibration import encode
-    from .capa.model import apply_capa
-    from .config import CapaConfig
-    from .models import adapter_for, load_model
+    from .pipeline import generate
 
-    sample = _input_sample(args)
-    model, processor = load_model(args.model, args.dtype, args.device)
-    if args.capa:
-        from .build import calibrated_config
-
-        config, approx = calibrated_config(model, processor, args.capa)
-    else:
-        config, approx = _capa_config(args), None
-        if config.ffn_layers == "auto":
-            config.ffn_layers = []
-    adapter = adapter_for(model)
-    batch = encode(adapter, processor, sample)
-    capa = apply_capa(model, config, approx)
-    start = time.perf_counter()
-    tokens, prefill = capa.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                    max_new_tokens=args.max_new_tokens)
-    elapsed = time.perf_counter() - start
-    baseline, _ = apply_capa(model, CapaConfig(prune=[])).generate(
-        batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=args.max_new_tokens)
-    agreement = float((tokens == baseline[:, : tokens.shape[1]]).float().mean())
-    text = processor.tokenizer.decode(tokens[0], skip_special_tokens=True)
-    seq = batch["input_ids"].shape[1]
-    kept = prefill.keep_indices.shape[1]
-    visual = int((batch["input_ids"] == adapter.image_token_id).sum())
+    result = generate(args.model, sample=_input_sample(args), config=_capa_config(args),
+                      calibration_dir=args.calibrated, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                      device=args.device)
+    config = result.config
+    seq, visual, kept = result.prompt_tokens, result.visual_tokens, len(result.keep_indices)
     print(f"model {args.model}: {config.describe()}")
     print(f"prompt: {seq} tokens ({visual} visual); kept {kept} visual tokens from layer "
           f"{config.prune[0][0] if config.prune else '-'}: sequence {seq} -> {seq - visual + kept}")
-    print(f"first kept visual tokens: {prefill.keep_indices[0, :16].tolist()}")
-    print(f"answer ({tokens.shape[1]} tokens, {elapsed:.2f} s): {text!r}")
-    print(f"greedy-token agreement with the unpruned model: {agreement:.0%}")
+    print(f"first kept visual tokens: {result.keep_indices[:16]}")
+    print(f"answer ({len(result.tokens)} tokens, {result.seconds:.2f} s): {result.text!r}")
+    print(f"greedy-token agreement with the unpruned model: {result.agreement_with_unpruned:.0%}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"tokens": tokens[0].tolist(), "text": text,
-                                               "keep_indices": prefill.keep_indices[0].tolist(),
-                                               "agreement_with_unpruned": agreement}, indent=2))
+        Path(args.json).write_text(json.dumps({"tokens": result.tokens, "text": result.text,
+                                               "keep_indices": result.keep_indices,
+                                               "agreement_with_unpruned": result.agreement_with_unpruned}, indent=2))
     return 0
 
 
 def cmd_export(args) -> int:
-    from .build import calibrated_config
-    from .export.exporter import export_model, format_summary
-    from .models import load_model
+    from .export.exporter import format_summary
+    from .pipeline import export
 
-    check_replaceable(args.out)
-    model, processor = load_model(args.model, "fp32", args.device)
-    config, approx = calibrated_config(model, processor, args.capa)  # fitted in fp32, exported in --dtype
-    if args.prune is not None:
-        from .config import CapaConfig
-
-        config = CapaConfig(**{**config.to_dict(), "prune": args.prune})
     start = time.perf_counter()
-    out = export_model(model, processor, config, approx, args.out, dtype=args.dtype or "fp32", pruning=args.pruning,
-                       model_name=args.model)
-    manifest = json.loads((out / "export.json").read_text())
+    out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=args.prune,
+                           dtype=args.dtype or "fp32", pruning=args.pruning, device=args.device)
     print(format_summary(manifest))
     print(f"exported {args.model} ({manifest['dtype']}) to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
 
 
 def cmd_build(args) -> int:
-    from .build import build_engine
-    from .capa.calibration import builtin_samples
+    from .inputs import builtin_samples
+    from .pipeline import build
 
     samples = [_input_sample(args)] if args.image else None
-    calibration = _calibration_samples(args) if args.calibration else builtin_samples(args.calibration_count)
+    calibration = _calibration_samples(args) if args.calibration_images else builtin_samples(args.calibration_count)
     start = time.perf_counter()
-    path, report = build_engine(args.model, args.profile, out=args.out, capa_dir=args.capa, backend=args.backend,
-                                pruning=args.pruning, plugin_library=args.plugin_library,
-                                calibration_samples=calibration, validation_samples=samples,
-                                max_new_tokens=args.validate_tokens)
+    path, report = build(args.model, args.profile, out=args.out, calibration_dir=args.calibrated, backend=args.backend,
+                         pruning=args.pruning, plugin_library=args.plugin_library, calibration_samples=calibration,
+                         validation_samples=samples, max_new_tokens=args.validate_tokens)
     print(report["table"])
     if not report["passed"]:
         print(f"engine NOT complete: validation failed; kept for inspection in {path}/", file=sys.stderr)
@@ -270,14 +199,10 @@ def cmd_build(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .build import validate_engine
-    from .manifest import read_manifest
-    from .models import load_model
+    from .pipeline import validate
 
-    manifest = read_manifest(args.engine, verify=True, require_complete=False)
-    model, processor = load_model(args.model or manifest["model"]["name"], "fp32")
     samples = [_input_sample(args)] if args.image else None
-    report = validate_engine(Path(args.engine), model, processor, samples, args.tokens)
+    report = validate(args.engine, args.model, samples, args.tokens)
     print(report["table"])
     return 0 if report["passed"] else 1
 
@@ -323,6 +248,8 @@ def cmd_bench(args) -> int:
 
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import backends
+
     parser = argparse.ArgumentParser(prog="capa-export", description=(
         "CAPA for vision-language models: analyse, calibrate, export, build, validate and run engines "
         "with contribution-aware visual-token pruning and FFN approximation."))
@@ -354,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_calibration(p)
     _add_capa(p)
-    p.add_argument("--out", default="out/capa", help="output folder (default: out/capa)")
+    p.add_argument("--out", default="out/calibration", help="output folder (default: out/calibration)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("generate", help="run the CAPA model in PyTorch on one image + prompt",
@@ -363,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_input(p)
     _add_capa(p)
-    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` output folder (overrides the "
-                                                               "pruning/FFN options)")
+    p.add_argument("--calibrated", "--capa", dest="calibrated", default=None, metavar="DIR",
+                   help="a `calibrate` output folder (overrides the pruning/FFN options)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_generate)
@@ -374,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one CapaContribTopK node, or standard ops with --pruning onnx; approximated "
                                    "FFNs folded to MatMul + Add) and decode.onnx, sharing one weights.data.")
     _add_model(p, dtype_help="dtype of the exported graphs: the engine precision (default: fp32)")
-    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` folder (default: calibrate now)")
+    p.add_argument("--calibrated", "--capa", dest="calibrated", default=None, metavar="DIR",
+                   help="a `calibrate` output folder (default: calibrate now)")
     p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
                    help="override the pruning schedule (k is fixed in the exported graph)")
     p.add_argument("--pruning", choices=("plugin", "onnx"), default="plugin",
@@ -390,15 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration(p)
     p.add_argument("--profile", default="cpu", help="build profile: cpu, edge, datacenter, or a TOML file "
                                                     "(default: cpu)")
-    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` folder (default: calibrate now)")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default=None,
+    p.add_argument("--calibrated", "--capa", dest="calibrated", default=None, metavar="DIR",
+                   help="a `calibrate` output folder (default: calibrate now)")
+    p.add_argument("--backend", choices=("auto", *backends.names()), default=None,
                    help="override the profile's backend")
     p.add_argument("--pruning", choices=("plugin", "onnx"), default=None, help="override the profile's lowering")
     p.add_argument("--plugin-library", default=None, help="TensorRT plugin library (TensorRT backend only)")
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")
     p.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
-    p.add_argument("--out", default=None, help="engine folder (default: engines/build/<model>-<profile>)")
+    p.add_argument("--out", default=None, help="engine folder (default: engines/<model>-<profile>)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("validate", help="compare an engine with the PyTorch CapaModel (Polygraphy)",
@@ -422,9 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time CAPA against HF SDPA, FastV, torch.compile and the engine",
                        description="Prefill timings per runtime and scenario in one run, with measured floors "
                                    "(matmul peak, copy bandwidth); JSON + PNG. --smoke runs the tiny model briefly.")
-    p.add_argument("--size", choices=("tiny", "llava-1.5-7b", "llava-next-7b"), default="tiny",
-                   help="model dims (random weights for the real sizes) (default: tiny)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype (default: fp32)")
+    from .bench import sizes
+
+    p.add_argument("--size", choices=tuple(sizes()), default="tiny",
+                   help="an embedded model, or a family's real size with random weights (default: tiny)")
+    p.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default="fp32", help="dtype (default: fp32)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     p.add_argument("--keep", type=int, nargs="+", default=[64, 128, 192], help="visual tokens kept after layer 2")
     p.add_argument("--ffn", nargs="+", choices=("none", "affine", "rank"), default=["none", "affine", "rank"],

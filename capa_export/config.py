@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .capa.scoring import VARIANTS
+from .method.scoring import VARIANTS
 from .artifacts import write_json
 from .errors import CapaError
 

@@ -1,7 +1,7 @@
-"""Build profiles (`engines/*.toml`): what an engine is built for.
+"""Build profiles (`capa_export/build_profiles/*.toml`, or any TOML file): what an engine is built for.
 
     name, description
-    backend      "onnxruntime" | "tensorrt" | "auto" (TensorRT where installed, else ONNX Runtime)
+    backend      a backend name (capa_export/backends) | "auto" (TensorRT where installed, else ONNX Runtime)
     precision    "fp32" | "fp16" | "bf16": the dtype the ONNX graphs are exported in (TensorRT 11
                  networks are strongly typed: the graph carries the precision, no builder flag)
     pruning      "plugin" (one CapaContribTopK node) | "onnx" (standard ops only)
@@ -22,18 +22,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import backends
+from .dtypes import NAMES as PRECISIONS
 from .errors import CapaError
 
-#: Where named profiles are looked up, in order: the working directory's engines/, this
-#: repository's engines/ (source checkout), the copies installed with the package.
-PROFILE_DIRS = (Path("engines"), Path(__file__).resolve().parent.parent / "engines",
-                Path(__file__).resolve().parent / "engine_profiles")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
+#: Named profiles ship with the package; any other profile is given as a TOML file.
+PROFILE_DIRS = (Path(__file__).resolve().parent / "build_profiles",)
 SHAPE_NAMES = ("batch", "sequence", "past", "images")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
-#: TensorRT's TopK accepts k <= 3840 (the standard-op lowering uses TopK); checked at build time.
-TENSORRT_TOPK_MAX = 3840
 
 
 @dataclass
@@ -53,8 +49,9 @@ class BuildProfile:
 
     def __post_init__(self):
         where = f"profile {self.source or self.name}"
-        if self.backend not in BACKENDS:
-            raise CapaError(f"{where}: backend {self.backend!r} must be one of {', '.join(BACKENDS)}")
+        known = ("auto", *backends.names())
+        if self.backend not in known:
+            raise CapaError(f"{where}: backend {self.backend!r} must be one of {', '.join(known)}")
         if self.precision not in PRECISIONS:
             raise CapaError(f"{where}: precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.pruning not in ("plugin", "onnx"):

@@ -28,9 +28,9 @@ def tiny_batch(tiny):
 @pytest.fixture(scope="session")
 def cpu_engine(tmp_path_factory):
     """The default engine (tiny-llava, cpu profile), built and validated once per session."""
-    from capa_export.build import build_engine
+    from capa_export.pipeline import build
 
-    path, report = build_engine("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
+    path, report = build("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
                                 log=lambda *_: None)
     return path, report
 

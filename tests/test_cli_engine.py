@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from capa_export.build import check_topk_limit
+from capa_export.backends.trt import check_topk_limit
 from capa_export.cli import main
 from capa_export.config import CapaConfig
 from capa_export.errors import CapaError
@@ -108,10 +108,10 @@ def test_missing_plugin_library(tmp_path, capsys):
 
 
 def test_topk_limit_for_tensorrt_standard_op_lowering():
-    check_topk_limit(CapaConfig(prune=[(2, 3840)]), "tensorrt", "onnx")
-    check_topk_limit(CapaConfig(prune=[(2, 4000)]), "tensorrt", "plugin")  # the plugin has no such limit
+    check_topk_limit(CapaConfig(prune=[(2, 3840)]), "onnx")
+    check_topk_limit(CapaConfig(prune=[(2, 4000)]), "plugin")  # the plugin has no such limit
     with pytest.raises(CapaError, match="TopK limit of 3840"):
-        check_topk_limit(CapaConfig(prune=[(2, 4000)]), "tensorrt", "onnx")
+        check_topk_limit(CapaConfig(prune=[(2, 4000)]), "onnx")
 
 
 def test_bf16_engine_is_refused_before_anything_is_written(tmp_path, capsys):
@@ -149,7 +149,7 @@ def test_manifest_without_checksums_is_refused(engine_copy, capsys):
 def test_runtime_refuses_what_it_cannot_serve(cpu_engine, tiny, mutate, message):
     import numpy as np
 
-    from capa_export.capa.calibration import builtin_samples, encode
+    from capa_export.inputs import builtin_samples, encode
     from capa_export.models import adapter_for
     from capa_export.runtime import CapaEngine
 
@@ -159,18 +159,20 @@ def test_runtime_refuses_what_it_cannot_serve(cpu_engine, tiny, mutate, message)
     mutate(ids, mask)
     tokens = 0 if "max_new" in message else 3
     with CapaEngine(cpu_engine[0], verify=False) as engine, pytest.raises(CapaError, match=message):
-        engine.generate_ids(ids, batch["pixel_values"].numpy(), np.asarray(mask), max_new_tokens=tokens)
+        engine.generate_ids({**batch, "input_ids": ids, "attention_mask": np.asarray(mask)}, max_new_tokens=tokens)
 
 
-def test_tensorrt_shape_ranges_cover_decode_tokens():
-    from capa_export.backends.trt import shape_ranges
+def test_tensorrt_shape_ranges_cover_decode_tokens(tiny):
+    from capa_export.contract import profile_ranges
+    from capa_export.models import adapter_for
     from capa_export.profiles import BuildProfile
 
     profile = BuildProfile.load("edge")
-    ranges = shape_ranges({"input_ids": ["batch", "tokens"], "past.0.key": ["batch", 2, "past_segment1", 32]},
-                          profile, {"visual_tokens": 576})
+    contract = adapter_for(tiny[0]).family.graph_contract([0, 0, 1, 1, 1, 1, 1, 1])
+    ranges = profile_ranges(contract["embed"], profile.shapes, {"visual_tokens": 576})
+    ranges.update(profile_ranges(contract["decode"], profile.shapes, {"visual_tokens": 576}))
     assert ranges["input_ids"][0] == (1, 1)  # embed serves single decode tokens
-    assert ranges["past.0.key"] == ((1, 2, 1, 32), (1, 2, 660, 32), (1, 2, 1536, 32))
+    assert ranges["past.2.key"] == ((1, 2, 1, 32), (1, 2, 660, 32), (1, 2, 1536, 32))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -183,15 +185,14 @@ def test_bench_bad_arguments(capsys, argv, message):
     assert code == 2 and message in err
 
 
-def test_named_profiles_are_found_in_the_installed_copy(tmp_path, monkeypatch):
-    """Outside the repository (a wheel install), named profiles come from capa_export/engine_profiles
-    (installed by CMake from engines/*.toml)."""
-    import capa_export.profiles as profiles
+def test_named_profiles_ship_with_the_package():
+    """Named profiles are package data (found outside a source checkout, e.g. from a wheel)."""
+    from importlib.resources import files
 
-    installed = tmp_path / "engine_profiles"
-    installed.mkdir()
-    (installed / "cpu.toml").write_text((profiles.PROFILE_DIRS[1] / "cpu.toml").read_text())
-    monkeypatch.setattr(profiles, "PROFILE_DIRS", (tmp_path / "engines", tmp_path / "repo", installed))
-    assert profiles.BuildProfile.load("cpu").source == str(installed / "cpu.toml")
-    with pytest.raises(CapaError, match="one of: cpu"):
-        profiles.BuildProfile.load("edge")
+    from capa_export.profiles import BuildProfile
+
+    shipped = files("capa_export") / "build_profiles"
+    assert {p.name for p in shipped.iterdir() if p.name.endswith(".toml")} >= {"cpu.toml", "edge.toml", "datacenter.toml"}
+    assert BuildProfile.load("cpu").source == str(shipped / "cpu.toml")
+    with pytest.raises(CapaError, match="one of: cpu, datacenter, edge"):
+        BuildProfile.load("laptop")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from capa_export.capa import scoring
+from capa_export.method import scoring
 from capa_export.ops import native
 
 import capa_export.ops  # noqa: F401  (registers torch.ops.capa.contrib_topk)

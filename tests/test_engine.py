@@ -13,13 +13,15 @@ import torch
 from onnx import numpy_helper
 
 from capa_export import CapaConfig, apply_capa
-from capa_export.build import build_engine
-from capa_export.capa.calibration import builtin_samples, encode, synthetic_image
-from capa_export.capa.ffn import FfnApproximation
+from capa_export.pipeline import build
+from capa_export.inputs import builtin_samples, encode, synthetic_image
+from capa_export.method.ffn import FfnApproximation
 from capa_export.export.exporter import export_model
 from capa_export.models import adapter_for
 from capa_export.ops.ort_op import session_options_with_capa_ops
 from capa_export.runtime import CapaEngine
+from capa_export.export.graphs import graph_inputs
+from capa_export.validate import to_feed
 
 
 def fresh_batch(processor, adapter):
@@ -30,11 +32,8 @@ def fresh_batch(processor, adapter):
 
 
 def prefill_feed(capa, batch):
-    with torch.no_grad():
-        embeds = capa.embed(batch["input_ids"], batch["pixel_values"])
-    return {"inputs_embeds": embeds.numpy(), "attention_mask": batch["attention_mask"].numpy().astype(np.int64),
-            "position_ids": np.broadcast_to(np.arange(batch["input_ids"].shape[1]), batch["input_ids"].shape).astype(np.int64),
-            "visual_positions": capa.visual_slots(batch["input_ids"]).numpy()}
+    contract = capa.family.graph_contract(capa.layer_segments())
+    return to_feed(contract["prefill"], graph_inputs(capa, batch)["prefill"], "fp32")
 
 
 def test_build_validates_and_marks_complete(cpu_engine):
@@ -62,8 +61,8 @@ def test_plugin_node_carries_the_tensorrt_attributes(cpu_engine):
 def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowering):
     model, processor = tiny
     path, _ = cpu_engine
-    config = CapaConfig.load(path / "capa")
-    approx = FfnApproximation.load(path / "capa", model)
+    config = CapaConfig.load(path / "calibration")
+    approx = FfnApproximation.load(path / "calibration", model)
     if lowering == "plugin":
         prefill = path / "onnx" / "prefill.onnx"
     else:
@@ -76,8 +75,7 @@ def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowerin
     batch = fresh_batch(processor, capa.adapter)
     session = ort.InferenceSession(str(prefill), session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
     logits, keep = session.run(["logits", "keep_indices"], prefill_feed(capa, batch))
-    expected = capa(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-                    last_logits_only=True)
+    expected = capa(**batch, last_logits_only=True)
     assert keep.tolist() == expected.keep_indices.tolist()
     np.testing.assert_allclose(logits, expected.logits[:, -1].numpy(), rtol=1e-4, atol=1e-4)
 
@@ -85,8 +83,8 @@ def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowerin
 def test_folded_ffn_weights_are_in_the_prefill_graph(tiny, cpu_engine):
     model, _ = tiny
     path, _ = cpu_engine
-    approx = FfnApproximation.load(path / "capa", model)
-    layers = json.loads((path / "capa" / "capa_config.json").read_text())["ffn_layers"]
+    approx = FfnApproximation.load(path / "calibration", model)
+    layers = json.loads((path / "calibration" / "capa_config.json").read_text())["ffn_layers"]
     assert layers, "the default calibration approximates some layers"
     graph = onnx.load(str(path / "onnx" / "prefill.onnx"))
     arrays = [numpy_helper.to_array(t) for t in graph.graph.initializer]
@@ -118,7 +116,7 @@ def test_weights_are_stored_once(cpu_engine):
 def test_engine_decoding_equals_hf_generate_without_pruning(tiny, tmp_path):
     model, processor = tiny
     CapaConfig(prune=[], ffn_layers=[]).save(tmp_path)
-    path, report = build_engine("tiny-llava", "cpu", out=tmp_path / "plain", capa_dir=str(tmp_path), progress=False,
+    path, report = build("tiny-llava", "cpu", out=tmp_path / "plain", calibration_dir=str(tmp_path), progress=False,
                                 log=lambda *_: None)
     assert report["passed"]
     adapter = adapter_for(model)
@@ -126,14 +124,13 @@ def test_engine_decoding_equals_hf_generate_without_pruning(tiny, tmp_path):
     with torch.no_grad():
         expected = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
     with CapaEngine(path) as engine:
-        tokens, keep, _ = engine.generate_ids(batch["input_ids"].numpy(), batch["pixel_values"].numpy(),
-                                              batch["attention_mask"].numpy(), max_new_tokens=6)
+        tokens, keep, _ = engine.generate_ids(batch, max_new_tokens=6)
     assert tokens.tolist() == expected.tolist()
     assert keep.shape == (1, 576)
 
 
 def test_fp16_edge_engine_validates(tmp_path):
-    path, report = build_engine("tiny-llava", "edge", out=tmp_path / "edge", progress=False, log=lambda *_: None)
+    path, report = build("tiny-llava", "edge", out=tmp_path / "edge", progress=False, log=lambda *_: None)
     assert report["passed"] and report["dtype"] == "fp16"
     graph = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False).graph
     assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["inputs_embeds"] == onnx.TensorProto.FLOAT16

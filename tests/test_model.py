@@ -81,8 +81,7 @@ def test_unpruned_greedy_decoding_equals_hf_generate(tiny, tiny_batch):
     model, _ = tiny
     with torch.no_grad():
         expected = model.generate(**tiny_batch, max_new_tokens=6, do_sample=False)[:, tiny_batch["input_ids"].shape[1]:]
-    tokens, _ = apply_capa(model, CapaConfig(prune=[])).generate(
-        tiny_batch["input_ids"], tiny_batch["pixel_values"], tiny_batch["attention_mask"], max_new_tokens=6)
+    tokens, _ = apply_capa(model, CapaConfig(prune=[])).generate(**tiny_batch, max_new_tokens=6)
     assert tokens.tolist() == expected.tolist()
 
 
@@ -127,7 +126,7 @@ def test_pruned_decoding_matches_recomputation(tiny, tiny_batch):
     full recomputation (same kept tokens, generated tokens appended) gives."""
     model, _ = tiny
     capa = apply_capa(model, CapaConfig(prune=[(2, 64)]))
-    tokens, prefill = capa.generate(tiny_batch["input_ids"], tiny_batch["pixel_values"], max_new_tokens=5)
+    tokens, prefill = capa.generate(**tiny_batch, max_new_tokens=5)
     cache = prefill.past_key_values
     assert cache.length(0) == cache.length(1) == tiny_batch["input_ids"].shape[1] + 4
     assert cache.length(2) == tiny_batch["input_ids"].shape[1] - 576 + 64 + 4
@@ -171,7 +170,7 @@ def test_right_padding_is_refused(tiny, tiny_batch):
 def test_batch_of_two_images_with_left_padding_matches_rows_run_alone(tiny, tiny_batch):
     """Per-row bookkeeping: each row keeps its own tokens; a left-padded row gives the same
     last-token logits and kept set as the same prompt alone."""
-    from capa_export.capa.calibration import synthetic_image
+    from capa_export.inputs import synthetic_image
 
     model, processor = tiny
     capa = apply_capa(model, CapaConfig(prune=[(2, 64)]))

@@ -80,7 +80,7 @@ def run_plugin_engine(probs: torch.Tensor, values: torch.Tensor, o_weight: torch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_plugin_engine_matches_reference(variant: str, dtype: torch.dtype) -> None:
     _require_trt()
-    from capa_export.capa.scoring import contrib_topk
+    from capa_export.method.scoring import contrib_topk
 
     gen = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(1, 8, 4, 96, generator=gen), dim=-1).to(dtype)
@@ -90,7 +90,7 @@ def test_plugin_engine_matches_reference(variant: str, dtype: torch.dtype) -> No
     expected = contrib_topk(probs, values, o_weight, 16, variant).numpy()
     # Same set unless a near-tie at the boundary: compare the kept scores then.
     if not np.array_equal(kept, expected):
-        from capa_export.capa.scoring import contribution_scores
+        from capa_export.method.scoring import contribution_scores
 
         scores = contribution_scores(probs, values, o_weight, variant=variant)[0]
         np.testing.assert_allclose(

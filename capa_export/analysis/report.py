@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import spearmanr
 
-from ..capa.calibration import encode
-from ..capa.ffn import fit_ffn_approximation
-from ..capa.model import CapaModel
-from ..capa.scoring import contribution_scores
+from ..inputs import encode
+from ..method.ffn import fit_ffn_approximation
+from ..method.capa_model import CapaModel
+from ..method.scoring import contribution_scores
 from ..config import CapaConfig
 from ..models import adapter_for
 

@@ -14,8 +14,8 @@ import onnxruntime as ort
 
 from ..artifacts import write_json
 from ..errors import CapaError
+from .base import Backend, register_backend
 
-NAME = "onnxruntime"
 SESSION_FILE = "session.json"
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -68,7 +68,7 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs) -> dict:
         except Exception as exc:  # ORT raises its own exception types; report which graph failed
             raise CapaError(f"ONNX Runtime cannot build {graph}.onnx for {providers}: {str(exc).splitlines()[0]}") from None
         files[graph] = optimized.name
-    description = {"backend": NAME, "onnxruntime": ort.__version__, "providers": providers,
+    description = {"backend": OnnxRuntimeBackend.name, "onnxruntime": ort.__version__, "providers": providers,
                    "optimization_level_at_build": profile.optimization_level, "graphs": files,
                    "load_with": "graph optimisations disabled (already applied)"}
     write_json(out_dir / SESSION_FILE, description)
@@ -90,3 +90,18 @@ def runner(engine_dir: Path, graph: str):
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     return OnnxrtRunner(load_session(engine_dir, graph), name=f"onnxruntime:{graph}")
+
+
+@register_backend
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    auto_priority = 0
+
+    def check(self, profile, config, *, plugin_library=None) -> None:
+        usable_providers(profile.providers)
+
+    def build(self, onnx_dir, profile, out_dir, contract, *, fixed_dims, plugin_library=None) -> dict:
+        return build(onnx_dir, profile, out_dir, list(contract.graphs))
+
+    def runner(self, engine_dir, graph):
+        return runner(engine_dir, graph)

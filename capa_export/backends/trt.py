@@ -19,12 +19,15 @@ import shutil
 from pathlib import Path
 
 from ..artifacts import write_json
+from ..contract import profile_ranges
 from ..errors import CapaError
+from .base import Backend, register_backend
 
-NAME = "tensorrt"
 PLAN_SUFFIX = ".plan"
 ENGINE_FILE = "tensorrt.json"
 PLUGIN_LIBRARY = "libcapa_contrib_topk_plugin.so"
+#: TensorRT's TopK accepts k <= 3840 (the standard-op lowering uses TopK)
+TOPK_MAX = 3840
 
 
 def unavailable_reason() -> str | None:
@@ -56,34 +59,16 @@ def find_plugin_library(explicit: str | None = None) -> Path:
                     f"capa_contrib_topk_plugin), or pass --plugin-library / set CAPA_TRT_PLUGIN")
 
 
-def shape_ranges(graph_inputs: dict[str, list], profile, fixed: dict[str, int]) -> dict[str, tuple]:
-    """(min, opt, max) shapes per input from the profile: each symbolic dim of the exported graph
-    (batch, sequence, past_segment*, images, new_tokens, visual_tokens) maps to a profile range."""
-    ranges = {}
-    for name, dims in graph_inputs.items():
-        lo, opt, hi = [], [], []
-        for dim in dims:
-            if isinstance(dim, int):
-                triple = (dim, dim, dim)
-            elif dim in fixed:
-                triple = (fixed[dim],) * 3
-            elif dim.startswith("past_segment"):
-                triple = profile.shapes["past"]
-            elif dim in ("batch", "sequence", "images"):
-                triple = profile.shapes[dim]
-            elif dim == "new_tokens":
-                triple = (1, 1, 1)
-            elif dim == "tokens":  # embed: prompts and single decode tokens
-                triple = (1, profile.shapes["sequence"][1], profile.shapes["sequence"][2])
-            else:
-                raise CapaError(f"graph input {name} has a dimension {dim!r} the profile does not cover")
-            lo.append(triple[0]), opt.append(triple[1]), hi.append(triple[2])
-        ranges[name] = (tuple(lo), tuple(opt), tuple(hi))
-    return ranges
+def check_topk_limit(config, pruning: str) -> None:
+    """The standard-op lowering cannot keep more than TopK's limit (the plugin has no such limit)."""
+    if pruning == "onnx":
+        for _, keep in config.prune:
+            if keep > TOPK_MAX:
+                raise CapaError(f"k={keep} exceeds TensorRT's TopK limit of {TOPK_MAX} for --pruning onnx; "
+                                f"use the plugin lowering or a smaller k")
 
 
-def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fixed_dims: dict,
-          plugin_library: str | None = None) -> dict:
+def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, plugin_library: str | None = None) -> dict:
     require()
     from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, LoadPlugins, NetworkFromOnnxPath,
                                         PostprocessConfig, Profile, SaveEngine)
@@ -98,9 +83,9 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fi
     settings = profile.tensorrt
     cache = out_dir / settings.get("timing_cache", "timing.cache")
     plans = {}
-    for graph in graphs:
+    for graph, spec in contract.graphs.items():
         shapes = Profile()
-        for name, (lo, opt, hi) in shape_ranges(graph_inputs[graph], profile, fixed_dims).items():
+        for name, (lo, opt, hi) in profile_ranges(spec, profile.shapes, fixed_dims).items():
             shapes.add(name, min=lo, opt=opt, max=hi)
         network = NetworkFromOnnxPath(str(onnx_dir / f"{graph}.onnx"), strongly_typed=True)
         if library is not None:
@@ -122,7 +107,7 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fi
         plan = out_dir / f"{graph}{PLAN_SUFFIX}"
         SaveEngine(engine, str(plan))()
         plans[graph] = plan.name
-    description = {"backend": NAME, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
+    description = {"backend": TensorRTBackend.name, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
                    "plugin_library": library.name if library is not None else None}
     write_json(out_dir / ENGINE_FILE, description)
     return description
@@ -139,3 +124,23 @@ def runner(engine_dir: Path, graph: str):
         plan = LoadPlugins(plugins=[str(engine_dir / description["plugin_library"])], obj=plan)
     engine = EngineFromBytes(plan)
     return TrtRunner(engine, name=f"tensorrt:{graph}")
+
+
+@register_backend
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    auto_priority = 10  # preferred where installed
+
+    def unavailable_reason(self):
+        return unavailable_reason()
+
+    def check(self, profile, config, *, plugin_library=None) -> None:
+        check_topk_limit(config, profile.pruning)
+        if profile.pruning == "plugin":
+            find_plugin_library(plugin_library)  # before minutes of export, not after
+
+    def build(self, onnx_dir, profile, out_dir, contract, *, fixed_dims, plugin_library=None) -> dict:
+        return build(onnx_dir, profile, out_dir, contract, fixed_dims, plugin_library)
+
+    def runner(self, engine_dir, graph):
+        return runner(engine_dir, graph)

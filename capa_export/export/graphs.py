@@ -1,14 +1,7 @@
 """The four exported graphs, as nn.Modules over a CapaModel (the reference itself: the prefill
 and decode graphs run `CapaModel.prefill_layers` / `decode_layers`, so graph and reference share
-one implementation and differ only in how the tokens are selected).
-
-    vision.onnx   pixel_values [I, 3, H, W]            -> image_features [I, T, D]
-    embed.onnx    input_ids [B, L]                     -> inputs_embeds [B, L, D]
-    prefill.onnx  inputs_embeds [B, L, D], attention_mask [B, L], position_ids [B, L],
-                  visual_positions [B, N]              -> logits [B, V] (last position), keep_indices [B, k],
-                                                          segment_mask.{s} [B, S_s], present.{i}.key/value
-    decode.onnx   inputs_embeds [B, T, D], position_ids [B, T], segment_mask.{s} [B, S_s + T],
-                  past.{i}.key/value [B, H_kv, S_seg(i), d] -> logits [B, T, V], present.{i}.key/value
+one implementation and differ only in how the tokens are selected). Their inputs and outputs are
+the model family's graph contract (`capa_export/contract.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capa.model import CapaModel
-from ..capa.scoring import contribution_scores_dense
+from ..method.capa_model import CapaModel
+from ..method.scoring import contribution_scores_dense
 from ..ops.native import variant_code
 
 PLUGIN_OP = "CapaContribTopK"
@@ -70,8 +63,8 @@ class VisionGraph(nn.Module):
         super().__init__()
         self.capa = capa
 
-    def forward(self, pixel_values):
-        return self.capa.adapter.image_features(pixel_values)
+    def forward(self, vision_inputs: list[torch.Tensor]):  # the family's vision inputs, in its order
+        return self.capa.adapter.image_features(**dict(zip(self.capa.family.vision_keys, vision_inputs)))
 
 
 class EmbedGraph(nn.Module):
@@ -126,3 +119,34 @@ class DecodeGraph(nn.Module):
         for key, value in zip(new_keys, new_values):
             outputs += [key, value]
         return tuple(outputs)
+
+
+def graph_modules(capa: CapaModel, pruning: str) -> dict[str, nn.Module]:
+    """The four graph modules; pruning "reference" selects tokens as the eager CapaModel does."""
+    return {"vision": VisionGraph(capa), "embed": EmbedGraph(capa), "prefill": PrefillGraph(capa, pruning),
+            "decode": DecodeGraph(capa)}
+
+
+@torch.no_grad()
+def graph_inputs(capa: CapaModel, batch: dict, decode_tokens: torch.Tensor | None = None) -> dict[str, dict]:
+    """Every graph's inputs, keyed by the contract's names, for one processor batch: the vision
+    inputs, the prompt's ids, the prefill's merged embeddings and positions, and a decode step of
+    `decode_tokens` [B, T] (default: the greedy next token) on the reference prefill's cache."""
+    family = capa.family
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prefill = capa(**batch, use_cache=True, last_logits_only=True)
+    cache = prefill.past_key_values
+    if decode_tokens is None:
+        decode_tokens = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    decode = {"inputs_embeds": capa.adapter.embed_tokens(decode_tokens),
+              "position_ids": family.decode_positions(cache.next_position, decode_tokens.shape[1])}
+    decode.update({f"past_segment_mask.{s}": m.to(torch.int64) for s, m in enumerate(cache.segment_masks)})
+    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        decode[f"past.{i}.key"], decode[f"past.{i}.value"] = k, v
+    return {
+        "vision": capa.vision_inputs(batch),
+        "embed": {"input_ids": ids},
+        "prefill": {"inputs_embeds": capa.embed(**batch), "attention_mask": mask.to(torch.int64),
+                    "position_ids": family.prefill_positions(batch), "visual_positions": capa.visual_slots(ids)},
+        "decode": decode,
+    }

@@ -7,7 +7,7 @@ from types import ModuleType
 
 import torch
 
-from capa_export.capa.scoring import VARIANTS
+from capa_export.method.scoring import VARIANTS
 
 # Integer encodings shared with the ONNX / TensorRT INT attribute `variant` and the C API.
 VARIANT_CODES: dict[str, int] = {name: code for code, name in enumerate(VARIANTS)}  # contrib=0, value_norm=1, attention=2

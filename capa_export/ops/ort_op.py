@@ -19,7 +19,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
-from capa_export.capa import scoring
+from capa_export.method import scoring
 from capa_export.ops import native
 
 OP_TYPE = "CapaContribTopK"

@@ -2,7 +2,7 @@
 
 Registered when this module is imported (importing `capa_export.ops` does it). Kernels:
   CPU   the C++ reference (capa_export._native) when built, else the Python reference in
-        capa_export.capa.scoring (also for float64 inputs);
+        capa_export.method.scoring (also for float64 inputs);
   CUDA  the CUDA kernels through the raw-pointer binding, on torch's current stream;
   fake  int32 [B, k] (torch.compile / export / meta tensors).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from capa_export.capa import scoring
+from capa_export.method import scoring
 from capa_export.ops import native
 
 OP_NAME = "capa::contrib_topk"

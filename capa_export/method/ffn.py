@@ -1,4 +1,4 @@
-"""FFN approximation of visual tokens (CAPA.md section 4).
+"""FFN approximation of visual tokens (docs/method.md, "FFN approximation").
 
 For a layer l, FFN_l(n) ~= n A_l + b_l on visual rows, n = the post-attention RMSNorm output.
 Fitted by ridge least squares in float64 from sufficient statistics (X^T X, X^T Y, Y^T Y are
@@ -215,7 +215,7 @@ def collect_moments(model, inputs, layers, *, holdout_every: int = 4, with_text:
     (every `holdout_every`-th input is held out; with fewer inputs than that, every other row of
     each input, so something is always held out)."""
     from ..config import CapaConfig
-    from .model import CapaModel
+    from .capa_model import CapaModel
 
     capa = CapaModel(model, CapaConfig(prune=[]))
     adapter = capa.adapter
@@ -284,8 +284,8 @@ def fit_ffn_approximation(
     """Fit FFN_l(n) ~= n A_l + b_l on visual rows for each layer (a list, or "auto": every layer in
     `layer_range`, selecting those whose held-out relative error is below `threshold`).
 
-    calibration_inputs: an iterable of model-input dicts (input_ids, attention_mask, pixel_values),
-    e.g. `[calibration.encode(adapter, processor, s) for s in samples]`. `text_errors` also measures
+    calibration_inputs: an iterable of processor-output dicts, e.g.
+    `[inputs.encode(adapter, processor, s) for s in samples]`. `text_errors` also measures
     the map on text rows (for the analysis; one more D x D moment per layer).
     Memory: two (three with text_errors) (D+1) x D float64 moments per layer: layers are fitted
     in groups that fit `memory_budget_bytes` (at D = 4096, ~5 layers per pass over the inputs).

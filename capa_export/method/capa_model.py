@@ -125,6 +125,7 @@ class CapaModel(nn.Module):
         super().__init__()
         self.model = model
         self.adapter = adapter_for(model)
+        self.family = self.adapter.family
         self.config = config
         config.check_for_model(self.adapter.num_layers)
         self.ffn = ffn
@@ -166,45 +167,51 @@ class CapaModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: CapaCache | None = None,
         image_features: torch.Tensor | None = None,
         use_cache: bool = False,
         last_logits_only: bool = False,
+        **processor_outputs,
     ) -> CapaOutput:
+        """Prefill from the processor's outputs (`capa(**processor(images=..., text=...))`), or
+        decode new tokens with `past_key_values`."""
         if past_key_values is not None:
             return self._decode(input_ids, past_key_values, attention_mask, last_logits_only)
-        return self._prefill(input_ids, pixel_values, image_features, attention_mask, position_ids, use_cache,
+        return self._prefill(input_ids, processor_outputs, image_features, attention_mask, position_ids, use_cache,
                              last_logits_only)
 
-    def embed(self, input_ids, pixel_values=None, image_features=None):
+    def vision_inputs(self, processor_outputs: dict) -> dict:
+        return {k: processor_outputs[k] for k in self.family.vision_keys if processor_outputs.get(k) is not None}
+
+    def embed(self, input_ids, image_features=None, **processor_outputs):
+        """Token embeddings with the image features merged in (from the family's vision inputs
+        among `processor_outputs`, or given)."""
         embeds = self.adapter.embed_tokens(input_ids)
-        if image_features is None and pixel_values is not None:
-            image_features = self.adapter.image_features(pixel_values)
+        vision = self.vision_inputs(processor_outputs)
+        if image_features is None and vision:
+            image_features = self.adapter.image_features(**vision)
         if image_features is not None:
-            embeds = self.adapter.merge_image_features(input_ids, embeds, image_features)
-        elif bool((input_ids == self.adapter.image_token_id).any()):
-            raise CapaError("input_ids contain image tokens but no pixel_values (or image_features) were given")
+            embeds = self.family.merge_image_features(input_ids, embeds, image_features)
+        elif bool((input_ids == self.family.image_token_id).any()):
+            raise CapaError(f"input_ids contain image tokens but no image inputs ({', '.join(self.family.vision_keys)}) "
+                            f"were given")
         return embeds
 
     def visual_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, N] indices of the image tokens; every row must hold the same number."""
-        is_visual = input_ids == self.adapter.image_token_id
-        counts = is_visual.sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise CapaError(f"every batch row must hold the same number of image tokens; got {counts.tolist()}")
-        return is_visual.nonzero()[:, 1].view(input_ids.shape[0], int(counts[0]))
+        return self.family.visual_positions(input_ids)
 
-    def _prefill(self, input_ids, pixel_values, image_features, attention_mask, position_ids, use_cache,
+    def _prefill(self, input_ids, processor_outputs, image_features, attention_mask, position_ids, use_cache,
                  last_logits_only):
         adapter = self.adapter
-        hidden = self.embed(input_ids, pixel_values, image_features)
+        hidden = self.embed(input_ids, image_features=image_features, **processor_outputs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
-            position_ids = adapter.default_position_ids(input_ids, attention_mask)
+            position_ids = self.family.prefill_positions(
+                {"input_ids": input_ids, "attention_mask": attention_mask, **processor_outputs})
         if bool((attention_mask[:, -1] == 0).any()):
             raise CapaError("attention_mask has padding at the end of a row (right padding); CAPA scores with the "
                             "tokens after the image and decodes after the last token: pad on the left "
@@ -227,7 +234,7 @@ class CapaModel(nn.Module):
                         else torch.arange(num_visual, device=hidden.device).expand(batch, num_visual))
         cache = None
         if use_cache:
-            next_position = position_ids.reshape(-1, batch, position_ids.shape[-1])[0].amax(-1) + 1
+            next_position = self.family.next_position(position_ids)
             cache = CapaCache(state.keys, state.values, state.segment_masks, self.layer_segments(), next_position)
         return CapaOutput(logits, keep_indices, cache, state.stage_keep, state.kept_positions)
 
@@ -236,7 +243,7 @@ class CapaModel(nn.Module):
         return [sum(1 for k in stages if k <= layer) for layer in range(self.adapter.num_layers)]
 
     def query_weight(self, visual_slots, padding_mask) -> torch.Tensor:
-        """[B, L] 1.0 for the scoring queries (CAPA.md section 1), 0.0 elsewhere. Traceable."""
+        """[B, L] 1.0 for the scoring queries (docs/method.md, "Scoring queries"), 0.0 elsewhere. Traceable."""
         batch, length = padding_mask.shape
         positions = torch.arange(length, device=padding_mask.device)[None, :]
         if self.config.queries == "last":
@@ -366,7 +373,7 @@ class CapaModel(nn.Module):
         if new_mask.shape != input_ids.shape:
             raise CapaError(f"when decoding with past_key_values, attention_mask covers the new tokens only: "
                             f"expected shape {tuple(input_ids.shape)}, got {tuple(new_mask.shape)}")
-        positions = cache.next_position[:, None] + torch.arange(steps, device=hidden.device)[None, :]
+        positions = self.family.decode_positions(cache.next_position, steps)
         masks = [torch.cat([m, new_mask.to(m.dtype)], dim=1) for m in cache.segment_masks]
         hidden, keys, values = self.decode_layers(hidden, positions, masks, cache.keys, cache.values,
                                                   cache.layer_segment)
@@ -392,13 +399,13 @@ class CapaModel(nn.Module):
         return hidden, keys_out, values_out
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 16,
-                 eos_token_id: int | None = None, image_features=None) -> tuple[torch.Tensor, CapaOutput]:
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 16, eos_token_id: int | None = None,
+                 image_features=None, **processor_outputs) -> tuple[torch.Tensor, CapaOutput]:
         """Greedy decoding with the CAPA cache. Returns (new tokens [B, T], the prefill output)."""
         if max_new_tokens < 1:
             raise CapaError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        prefill = self(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
-                       last_logits_only=True, image_features=image_features)
+        prefill = self(input_ids, attention_mask=attention_mask, use_cache=True,
+                       last_logits_only=True, image_features=image_features, **processor_outputs)
         cache = prefill.past_key_values
         token = prefill.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [token]

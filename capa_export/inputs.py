@@ -1,4 +1,4 @@
-"""Calibration inputs: the user's images + prompts, or a small built-in set made in code.
+"""Inputs: images and questions from the user (files, a folder), or a small built-in set made in code.
 
 The built-in set needs no download: synthetic images (shapes, gradients, stripes, text-like
 glyph rows, noise) with varied questions, deterministic from a seed.
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from ..errors import CapaError
+from .errors import CapaError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PROMPTS_FILE = "prompts.txt"
@@ -114,8 +114,7 @@ def folder_samples(folder: str | Path) -> list[CalibrationSample]:
 
 
 def encode(adapter, processor, sample: CalibrationSample) -> dict:
-    """Model inputs (input_ids, attention_mask, pixel_values) for one sample."""
-    prompt = adapter.prompt_with_image(processor, sample.question)
-    batch = processor(images=sample.image, text=prompt, return_tensors="pt")
+    """Model inputs for one sample: the processor outputs the model's family needs, on its device."""
+    batch = adapter.family.encode(processor, [sample.image], [sample.question])
     device = adapter.lm_head.weight.device
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,322 @@
+"""The pipeline's stages, as the CLI, the Python API and the tests call them:
+
+    analyze    model + an image and question + calibration inputs -> analysis folder (report.json, plots)
+    calibrate  model + calibration inputs -> calibration folder (capa_config.json, ffn_approx.*, calibration.json)
+    generate   model (+ calibration folder) + an image and question -> tokens (the PyTorch reference)
+    export     model + calibration folder -> ONNX folder (four graphs, weights.data, export.json)
+    build      model -> calibration -> ONNX -> engine -> validation, into one engine folder
+    validate   engine folder + the model -> validation.json; the engine marked complete or not
+
+Every stage reads what it is given, refuses bad input in one line (CapaError) before any work,
+and writes its folder under a temporary name, renamed when complete.
+
+An engine folder (`build`; the manifest's format is in manifest.py):
+
+    <engine>/manifest.json      what, from what, settings, graph contract, versions, checksums, validation summary
+             validation.json    Polygraphy comparisons per graph and output, token agreement
+             calibration/       capa_config.json, ffn_approx.safetensors/.json
+             processor/         tokenizer + image processor (save_pretrained)
+             onnx/              vision/embed/prefill/decode.onnx, weights.data, export.json
+             <backend>/         the backend's engine files (onnxruntime: *.opt.onnx + session.json;
+                                tensorrt: *.plan, timing cache)
+
+It is marked complete (manifest.json "complete": true) only when validation passed; a build whose
+validation fails is kept as `<name>.failed/` for inspection, and an interrupted one leaves only a
+hidden temporary folder, never a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backends
+from .artifacts import check_replaceable, commit_directory, make_work_dir, replace_directory, write_json
+from .config import CapaConfig
+from .errors import CapaError
+from .inputs import CalibrationSample, builtin_samples, encode
+from .manifest import ANALYSIS, CALIBRATION, ENGINE, ONNX, read_json_manifest, read_manifest, write_manifest
+from .method.capa_model import apply_capa
+from .method.ffn import META_FILE, FfnApproximation, fit_ffn_approximation
+from .models import adapter_for, load_model
+from .profiles import BuildProfile
+
+DEFAULT_MODEL = "tiny-llava"
+#: where `build` puts engines by default: engines/<model>-<profile>
+DEFAULT_ENGINE_ROOT = Path("engines")
+#: the engine folder's sub-folder holding the CAPA config and the FFN approximation
+CALIBRATION_DIR = "calibration"
+
+
+# --- CAPA settings ----------------------------------------------------------------------------------
+def load_calibration(model, calibration_dir: str | Path) -> tuple[CapaConfig, FfnApproximation | None]:
+    """(CapaConfig, FfnApproximation | None) from a `calibrate` folder (or an engine's calibration/)."""
+    config = CapaConfig.load(calibration_dir)
+    approx = FfnApproximation.load(calibration_dir, model) if (Path(calibration_dir) / META_FILE).exists() else None
+    return config, approx
+
+
+def fit_calibration(model, processor, config: CapaConfig, samples: list[CalibrationSample],
+                    progress: bool = True) -> tuple[CapaConfig, FfnApproximation | None]:
+    """Fit the FFN approximation `config` asks for on `samples`; "auto" is frozen into the layers
+    the fit selected, so the returned config names them."""
+    adapter = adapter_for(model)
+    config.check_for_model(adapter.num_layers)
+    if not config.ffn_layers:
+        return config, None
+    inputs = [encode(adapter, processor, s) for s in samples]
+    approx = fit_ffn_approximation(model, inputs, config.ffn_layers, ridge=config.ffn_ridge, rank=config.ffn_rank,
+                                   threshold=config.ffn_threshold,
+                                   layer_range=config.resolved_ffn_range(adapter.num_layers), progress=progress)
+    if config.ffn_layers == "auto":
+        config = CapaConfig(**{**config.to_dict(), "ffn_layers": list(approx.selected_layers)})
+    return config, approx
+
+
+def calibrated_config(model, processor, calibration_dir: str | None, calibration_samples=None, progress=True):
+    """From a `calibrate` folder, or calibrated now on the given (default: built-in) inputs with
+    the default CapaConfig and automatic FFN layer selection."""
+    if calibration_dir:
+        return load_calibration(model, calibration_dir)
+    return fit_calibration(model, processor, CapaConfig(ffn_layers="auto"), calibration_samples or builtin_samples(8),
+                           progress)
+
+
+def with_prune(config: CapaConfig, prune) -> CapaConfig:
+    """The config with another pruning schedule (None keeps it)."""
+    return config if prune is None else CapaConfig(**{**config.to_dict(), "prune": prune})
+
+
+# --- stages -----------------------------------------------------------------------------------------
+def analyze(model_name: str = DEFAULT_MODEL, out: str | Path = "out/analysis", *, sample: CalibrationSample,
+            calibration_samples: list[CalibrationSample], settings=None, dtype=None, device=None,
+            progress: bool = True) -> tuple[Path, dict]:
+    from .analysis import AnalysisSettings
+    from .analysis import analyze as analyze_model
+    from .analysis.plots import write_plots
+
+    check_replaceable(out)  # before the work, not after
+    settings = settings or AnalysisSettings()
+    model, processor = load_model(model_name, dtype, device)
+    report, raw = analyze_model(model, processor, sample, calibration_samples, settings, progress=progress)
+
+    def write(tmp: Path):
+        write_manifest(tmp, ANALYSIS, report)
+        write_plots(report, raw["per_layer"], tmp)
+
+    return replace_directory(out, write), report
+
+
+def calibrate(model_name: str = DEFAULT_MODEL, out: str | Path = "out/calibration", *, config: CapaConfig,
+              calibration_samples: list[CalibrationSample], dtype=None, device=None,
+              progress: bool = True) -> tuple[Path, CapaConfig, FfnApproximation | None]:
+    """Fit the FFN approximation and write a calibration folder."""
+    check_replaceable(out)
+    model, processor = load_model(model_name, dtype, device)
+    adapter = adapter_for(model)
+    config.check_for_model(adapter.num_layers)
+    config.check_for_visual_tokens(adapter.family.visual_token_range()[0])  # refused now, not at build time
+    config, approx = fit_calibration(model, processor, config, calibration_samples, progress)
+
+    def write(tmp: Path):
+        config.save(tmp)
+        if approx is not None:
+            approx.save(tmp)
+        write_manifest(tmp, CALIBRATION, {
+            "model": model_name,
+            "calibration_inputs": [s.source for s in calibration_samples],
+            "capa_config": config.to_dict(),
+            "ffn_errors": {str(k): v for k, v in (approx.errors() if approx else {}).items()},
+        })
+
+    return replace_directory(out, write), config, approx
+
+
+@dataclass
+class GenerateResult:
+    tokens: list[int]
+    text: str
+    keep_indices: list[int]
+    agreement_with_unpruned: float
+    prompt_tokens: int
+    visual_tokens: int
+    seconds: float
+    config: CapaConfig
+
+
+def generate(model_name: str = DEFAULT_MODEL, *, sample: CalibrationSample, config: CapaConfig | None = None,
+             calibration_dir: str | None = None, max_new_tokens: int = 16, dtype=None, device=None) -> GenerateResult:
+    """Greedy generation with the CapaModel (the PyTorch reference), and its agreement with the
+    unpruned model on the same input."""
+    if max_new_tokens < 1:
+        raise CapaError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+    model, processor = load_model(model_name, dtype, device)
+    if calibration_dir:
+        config, approx = load_calibration(model, calibration_dir)
+    else:
+        config, approx = config or CapaConfig(), None
+        if config.ffn_layers == "auto":  # nothing fitted: no approximation
+            config = CapaConfig(**{**config.to_dict(), "ffn_layers": []})
+    adapter = adapter_for(model)
+    batch = encode(adapter, processor, sample)
+    capa = apply_capa(model, config, approx)
+    start = time.perf_counter()
+    tokens, prefill = capa.generate(**batch, max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - start
+    baseline, _ = apply_capa(model, CapaConfig(prune=[])).generate(**batch, max_new_tokens=max_new_tokens)
+    agreement = float((tokens == baseline[:, : tokens.shape[1]]).float().mean())
+    return GenerateResult(tokens[0].tolist(), processor.tokenizer.decode(tokens[0], skip_special_tokens=True),
+                          prefill.keep_indices[0].tolist(), agreement, int(batch["input_ids"].shape[1]),
+                          int(capa.visual_slots(batch["input_ids"]).shape[1]), seconds, config)
+
+
+def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, calibration_dir: str | None = None,
+           prune=None, dtype: str = "fp32", pruning: str = "plugin", device=None,
+           progress: bool = True) -> tuple[Path, dict]:
+    from .export.exporter import export_model
+
+    check_replaceable(out)
+    model, processor = load_model(model_name, "fp32", device)
+    config, approx = calibrated_config(model, processor, calibration_dir, progress=progress)  # fitted in fp32
+    config = with_prune(config, prune)
+    path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, model_name=model_name,
+                        progress=progress)
+    return path, read_json_manifest(path, ONNX, "an ONNX export")
+
+
+def check_engine_dtype(dtype: str) -> None:
+    if dtype == "bf16":
+        raise CapaError("bf16 engines are not supported yet: the runtime and the validation pass tensors as numpy "
+                        "arrays, which have no bfloat16; build with the edge profile (fp16), or export bf16 ONNX "
+                        "for your own runtime with `capa-export export --dtype bf16`")
+
+
+def validation_inputs(adapter, processor, samples=None) -> list[dict]:
+    samples = samples or builtin_samples(1, seed=7)
+    return [encode(adapter, processor, s) for s in samples]
+
+
+def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_tokens: int = 8,
+                    write: bool = True) -> dict:
+    """Validate an engine directory against the CapaModel (fp32) rebuilt from its own calibration/.
+    Writes validation.json and rewrites manifest.json with complete = passed."""
+    from .runtime import CapaEngine
+    from .validate import TOLERANCES, compare_graphs, format_report, token_agreement
+
+    manifest = read_manifest(engine_dir, verify=True, require_complete=False)
+    dtype = manifest["dtype"]
+    check_engine_dtype(dtype)
+    config, approx = load_calibration(model, engine_dir / CALIBRATION_DIR)
+    capa = apply_capa(model, config, approx)
+    unpruned = apply_capa(model, CapaConfig(prune=[]))
+    adapter = adapter_for(model)
+    batches = validation_inputs(adapter, processor, samples)
+    backend = backends.get(manifest["backend"])
+    runners = {g: backend.runner(engine_dir / manifest["backend_dir"], g) for g in manifest["graph_contract"]["graphs"]}
+    contract = adapter.family.graph_contract(manifest["layer_segment"])
+    graphs = compare_graphs(runners, capa, batches, dtype, contract)
+    del runners  # one set of sessions at a time (the engine below opens its own)
+    with CapaEngine(engine_dir, verify=False, require_complete=False) as engine:
+        end_to_end = [token_agreement(engine, capa, unpruned, b, max_new_tokens) for b in batches]
+    # fp32: free-running greedy tokens must all agree. Reduced precision may flip a near-tie and
+    # then drift, so it is held to the teacher-forced agreement: at each step, fed the reference's
+    # tokens, the engine's argmax must match the reference's next token.
+    measure, required = ("agreement", 1.0) if dtype == "fp32" else ("forced_agreement", 0.9)
+    passed = all(g["passed"] for g in graphs.values()) and all(e[measure] >= required for e in end_to_end)
+    report = {"passed": passed, "dtype": dtype, "backend": manifest["backend"], "tolerances": TOLERANCES[dtype],
+              "required_agreement": required, "agreement_measure": measure, "max_new_tokens": max_new_tokens,
+              "graphs": graphs, "end_to_end": end_to_end, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if write:
+        write_json(engine_dir / "validation.json", report)
+        fields = {k: v for k, v in manifest.items() if k not in ("complete", "files")}
+        fields["validation"] = {"passed": passed, "agreement": [e["agreement"] for e in end_to_end],
+                                "graphs": {g: r["passed"] for g, r in graphs.items()}}
+        write_manifest(engine_dir, ENGINE, fields, complete=passed)
+    report["table"] = format_report(report)
+    return report
+
+
+def validate(engine_dir: str | Path, model_name: str | None = None, samples=None, max_new_tokens: int = 8) -> dict:
+    """`capa-export validate`: the engine against the model it was built from (or `model_name`)."""
+    manifest = read_manifest(engine_dir, verify=True, require_complete=False)
+    model, processor = load_model(model_name or manifest["model"]["name"], "fp32")
+    return validate_engine(Path(engine_dir), model, processor, samples, max_new_tokens)
+
+
+def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str | Path | None = None,
+          calibration_dir: str | None = None, backend: str | None = None, pruning: str | None = None,
+          plugin_library: str | None = None, calibration_samples=None, validation_samples=None,
+          max_new_tokens: int = 8, progress: bool = True, log=print) -> tuple[Path, dict]:
+    """Model -> CAPA (calibrating unless calibration_dir) -> ONNX -> engine -> validation."""
+    from .export.exporter import export_model
+
+    profile = BuildProfile.load(profile_name)
+    if pruning:
+        profile.pruning = pruning
+    check_engine_dtype(profile.precision)
+    engine_backend = backends.get(backend or profile.backend)
+    name = f"{Path(model_name).name}-{profile.name}"
+    final = Path(out) if out else DEFAULT_ENGINE_ROOT / name
+    check_replaceable(final)
+    check_replaceable(final.with_name(final.name + ".failed"))
+    if plugin_library is not None and not Path(plugin_library).is_file():
+        raise CapaError(f"plugin library {plugin_library} does not exist; build it with cmake (target "
+                        f"capa_contrib_topk_plugin) or leave --plugin-library out")
+    if profile.prune is not None:  # a bad override is refused before the minutes of calibration
+        engine_backend.check(profile, CapaConfig(prune=profile.prune), plugin_library=plugin_library)
+
+    start = time.perf_counter()
+    model, processor = load_model(model_name, "fp32")
+    adapter = adapter_for(model)
+    fewest_visual = adapter.family.visual_token_range()[0]
+    if profile.prune is not None:
+        override = CapaConfig(prune=profile.prune)
+        override.check_for_model(adapter.num_layers)
+        override.check_for_visual_tokens(fewest_visual)
+    log(f"[1/4] CAPA config for {model_name} "
+        f"({'from ' + calibration_dir if calibration_dir else 'calibrating on built-in inputs'})")
+    config, approx = calibrated_config(model, processor, calibration_dir, calibration_samples, progress)
+    config = with_prune(config, profile.prune)
+    config.check_for_model(adapter.num_layers)
+    config.check_for_visual_tokens(fewest_visual)
+    engine_backend.check(profile, config, plugin_library=plugin_library)
+
+    work = make_work_dir(final)
+    try:
+        config.save(_mkdir(work / CALIBRATION_DIR))
+        if approx is not None:
+            approx.save(work / CALIBRATION_DIR)
+        processor.save_pretrained(str(work / "processor"))
+        log(f"[2/4] exporting ONNX ({profile.precision}, pruning lowering: {profile.pruning}) ...")
+        export_model(model, processor, config, approx, work / "onnx", dtype=profile.precision,
+                     pruning=profile.pruning, model_name=model_name, progress=progress)
+        export_info = read_json_manifest(work / "onnx", ONNX, "an ONNX export")
+        log(f"[3/4] building the {engine_backend.name} engine ...")
+        contract = adapter.family.graph_contract(export_info["layer_segment"])
+        description = engine_backend.build(work / "onnx", profile, work / engine_backend.name, contract,
+                                           fixed_dims={"visual_tokens": fewest_visual}, plugin_library=plugin_library)
+        fields = {"model": export_info["model"], "capa_config": config.to_dict(), "ffn_layers": export_info["ffn_layers"],
+                  "profile": profile.to_dict(), "backend": engine_backend.name, "backend_dir": engine_backend.name,
+                  "backend_description": description, "dtype": profile.precision, "pruning": profile.pruning,
+                  "k": export_info["k"], "layer_segment": export_info["layer_segment"],
+                  "graph_contract": export_info["graph_contract"], "build_seconds": None}
+        write_manifest(work, ENGINE, fields, complete=False)
+        log("[4/4] validating against the PyTorch CapaModel (Polygraphy) ...")
+        report = validate_engine(work, model, processor, validation_samples, max_new_tokens)
+        manifest = json.loads((work / ENGINE.file).read_text())
+        manifest["build_seconds"] = round(time.perf_counter() - start, 1)
+        write_json(work / ENGINE.file, manifest)
+        target = final if report["passed"] else final.with_name(final.name + ".failed")
+        commit_directory(work, target)
+        return target, report
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
