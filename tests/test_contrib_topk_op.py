@@ -17,6 +17,7 @@ import torch
 
 from capa_export.method import scoring
 from capa_export.ops import native
+from tests.adversarial_topk import ADVERSARIAL, stable_topk
 
 import capa_export.ops  # noqa: F401  (registers torch.ops.capa.contrib_topk)
 
@@ -153,7 +154,7 @@ def run_cuda(p, v, w, k, variant):
 def run_tensorrt(p, v, w, k, variant):
     if importlib.util.find_spec("tensorrt") is None:
         pytest.skip("tensorrt not installed")
-    from test_trt_plugin_build import run_plugin_engine  # noqa: PLC0415  (needs tensorrt)
+    from tests.test_trt_plugin_build import run_plugin_engine  # noqa: PLC0415  (needs tensorrt)
 
     return torch.from_numpy(run_plugin_engine(p, v, w, k, variant)), None
 
@@ -210,6 +211,36 @@ def test_contrib_topk(shape: Shape, variant: str, dtype_name: str, impl: str) ->
             for j in range(half):
                 if (j in kept) != (j + half in kept):
                     assert j in kept, f"tie between keys {j} and {j + half} must keep {j}"
+
+
+# ---- adversarial top-k: ties, N not a multiple of the block, N > 8192, +-0, +-inf, NaN ----------
+# The attention variant with H = Q = 1 makes the score of key j exactly probs[b, 0, 0, j], so each
+# implementation's top-k runs on the chosen scores; the reference is Python's stable sort
+# (tests/adversarial_topk.py): NaN above +inf, NaNs tie, -0 == +0, ties to the lower index.
+
+ADVERSARIAL_IMPLEMENTATIONS = ["python", "native_cpu", "torch_op_cpu", "onnxruntime", "cuda", "tensorrt"]
+
+
+@pytest.mark.parametrize("impl", ADVERSARIAL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", list(ADVERSARIAL))
+def test_topk_adversarial(case: str, impl: str) -> None:
+    scores, k = ADVERSARIAL[case]
+    b, n = scores.shape
+    probs = torch.from_numpy(scores.copy()).reshape(b, 1, 1, n)
+    values = torch.ones(b, 1, n, 1)
+    o_weight = torch.ones(1, 1)
+    keep, _ = IMPLEMENTATIONS[impl](probs, values, o_weight, k, "attention")
+    assert keep.dtype == torch.int32 and tuple(keep.shape) == (b, k)
+    np.testing.assert_array_equal(keep.numpy().astype(np.int64), stable_topk(scores, k))
+
+
+@pytest.mark.parametrize("impl", ["python", "native_cpu", "torch_op_cpu", "cuda"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_batch_gives_empty_result(impl: str, variant: str) -> None:
+    # B = 0 (an empty batch of a dynamic-shape engine) is a no-op, not an error.
+    probs, values, o_weight = make_inputs(Shape("empty", B=1, H=4, H_kv=2, Q=3, N=10, d=4, D=8, k=3), torch.float32)
+    keep, _ = IMPLEMENTATIONS[impl](probs[:0], values[:0], o_weight, 3, variant)
+    assert keep.dtype == torch.int32 and tuple(keep.shape) == (0, 3)
 
 
 # ---- bad inputs: every implementation raises ValueError naming the argument --------------------

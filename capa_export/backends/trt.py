@@ -1,6 +1,9 @@
 """TensorRT backend: a thin adapter over Polygraphy's TensorRT loaders.
 
-    LoadPlugins(libcapa_contrib_topk_plugin.so)      the CapaContribTopK plugin, before parsing
+    load_plugin_library()                            the CapaContribTopK plugin, before parsing or
+                                                     deserialising: IPluginRegistry.load_library on the
+                                                     library installed with capa-export (or one named
+                                                     with --plugin-library), never one from an engine folder
     NetworkFromOnnxPath(graph, strongly_typed=True)  TensorRT 11: precision comes from the ONNX dtypes
     CreateConfig(profiles, memory pool, timing cache, builder level, version compatibility)
     PostprocessConfig(...)                           plugins_to_serialize for version-compatible engines
@@ -15,12 +18,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 from ..artifacts import write_json
 from ..contract import profile_ranges
 from ..errors import CapaError
+from ..ops.spec import SPEC
 from .base import Backend, register_backend
 
 PLAN_SUFFIX = ".plan"
@@ -44,11 +47,14 @@ def require() -> None:
 
 
 def find_plugin_library(explicit: str | None = None) -> Path:
-    """The plugin library: an explicit path, $CAPA_TRT_PLUGIN, or the CMake build tree."""
+    """The plugin library (the one exporting getCreators, see plugins/contrib_topk/README.md): an
+    explicit path, $CAPA_TRT_PLUGIN, the copy installed with the package, or the CMake build tree."""
     import os
 
     candidates = [explicit] if explicit else [os.environ.get("CAPA_TRT_PLUGIN")]
-    candidates += [str(p) for p in Path(__file__).resolve().parents[2].glob(f"build/**/{PLUGIN_LIBRARY}")]
+    package = Path(__file__).resolve().parents[1]
+    candidates += [str(package / PLUGIN_LIBRARY)]
+    candidates += [str(p) for p in package.parent.glob(f"build/**/{PLUGIN_LIBRARY}")]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
@@ -57,6 +63,17 @@ def find_plugin_library(explicit: str | None = None) -> Path:
                         f"(target capa_contrib_topk_plugin)")
     raise CapaError(f"{PLUGIN_LIBRARY} not found: build it with cmake -DTensorRT_ROOT=<TensorRT> (target "
                     f"capa_contrib_topk_plugin), or pass --plugin-library / set CAPA_TRT_PLUGIN")
+
+
+def load_plugin_library(path: Path) -> None:
+    """Register the plugin's creator once per process (IPluginRegistry.load_library, which calls
+    the library's getCreators; loading it a second time would register it twice)."""
+    import tensorrt as trt
+
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(SPEC.name, SPEC.version, SPEC.namespace) is None:
+        if registry.load_library(str(path)) is None:
+            raise CapaError(f"TensorRT could not load the plugin library {path}")
 
 
 def check_topk_limit(config, pruning: str) -> None:
@@ -70,16 +87,15 @@ def check_topk_limit(config, pruning: str) -> None:
 
 def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, plugin_library: str | None = None) -> dict:
     require()
-    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, LoadPlugins, NetworkFromOnnxPath,
-                                        PostprocessConfig, Profile, SaveEngine)
+    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, PostprocessConfig,
+                                        Profile, SaveEngine)
     import tensorrt as trt
 
     out_dir.mkdir(parents=True, exist_ok=True)
     library = None
     if profile.pruning == "plugin":
-        # the engine folder carries its plugin: it loads on another host, and is checksummed
-        library = out_dir / PLUGIN_LIBRARY
-        shutil.copy2(find_plugin_library(plugin_library), library)
+        library = find_plugin_library(plugin_library)
+        load_plugin_library(library)
     settings = profile.tensorrt
     cache = out_dir / settings.get("timing_cache", "timing.cache")
     plans = {}
@@ -88,8 +104,6 @@ def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, pl
         for name, (lo, opt, hi) in profile_ranges(spec, profile.shapes, fixed_dims).items():
             shapes.add(name, min=lo, opt=opt, max=hi)
         network = NetworkFromOnnxPath(str(onnx_dir / f"{graph}.onnx"), strongly_typed=True)
-        if library is not None:
-            network = LoadPlugins(plugins=[str(library)], obj=network)
         config = CreateConfig(
             profiles=[shapes],
             memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(profile.workspace_mib) << 20},
@@ -98,7 +112,8 @@ def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, pl
             version_compatible=settings.get("version_compatible", False),
         )
         if settings.get("version_compatible") and library is not None:
-            # a version-compatible engine embeds only the plugin libraries listed here
+            # a version-compatible engine embeds only the plugin libraries listed here (the
+            # getCreators library: the lean runtime loads it as IPluginRegistry.loadLibrary does)
             def serialize_plugin(builder, network, cfg, library=str(library)):
                 cfg.plugins_to_serialize = [library]  # a property in TensorRT's Python API
 
@@ -108,21 +123,21 @@ def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, pl
         SaveEngine(engine, str(plan))()
         plans[graph] = plan.name
     description = {"backend": TensorRTBackend.name, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
-                   "plugin_library": library.name if library is not None else None}
+                   "plugin": {"name": SPEC.name, "version": SPEC.version, "namespace": SPEC.namespace}
+                   if library is not None else None}
     write_json(out_dir / ENGINE_FILE, description)
     return description
 
 
-def runner(engine_dir: Path, graph: str):
+def runner(engine_dir: Path, graph: str, plugin_library: str | None = None):
     require()
     from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     description = json.loads((engine_dir / ENGINE_FILE).read_text())
-    plan = BytesFromPath(str(engine_dir / description["graphs"][graph]))
-    if description.get("plugin_library"):
-        plan = LoadPlugins(plugins=[str(engine_dir / description["plugin_library"])], obj=plan)
-    engine = EngineFromBytes(plan)
+    if description.get("plugin"):
+        load_plugin_library(find_plugin_library(plugin_library))
+    engine = EngineFromBytes(BytesFromPath(str(engine_dir / description["graphs"][graph])))
     return TrtRunner(engine, name=f"tensorrt:{graph}")
 
 

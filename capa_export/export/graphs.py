@@ -12,11 +12,10 @@ from torch import nn
 from ..method.capa_model import CapaModel
 from ..method.scoring import contribution_scores_dense
 from ..ops.native import variant_code
+from ..ops.spec import SPEC
 
-PLUGIN_OP = "CapaContribTopK"
-PLUGIN_DOMAIN = "ai.onnx.contrib"  # TensorRT's parser ignores the domain; onnxruntime-extensions needs this one
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = "capa"
+#: onnxruntime-extensions serves Python custom ops in this domain only
+PYTHON_OP_DOMAIN = "ai.onnx.contrib"
 PRUNING_LOWERINGS = ("plugin", "onnx")  # and "reference": the eager selection, for validation runners
 
 
@@ -41,10 +40,10 @@ def select_with_plugin(variant: str):
         args = (probs.float(), values.float(), o_weight.float())
         if torch.onnx.is_in_onnx_export():
             indices = torch.onnx.ops.symbolic(
-                f"{PLUGIN_DOMAIN}::{PLUGIN_OP}",
+                f"{PYTHON_OP_DOMAIN}::{SPEC.name}",
                 args,
-                attrs={"k": int(keep), "variant": variant_code(variant), "plugin_version": PLUGIN_VERSION,
-                       "plugin_namespace": PLUGIN_NAMESPACE},
+                attrs={"k": int(keep), "variant": variant_code(variant), "plugin_version": SPEC.version,
+                       "plugin_namespace": SPEC.namespace},
                 dtype=torch.int32,
                 shape=(probs.shape[0], keep),
                 version=1,

@@ -21,11 +21,12 @@ from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
 from capa_export.method import scoring
 from capa_export.ops import native
+from capa_export.ops.spec import SPEC
 
-OP_TYPE = "CapaContribTopK"
-DOMAIN = "ai.onnx.contrib"
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = "capa"
+OP_TYPE = SPEC.name
+DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions serves Python ops in this domain only
+PLUGIN_VERSION = SPEC.version
+PLUGIN_NAMESPACE = SPEC.namespace
 ATTRIBUTE_TYPES = {
     "k": PyCustomOpDef.dt_int64,
     "variant": PyCustomOpDef.dt_int64,
