@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml CMakeLists.txt
 demo: $(STAMP)
 	$(VENV)/bin/capa-export analyze --out $(OUT)/analysis
 	$(VENV)/bin/capa-export build --model tiny-llava --profile cpu
-	$(VENV)/bin/capa-export run engines/build/tiny-llava-cpu --prompt "What is in the picture?" --max-new-tokens 12
+	$(VENV)/bin/capa-export run engines/tiny-llava-cpu --prompt "What is in the picture?" --max-new-tokens 12
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -65,6 +65,11 @@ def _add_calibration(parser):
                         help="size of the built-in calibration set (default: 8)")
 
 
+def _add_calibrated(parser, note: str):
+    parser.add_argument("--calibrated", "--capa", dest="calibrated", default=None, metavar="DIR",
+                        help=f"a `calibrate` output folder ({note})")
+
+
 def _add_capa(parser):
     parser.add_argument("--prune", type=_stage, nargs="*", default=[(2, 64)], metavar="K:k",
                         help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K); "
@@ -277,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="fit the FFN approximation and write a CAPA config",
                        description="Fit per-layer affine maps of the FFN on visual rows (ridge, float64) from "
                                    "calibration inputs, select layers, and write capa_config.json, "
-                                   "ffn_approx.safetensors, ffn_approx.json and manifest.json.")
+                                   "ffn_approx.safetensors, ffn_approx.json and calibration.json.")
     _add_model(p)
     _add_calibration(p)
     _add_capa(p)
@@ -290,8 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_input(p)
     _add_capa(p)
-    p.add_argument("--calibrated", "--capa", dest="calibrated", default=None, metavar="DIR",
-                   help="a `calibrate` output folder (overrides the pruning/FFN options)")
+    _add_calibrated(p, "overrides the pruning/FFN options")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_generate)
@@ -301,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one CapaContribTopK node, or standard ops with --pruning onnx; approximated "
                                    "FFNs folded to MatMul + Add) and decode.onnx, sharing one weights.data.")
     _add_model(p, dtype_help="dtype of the exported graphs: the engine precision (default: fp32)")
-    p.add_argument("--calibrated", "--capa", dest="calibrated", default=None, metavar="DIR",
-                   help="a `calibrate` output folder (default: calibrate now)")
+    _add_calibrated(p, "default: calibrate now")
     p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
                    help="override the pruning schedule (k is fixed in the exported graph)")
     p.add_argument("--pruning", choices=("plugin", "onnx"), default="plugin",
@@ -311,15 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build", help="calibrate + export + build an engine + validate, in one command",
-                       description="Model -> CAPA (calibrating unless --capa) -> ONNX -> engine (ONNX Runtime, "
+                       description="Model -> CAPA (calibrating unless --calibrated) -> ONNX -> engine (ONNX Runtime, "
                                    "or TensorRT where installed) -> Polygraphy validation. The engine folder is "
                                    "marked complete only when validation passes.")
     _add_model(p, dtype_help=None)
     _add_calibration(p)
     p.add_argument("--profile", default="cpu", help="build profile: cpu, edge, datacenter, or a TOML file "
                                                     "(default: cpu)")
-    p.add_argument("--calibrated", "--capa", dest="calibrated", default=None, metavar="DIR",
-                   help="a `calibrate` output folder (default: calibrate now)")
+    _add_calibrated(p, "default: calibrate now")
     p.add_argument("--backend", choices=("auto", *backends.names()), default=None,
                    help="override the profile's backend")
     p.add_argument("--pruning", choices=("plugin", "onnx"), default=None, help="override the profile's lowering")

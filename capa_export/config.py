@@ -1,6 +1,6 @@
 """CapaConfig: what CAPA does to a model (pruning schedule, scoring, FFN approximation).
 
-Every default below is one of CAPA.md's *choices*; each is a field, documented, validated when the
+Every default below is one of the method's *choices* (docs/method.md); each is a field, documented, validated when the
 config is made (model-independent limits) or when it is applied (limits that depend on the model).
 """
 

@@ -6,23 +6,33 @@ from PIL import Image
 from capa_export.models import adapter_for, load_model
 
 
-@pytest.fixture(scope="session")
-def tiny():
-    """(model, processor) of the embedded default, with HF's eager attention so its own forward
-    exposes attention probabilities (used as the independent reference)."""
-    model, processor = load_model("tiny-llava")
-    model.config._attn_implementation = "eager"
-    model.model.language_model.config._attn_implementation = "eager"
-    return model, processor
+#: the embedded models every model test runs on: one per family (a new family's tiny model joins
+#: the table by being registered with @embedded_model)
+TEST_MODELS = ["tiny-llava"]
+
+
+def eager_attention(model):
+    """HF's eager attention everywhere, so its own forward exposes attention probabilities (the
+    independent reference of the scoring tests)."""
+    for config in (model.config, adapter_for(model).text_model.config):
+        config._attn_implementation = "eager"
+    return model
+
+
+@pytest.fixture(scope="session", params=TEST_MODELS)
+def tiny(request):
+    """(model, processor) of an embedded model, with eager attention."""
+    model, processor = load_model(request.param)
+    return eager_attention(model), processor
 
 
 @pytest.fixture(scope="session")
 def tiny_batch(tiny):
+    """Processor outputs for one picture that is not square and a question."""
     model, processor = tiny
-    adapter = adapter_for(model)
+    family = adapter_for(model).family
     image = Image.fromarray((np.random.RandomState(0).rand(300, 400, 3) * 255).astype("uint8"))
-    prompt = adapter.prompt_with_image(processor, "What is in the picture? Answer in detail.")
-    return dict(processor(images=image, text=prompt, return_tensors="pt"))
+    return family.encode(processor, [image], ["What is in the picture? Answer in detail."])
 
 
 @pytest.fixture(scope="session")

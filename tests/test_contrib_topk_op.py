@@ -1,7 +1,7 @@
 """CapaContribTopK on every implementation against a float64 brute force (test-backend-ops style).
 
 One table of cases (shapes x variants x dtypes) times one list of implementations. The reference
-is written here, independent of capa_export/capa/scoring.py: it materialises every v_j^h W_O^h
+is written here, independent of capa_export/method/scoring.py: it materialises every v_j^h W_O^h
 with explicit per-head matmuls in float64 and takes the direct norm of sum_h a v W_O (no Gram
 form), from the same dtype-rounded inputs the implementations see.
 """

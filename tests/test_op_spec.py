@@ -87,7 +87,7 @@ def test_c_api_codes_match_the_manifest() -> None:
 
 
 def test_variant_names_match_the_python_definition() -> None:
-    # capa_export/capa/scoring.py defines the semantics; its order is the codes' order.
+    # capa_export/method/scoring.py defines the semantics; its order is the codes' order.
     assert list(scoring.VARIANTS) == sorted(spec.VARIANTS, key=spec.VARIANTS.get)
 
 

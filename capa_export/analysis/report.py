@@ -1,5 +1,5 @@
 """`capa-export analyze`: sinks (Probability Dumps vs Structural Anchors), attention vs
-contribution rankings, FFN linearity per layer, and suggested CAPA settings (CAPA.md section 2).
+contribution rankings, FFN linearity per layer, and suggested CAPA settings (docs/method.md, "Sinks").
 
 Definitions (our choices, all parameters of `analyze`):
 - a visual token is a *sink* at a layer when the attention it receives from the scoring queries
