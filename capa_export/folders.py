@@ -426,7 +426,7 @@ def key_path(parts) -> str:
     return text
 
 
-_VALIDATORS: dict[int, Any] = {}
+_VALIDATORS: dict[int, tuple[dict, Any]] = {}
 _DEFAULT_EXPECT = {"object": "an object", "array": "an array", "string": "a string", "integer": "an integer",
                    "number": "a number", "boolean": "true or false", "null": "null"}
 
@@ -462,9 +462,11 @@ def check_schema(obj, schema: dict, name: str) -> None:
     """CapaError naming the key path of the first problem (in key order) and what would be right."""
     from jsonschema import Draft202012Validator
 
-    validator = _VALIDATORS.get(id(schema))
-    if validator is None:
-        validator = _VALIDATORS[id(schema)] = Draft202012Validator(schema)
+    cached = _VALIDATORS.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        # the schema is kept with its validator: its id cannot be reused by another dict
+        cached = _VALIDATORS[id(schema)] = (schema, Draft202012Validator(schema))
+    validator = cached[1]
     errors = sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path])
     if not errors:
         return
@@ -483,10 +485,6 @@ def check_schema(obj, schema: dict, name: str) -> None:
                         f"{_expectation(error)}")
     shown = "" if isinstance(error.instance, (dict, list)) else f" (got {_show(error.instance)})"
     raise CapaError(f"{name}: {key_path(where) or 'the top level'} must be {_expectation(error)}{shown}")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_verified_bytes(path: str | Path, sha256: str, *, expected_bytes: int | None = None,

@@ -414,6 +414,18 @@ def test_load_library_verified_loads_the_checked_bytes(tmp_path):
         folders.load_library_verified(library, sha256(b"something else"))
 
 
+def test_load_library_falls_back_to_a_private_copy_where_memfd_is_not_executable(tmp_path, monkeypatch):
+    library = compile_library(tmp_path, "fallback", 3003)
+
+    def no_exec_memfd(*args):
+        raise OSError("failed to map segment from shared object")  # what vm.memfd_noexec=2 gives
+
+    monkeypatch.setattr(folders, "_load_from_memfd", no_exec_memfd)
+    loaded = folders.load_library_verified(library, sha256(library.read_bytes()))
+    assert loaded.handle.capa_probe() == 3003
+    assert not loaded.path.startswith(str(tmp_path)) and not os.path.exists(loaded.path)  # the copy is gone
+
+
 def test_load_library_has_no_gap_between_check_and_use(tmp_path, monkeypatch):
     """The file is swapped for another library right after its bytes are read (while they are
     hashed): hashing then reopening the path would load the swapped one."""
