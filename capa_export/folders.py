@@ -298,9 +298,10 @@ def _open_regular(path: Path, name: str) -> tuple[int, int]:
         raise CapaError(f"{name} does not exist") from None
     except OSError as exc:
         raise CapaError(f"{name} cannot be read ({exc.strerror})") from None
+    if stat.S_ISLNK(before.st_mode):
+        raise CapaError(f"{name} is a symbolic link; links are never followed out of a folder: replace it by the file")
     if not stat.S_ISREG(before.st_mode):
-        raise CapaError(f"{name} is {_describe_type(before.st_mode)}, not a regular file; links are never followed "
-                        f"out of a folder")
+        raise CapaError(f"{name} is {_describe_type(before.st_mode)}, not a regular file")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -755,10 +756,15 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else "")[:200]
 
 
-def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS):
-    """An image file as an RGB PIL image, refused with one line when it is not a readable image or
-    when its header claims more than max_pixels pixels (checked before any pixel is decoded; PIL's
-    own decompression-bomb limits give the same line)."""
+#: Image formats decoded by default: common, and decoded by PIL itself (EPS, for one, would run
+#: Ghostscript on the file).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+
+def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS, formats=IMAGE_FORMATS):
+    """An image file as an RGB PIL image, refused with one line when it is not a readable image of
+    one of formats, or when its header claims more than max_pixels pixels (checked before any pixel
+    is decoded; PIL's own decompression-bomb limits give the same line)."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -778,7 +784,7 @@ def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=list(formats)) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise too_large(f"{width} x {height} = {width * height}")
@@ -791,4 +797,4 @@ def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS):
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # PIL reports a broken file as any of these (SyntaxError for a bad PNG chunk)
         raise CapaError(f"image {path} cannot be read as an image ({type(exc).__name__}: {_first_line(exc)[:100]}); "
-                        f"give a PNG or JPEG file") from None
+                        f"give a file in one of: {', '.join(formats)}") from None

@@ -637,6 +637,10 @@ def test_open_image_reads_real_images_and_honours_max_pixels(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(CapaError, match="cannot be read as an image"):
         folders.open_image(tmp_path / "broken.png")
+    Image.fromarray(pixels).save(tmp_path / "small.tiff")  # readable by PIL, not among the default formats
+    with pytest.raises(CapaError, match="PNG, JPEG"):
+        folders.open_image(tmp_path / "small.tiff")
+    np.testing.assert_array_equal(np.asarray(folders.open_image(tmp_path / "small.tiff", formats=["TIFF"])), pixels)
 
 
 # --- what the build writes ---------------------------------------------------------------------
