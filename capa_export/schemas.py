@@ -97,11 +97,13 @@ ENGINE_MANIFEST = {
         "tool": TOOL,
         "model": {
             "type": "object",
-            "required": ["family", "image_token_id", "vocab_size", "num_visual_tokens_per_image"],
+            # ModelAdapter.describe(): the shared fields; a family adds its own vision geometry
+            "required": ["family", "image_token_id", "vocab_size", "hidden_size", "num_layers", "num_kv_heads",
+                         "head_dim"],
             "properties": {"name": SHORT_STRING, "family": SHORT_STRING, "model_type": SHORT_STRING,
                            "name_or_path": SHORT_STRING, "num_layers": POSITIVE, "hidden_size": POSITIVE,
-                           "image_token_id": NATURAL, "vocab_size": POSITIVE,
-                           "num_visual_tokens_per_image": POSITIVE},
+                           "image_token_id": NATURAL, "vocab_size": POSITIVE, "num_heads": POSITIVE,
+                           "num_kv_heads": POSITIVE, "head_dim": POSITIVE},
         },
         "capa_config": CAPA_CONFIG,
         "ffn_layers": LAYER_LIST,
@@ -113,6 +115,7 @@ ENGINE_MANIFEST = {
         "pruning": {"enum": ["plugin", "onnx"]},
         "k": {"type": ["integer", "null"], "minimum": 1, "expect": "null or an integer >= 1"},
         "layer_segment": {**LAYER_LIST, "minItems": 1, "expect": "a non-empty list of segment indices (integers >= 0)"},
+        "graph_contract": {"type": "object", "required": ["graphs"]},
         "libraries": {"type": "object", "additionalProperties": SHORT_STRING},
         "build_seconds": NULLABLE_NUMBER,
         "validation": {
@@ -161,13 +164,14 @@ ORT_SESSION = {
 #: `tensorrt/tensorrt.json` (backends.trt.build).
 TENSORRT_ENGINE = {
     "type": "object",
-    "required": ["backend", "graphs", "plugin_library"],
+    "required": ["backend", "graphs", "plugin"],
     "properties": {
         "backend": {"const": "tensorrt", "expect": "\"tensorrt\""},
         "tensorrt": SHORT_STRING,
         "graphs": _GRAPH_FILES,
         "timing_cache": {"anyOf": [{"type": "null"}, FILE_NAME], "expect": "null or a plain file name"},
-        "plugin_library": {"anyOf": [{"type": "null"}, FILE_NAME], "expect": "null or a plain file name"},
+        "plugin": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["name", "version", "namespace"]}],
+                   "expect": "null or the plugin's {name, version, namespace}"},
     },
 }
 
@@ -176,7 +180,7 @@ CALIBRATION_MANIFEST = {
     "type": "object",
     "required": ["artifact", "tool", "capa_config"],
     "properties": {
-        "artifact": {"const": "capa-calibration", "expect": "\"capa-calibration\""},
+        "artifact": {"const": "calibration", "expect": "\"calibration\""},
         "tool": TOOL,
         "model": SHORT_STRING,
         "calibration_inputs": {"type": "array", "items": {"type": "string"}},

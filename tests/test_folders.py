@@ -271,7 +271,8 @@ def minimal_manifest(files: dict) -> dict:
     """The fields build.build_engine writes, with a file table computed by the test."""
     return {"format_version": 1, "tool": {"name": "capa-export", "version": "0.1.0"},
             "model": {"name": "tiny-llava", "family": "llava", "image_token_id": 32000, "vocab_size": 32064,
-                      "num_visual_tokens_per_image": 576},
+                      "hidden_size": 128, "num_layers": 8, "num_kv_heads": 2, "head_dim": 32,
+                      "image_size": 336, "visual_tokens_per_image": 576},
             "capa_config": {"prune": [[2, 64]], "variant": "contrib", "queries": "text", "ffn_layers": [1, 2]},
             "profile": {"name": "cpu", "shapes": {"batch": [1, 1, 4], "sequence": [8, 640, 2048], "past": [1, 700, 4096]}},
             "backend": "onnxruntime", "backend_dir": "onnxruntime", "dtype": "fp32", "pruning": "plugin", "k": 64,
@@ -320,9 +321,10 @@ def test_session_schema_refuses_graph_paths_out_of_the_folder_and_provider_optio
     plugin = {**good, "providers": [["TensorrtExecutionProvider", {"trt_extra_plugin_lib_paths": "/tmp/x.so"}]]}
     with pytest.raises(CapaError, match=r"providers\[0\] must be a provider name"):
         folders.check_schema(plugin, schemas.ORT_SESSION, "session.json")
+    # the plugin is named, never loaded from a path the folder gives
     trt = {"backend": "tensorrt", "graphs": {g: f"{g}.plan" for g in schemas.GRAPH_NAMES},
-           "plugin_library": "/usr/lib/evil.so"}
-    with pytest.raises(CapaError, match="plugin_library must be null or a plain file name"):
+           "plugin": "/usr/lib/evil.so"}
+    with pytest.raises(CapaError, match="plugin must be null or the plugin's"):
         folders.check_schema(trt, schemas.TENSORRT_ENGINE, "tensorrt.json")
 
 
@@ -650,8 +652,8 @@ def test_schemas_and_checks_accept_a_built_engine(cpu_engine):
     manifest = folders.read_json(engine / "manifest.json", schema=schemas.ENGINE_MANIFEST)
     backend_dir = folders.confined_directory(engine, manifest["backend_dir"], source="manifest.json: backend_dir")
     session = folders.read_json(backend_dir / "session.json", schema=schemas.ORT_SESSION)
-    folders.read_json(engine / "capa" / "capa_config.json", schema=schemas.CAPA_CONFIG)
-    folders.read_json(engine / "capa" / "ffn_approx.json", schema=schemas.FFN_APPROXIMATION)
+    folders.read_json(engine / "calibration" / "capa_config.json", schema=schemas.CAPA_CONFIG)
+    folders.read_json(engine / "calibration" / "ffn_approx.json", schema=schemas.FFN_APPROXIMATION)
     folders.verify_file_table(engine, manifest["files"])
     assert set(folders.scan_folder(engine)) == set(manifest["files"]) | {"manifest.json", "validation.json"}
     for graph in session["graphs"].values():
