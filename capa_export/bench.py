@@ -215,9 +215,12 @@ def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps
 def record_compiled(record, timer, model, keep, embeds, positions, mask, visual, scenario, flops):
     capa = apply_capa(model, CapaConfig(prune=[(2, keep)]))
     weight = capa.query_weight(visual, mask)
-    from .export.graphs import select_with_standard_ops
+    from .method.scoring import contribution_scores_dense
 
-    select = select_with_standard_ops("contrib")  # no Python data-dependence: compilable
+    def select(probs, values, o_weight, keep):  # no Python data-dependence: compilable
+        scores = contribution_scores_dense(probs, values, o_weight, "contrib")
+        return torch.sort(torch.topk(scores, keep, dim=-1).indices, dim=-1).values
+
     try:
         compiled = torch.compile(lambda: capa.prefill_layers(embeds, positions, mask, visual, weight, select=select))
         compiled()
@@ -233,7 +236,6 @@ def record_engine(record, timer, model, processor, keep, embeds, mask, positions
 
     from .dtypes import name_of
     from .export.exporter import export_graphs
-    from .ops.ort_op import session_options_with_capa_ops
     from .validate import to_feed
 
     capa = apply_capa(model, CapaConfig(prune=[(2, keep)]))
@@ -243,9 +245,8 @@ def record_engine(record, timer, model, processor, keep, embeds, mask, positions
                {"skipped": "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)"})
         return
     with tempfile.TemporaryDirectory() as tmp:
-        contract = export_graphs(capa, processor, Path(tmp), "onnx", progress=False, graphs=("prefill",))
-        session = ort.InferenceSession(str(Path(tmp) / "prefill.onnx"), session_options_with_capa_ops(),
-                                       providers=providers)
+        contract = export_graphs(capa, processor, Path(tmp), "function", progress=False, graphs=("prefill",))
+        session = ort.InferenceSession(str(Path(tmp) / "prefill.onnx"), providers=providers)
         feed = to_feed(contract["prefill"], {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
                                              "visual_positions": visual}, name_of(dtype))
         record("ort_engine", scenario, timer(lambda: session.run(["logits"], feed)), flops,

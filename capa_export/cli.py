@@ -26,6 +26,15 @@ def _stage(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP (e.g. 2:64)") from None
 
 
+def _lowering(text: str) -> str:
+    from .export.graphs import pruning_lowering
+
+    try:
+        return pruning_lowering(text)
+    except CapaError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _layers(text: str):
     if text in ("auto", "none"):
         return "auto" if text == "auto" else []
@@ -302,14 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export ONNX graphs (vision, embed, prefill with pruning, decode)",
                        description="Export the CAPA model to vision.onnx, embed.onnx, prefill.onnx (pruning as "
-                                   "one CapaContribTopK node, or standard ops with --pruning onnx; approximated "
+                                   "one CapaContribTopK node with its ONNX local function, or inlined with "
+                                   "--pruning inline; approximated "
                                    "FFNs folded to MatMul + Add) and decode.onnx, sharing one weights.data.")
     _add_model(p, dtype_help="dtype of the exported graphs: the engine precision (default: fp32)")
     _add_calibrated(p, "default: calibrate now")
     p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
                    help="override the pruning schedule (k is fixed in the exported graph)")
-    p.add_argument("--pruning", choices=("plugin", "onnx"), default="plugin",
-                   help="plugin: one CapaContribTopK node; onnx: standard ops only (default: plugin)")
+    p.add_argument("--pruning", type=_lowering, default="function",
+                   help="function: one CapaContribTopK node with its ONNX local function (TensorRT runs its "
+                        "plugin, other runtimes the standard-op body); inline: the body inlined, for runtimes "
+                        "without local functions (default: function)")
     p.add_argument("--out", default="out/onnx", help="output folder (default: out/onnx)")
     p.set_defaults(func=cmd_export)
 
@@ -324,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrated(p, "default: calibrate now")
     p.add_argument("--backend", choices=("auto", *backends.names()), default=None,
                    help="override the profile's backend")
-    p.add_argument("--pruning", choices=("plugin", "onnx"), default=None, help="override the profile's lowering")
+    p.add_argument("--pruning", type=_lowering, default=None,
+                   help="override the profile's lowering: function or inline (see export --help)")
     p.add_argument("--plugin-library", default=None, help="TensorRT plugin library (TensorRT backend only)")
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")

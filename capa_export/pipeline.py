@@ -174,7 +174,7 @@ def generate(model_name: str = DEFAULT_MODEL, *, sample: CalibrationSample, conf
 
 
 def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, calibration_dir: str | None = None,
-           prune=None, dtype: str = "fp32", pruning: str = "plugin", device=None,
+           prune=None, dtype: str = "fp32", pruning: str = "function", device=None,
            progress: bool = True) -> tuple[Path, dict]:
     from .export.exporter import export_model
 

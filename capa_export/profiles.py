@@ -4,7 +4,9 @@
     backend      a backend name (capa_export/backends) | "auto" (TensorRT where installed, else ONNX Runtime)
     precision    "fp32" | "fp16" | "bf16": the dtype the ONNX graphs are exported in (TensorRT 11
                  networks are strongly typed: the graph carries the precision, no builder flag)
-    pruning      "plugin" (one CapaContribTopK node) | "onnx" (standard ops only)
+    pruning      "function" (one CapaContribTopK node with its ONNX local function: the TensorRT plugin
+                 where loaded, the standard-op body elsewhere) | "inline" (the body inlined: standard
+                 ops only); "plugin" / "onnx" are accepted as their earlier names
     prune        optional [[K, k], ...] overriding the calibrated schedule (k is fixed per engine)
     providers    ONNX Runtime execution providers, in order
     workspace_mib              TensorRT memory-pool limit / ONNX Runtime arena cap
@@ -37,7 +39,7 @@ class BuildProfile:
     name: str
     precision: str = "fp32"
     backend: str = "auto"
-    pruning: str = "plugin"
+    pruning: str = "function"
     prune: list[tuple[int, int]] | None = None
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     workspace_mib: int = 1024
@@ -54,8 +56,11 @@ class BuildProfile:
             raise CapaError(f"{where}: backend {self.backend!r} must be one of {', '.join(known)}")
         if self.precision not in PRECISIONS:
             raise CapaError(f"{where}: precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
-        if self.pruning not in ("plugin", "onnx"):
-            raise CapaError(f"{where}: pruning {self.pruning!r} must be 'plugin' or 'onnx'")
+        from .export.graphs import LOWERING_ALIASES, PRUNING_LOWERINGS
+
+        self.pruning = LOWERING_ALIASES.get(self.pruning, self.pruning)
+        if self.pruning not in PRUNING_LOWERINGS:
+            raise CapaError(f"{where}: pruning {self.pruning!r} must be one of {', '.join(PRUNING_LOWERINGS)}")
         if self.optimization_level not in ORT_LEVELS:
             raise CapaError(f"{where}: optimization_level {self.optimization_level!r} must be one of "
                             f"{', '.join(ORT_LEVELS)}")

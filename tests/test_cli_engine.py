@@ -108,10 +108,13 @@ def test_missing_plugin_library(tmp_path, capsys):
 
 
 def test_topk_limit_for_tensorrt_standard_op_lowering():
-    check_topk_limit(CapaConfig(prune=[(2, 3840)]), "onnx")
-    check_topk_limit(CapaConfig(prune=[(2, 4000)]), "plugin")  # the plugin has no such limit
-    with pytest.raises(CapaError, match="TopK limit of 3840"):
-        check_topk_limit(CapaConfig(prune=[(2, 4000)]), "onnx")
+    check_topk_limit(CapaConfig(prune=[(2, 3840)]), "inline", plugin_loaded=False)
+    check_topk_limit(CapaConfig(prune=[(2, 4000)]), "function", plugin_loaded=True)  # the plugin has no such limit
+    with pytest.raises(CapaError, match="TopK limit of 3840, which --pruning inline uses"):
+        check_topk_limit(CapaConfig(prune=[(2, 4000)]), "inline", plugin_loaded=True)
+    with pytest.raises(CapaError, match="TopK limit of 3840, which the CapaContribTopK function body uses when the "
+                                        "plugin is not loaded"):
+        check_topk_limit(CapaConfig(prune=[(2, 4000)]), "function", plugin_loaded=False)
 
 
 def test_bf16_engine_is_refused_before_anything_is_written(tmp_path, capsys):

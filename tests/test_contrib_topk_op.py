@@ -112,32 +112,22 @@ def run_torch_op_cpu(p, v, w, k, variant):
     return torch.ops.capa.contrib_topk(p, v, w, k, variant), None
 
 
-def run_onnxruntime(p, v, w, k, variant):
-    if p.dtype != torch.float32:
-        pytest.skip("onnxruntime-extensions Python ops have no float16/bfloat16 (see capa_export/ops/ort_op.py)")
+def run_onnx_function(p, v, w, k, variant):
+    """The CapaContribTopK node with its ONNX local function, run by ONNX Runtime (fp32 and fp16 graphs)."""
+    if p.dtype == torch.bfloat16:
+        pytest.skip("ONNX Runtime has no bfloat16 CPU kernels (MatMul, Mul, ReduceSum)")
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    from capa_export.ops import ort_op
+    from capa_export.ops.onnx_function import single_op_model
 
-    node = ort_op.make_contrib_topk_node(["probs", "values", "o_weight"], "keep", k=k, variant=variant)
-    graph = helper.make_graph(
-        [node],
-        "capa_contrib_topk",
-        [
-            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["B", p.shape[1], p.shape[2], "N"]),
-            helper.make_tensor_value_info("values", TensorProto.FLOAT, ["B", v.shape[1], "N", v.shape[3]]),
-            helper.make_tensor_value_info("o_weight", TensorProto.FLOAT, list(w.shape)),
-        ],
-        [helper.make_tensor_value_info("keep", TensorProto.INT32, ["B", k])],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_op.DOMAIN, 1)]
-    )
-    session = ort.InferenceSession(
-        model.SerializeToString(), ort_op.session_options_with_capa_ops(), providers=["CPUExecutionProvider"]
-    )
-    (keep,) = session.run(None, {"probs": p.numpy(), "values": v.numpy(), "o_weight": w.numpy()})
+    onnx_type, numpy_type = {torch.float32: (TensorProto.FLOAT, np.float32),
+                             torch.float16: (TensorProto.FLOAT16, np.float16)}[p.dtype]
+    session = ort.InferenceSession(single_op_model(k, variant, onnx_type).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    feed = {"probs": p.float().numpy().astype(numpy_type), "values": v.float().numpy().astype(numpy_type),
+            "o_weight": w.float().numpy().astype(numpy_type)}
+    (keep,) = session.run(None, feed)
     return torch.from_numpy(keep), None
 
 
@@ -163,7 +153,7 @@ IMPLEMENTATIONS = {
     "python": run_python,
     "native_cpu": run_native_cpu,
     "torch_op_cpu": run_torch_op_cpu,
-    "onnxruntime": run_onnxruntime,
+    "onnxruntime": run_onnx_function,
     "cuda": run_cuda,
     "tensorrt": run_tensorrt,
 }
@@ -283,22 +273,13 @@ def _call_native(args):
     return native.module().contrib_topk_cpu(p, v, w, k, variant)
 
 
-def _call_ort_function(args):
-    from capa_export.ops import ort_op
-
-    p, v, w, k, variant = args
-    return ort_op.contrib_topk_numpy(p.numpy(), v.numpy(), w.numpy(), k, variant)
-
-
-BAD_CALLERS = {"python": _call_python, "torch_op": _call_torch_op, "native_cpu": _call_native, "ort_fn": _call_ort_function}
+BAD_CALLERS = {"python": _call_python, "torch_op": _call_torch_op, "native_cpu": _call_native}
 
 
 @pytest.mark.parametrize("caller", list(BAD_CALLERS))
 @pytest.mark.parametrize("case", range(len(_bad_cases())), ids=[c[0] for c in _bad_cases()])
 def test_bad_inputs_raise_value_error(case: int, caller: str) -> None:
     name, args, match = _bad_cases()[case]
-    if caller == "ort_fn" and name == "mixed_dtypes":
-        pytest.skip("the ONNX Runtime op receives one dtype by construction (fp32 graph)")
     with pytest.raises(ValueError, match=match):
         BAD_CALLERS[caller](args)
 
@@ -312,29 +293,27 @@ def test_fake_tensor_shape() -> None:
     assert tuple(out.shape) == (2, 5) and out.dtype == torch.int32
 
 
-def test_ort_graph_matches_python_reference() -> None:
-    # The same hand-made graph through Polygraphy's ONNX Runtime runner (what the exporter uses).
-    pytest.importorskip("polygraphy")
+def test_function_through_polygraphy_reference_evaluator_and_inliner() -> None:
+    """The op's ONNX local function: passes the full checker, runs through Polygraphy's ONNX Runtime
+    runner, onnx's ReferenceEvaluator, and inlined, each equal to the Python reference."""
+    import onnx
+    import onnx.inliner
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from capa_export.ops import ort_op
+    from capa_export.ops.onnx_function import single_op_model
 
     p, v, w = _good()
-    graph = helper.make_graph(
-        [ort_op.make_contrib_topk_node(["probs", "values", "o_weight"], "keep", k=3, variant=0)],
-        "g",
-        [
-            helper.make_tensor_value_info("probs", TensorProto.FLOAT, list(p.shape)),
-            helper.make_tensor_value_info("values", TensorProto.FLOAT, list(v.shape)),
-            helper.make_tensor_value_info("o_weight", TensorProto.FLOAT, list(w.shape)),
-        ],
-        [helper.make_tensor_value_info("keep", TensorProto.INT32, [2, 3])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_op.DOMAIN, 1)])
-    session = ort.InferenceSession(model.SerializeToString(), ort_op.session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
+    feed = {"probs": p.numpy(), "values": v.numpy(), "o_weight": w.numpy()}
+    expected = scoring.contrib_topk(p, v, w, 3).numpy()
+    model = single_op_model(3, "contrib")
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     with OnnxrtRunner(session) as runner:
-        out = runner.infer({"probs": p.numpy(), "values": v.numpy(), "o_weight": w.numpy()})["keep"]
-    np.testing.assert_array_equal(out, scoring.contrib_topk(p, v, w, 3).numpy())
+        np.testing.assert_array_equal(runner.infer(feed)["keep_indices"], expected)
+    np.testing.assert_array_equal(ReferenceEvaluator(model).run(None, feed)[0], expected)
+    inlined = onnx.inliner.inline_local_functions(model)
+    assert not inlined.functions and "TopK" in {n.op_type for n in inlined.graph.node}
+    np.testing.assert_array_equal(
+        ort.InferenceSession(inlined.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0], expected)

@@ -4,6 +4,7 @@ Independent references: the CapaModel (itself tested against HF), HF `generate`,
 files read back with `onnx` (not through our exporter's own bookkeeping)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from capa_export.inputs import builtin_samples, encode, synthetic_image
 from capa_export.method.ffn import FfnApproximation
 from capa_export.export.exporter import export_model
 from capa_export.models import adapter_for
-from capa_export.ops.ort_op import session_options_with_capa_ops
+from capa_export.ops.spec import SPEC
 from capa_export.runtime import CapaEngine
 from capa_export.export.graphs import graph_inputs
 from capa_export.validate import to_feed
@@ -46,34 +47,58 @@ def test_build_validates_and_marks_complete(cpu_engine):
         assert (path / name).stat().st_size == entry["bytes"]
 
 
-def test_plugin_node_carries_the_tensorrt_attributes(cpu_engine):
+def test_one_graph_holds_the_op_as_a_local_function(cpu_engine):
+    """One CapaContribTopK node whose op_type, domain and attributes are the plugin creator's
+    (the creator's fields are checked against the same YAML manifest in test_op_spec.py), and the
+    local function it calls."""
     path, _ = cpu_engine
-    graph = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False).graph
-    nodes = [n for n in graph.node if n.op_type == "CapaContribTopK"]
-    assert len(nodes) == 1
+    model = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "CapaContribTopK"]
+    assert len(nodes) == 1 and nodes[0].domain == "capa" == SPEC.onnx_domain == SPEC.namespace
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert set(attrs) == set(SPEC.attributes) == {"k", "variant", "plugin_version", "plugin_namespace"}
     assert attrs["k"] == 64 and attrs["variant"] == 0
-    assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"capa"
-    assert nodes[0].domain == "ai.onnx.contrib" and len(nodes[0].input) == 3
+    assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"capa" and len(nodes[0].input) == 3
+    (function,) = model.functions
+    assert (function.domain, function.name) == ("capa", "CapaContribTopK")
+    assert set(function.attribute) == set(attrs) and "TopK" in {n.op_type for n in function.node}
+    # the weights reach the node in the graph's dtype (no fp32 copy of W_O): one o_proj initializer, used
+    # by the layer's projection and by the node
+    assert nodes[0].input[2].endswith("o_proj.weight")
+    onnx.checker.check_model(str(path / "onnx" / "prefill.onnx"), full_check=True)
 
 
-@pytest.mark.parametrize("lowering", ["plugin", "onnx"])
+def test_polygraphy_inspect_shows_the_op_node_and_its_opset(cpu_engine):
+    import subprocess
+    import sys
+
+    path, _ = cpu_engine
+    polygraphy = Path(sys.executable).with_name("polygraphy")  # the console script installed beside python
+    result = subprocess.run([str(polygraphy), "inspect", "model", str(path / "onnx" / "prefill.onnx"), "--show", "layers"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]
+    # Polygraphy 0.53 lists the node and the function's opset (it does not print function bodies)
+    assert "[Op: CapaContribTopK]" in result.stdout and "Other Opsets: {'capa': 1}" in result.stdout
+
+
+@pytest.mark.parametrize("lowering", ["function", "inline"])
 def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowering):
     model, processor = tiny
     path, _ = cpu_engine
     config = CapaConfig.load(path / "calibration")
     approx = FfnApproximation.load(path / "calibration", model)
-    if lowering == "plugin":
+    if lowering == "function":
         prefill = path / "onnx" / "prefill.onnx"
     else:
-        export_model(model, processor, config, approx, tmp_path / "onnx", pruning="onnx", progress=False,
+        export_model(model, processor, config, approx, tmp_path / "onnx", pruning="inline", progress=False,
                      graphs=("prefill",))
         prefill = tmp_path / "onnx" / "prefill.onnx"
-        ops = {n.op_type for n in onnx.load(str(prefill), load_external_data=False).graph.node}
-        assert "CapaContribTopK" not in ops and "TopK" in ops
+        inlined = onnx.load(str(prefill), load_external_data=False)
+        ops = {n.op_type for n in inlined.graph.node}
+        assert "CapaContribTopK" not in ops and "TopK" in ops and not inlined.functions
     capa = apply_capa(model, config, approx)
     batch = fresh_batch(processor, capa.adapter)
-    session = ort.InferenceSession(str(prefill), session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(prefill), providers=["CPUExecutionProvider"])
     logits, keep = session.run(["logits", "keep_indices"], prefill_feed(capa, batch))
     expected = capa(**batch, last_logits_only=True)
     assert keep.tolist() == expected.keep_indices.tolist()

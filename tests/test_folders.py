@@ -275,7 +275,7 @@ def minimal_manifest(files: dict) -> dict:
                       "image_size": 336, "visual_tokens_per_image": 576},
             "capa_config": {"prune": [[2, 64]], "variant": "contrib", "queries": "text", "ffn_layers": [1, 2]},
             "profile": {"name": "cpu", "shapes": {"batch": [1, 1, 4], "sequence": [8, 640, 2048], "past": [1, 700, 4096]}},
-            "backend": "onnxruntime", "backend_dir": "onnxruntime", "dtype": "fp32", "pruning": "plugin", "k": 64,
+            "backend": "onnxruntime", "backend_dir": "onnxruntime", "dtype": "fp32", "pruning": "function", "k": 64,
             "layer_segment": [0, 0, 1, 1], "libraries": {"onnx": "1.23"}, "complete": True,
             "files": {name: {"bytes": len(data), "sha256": sha256(data)} for name, data in files.items()}}
 

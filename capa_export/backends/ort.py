@@ -1,8 +1,8 @@
 """ONNX Runtime backend: an "engine" is each graph optimised by ONNX Runtime for the profile's
 providers and written to disk (`optimized_model_filepath`), plus the session options to load it.
 
-The CapaContribTopK node runs through onnxruntime-extensions (its Python op calls the plugin's C++
-reference), so the graph with the plugin node is itself built and validated here.
+ONNX Runtime runs the CapaContribTopK node's ONNX local function (its standard-op body): no custom-op
+library is registered.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ LEVELS = {
 
 
 def session_options(level: str = "all", optimized_path: Path | None = None) -> ort.SessionOptions:
-    from ..ops.ort_op import session_options_with_capa_ops
-
-    options = session_options_with_capa_ops()
+    options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.log_severity_level = 3
     if optimized_path is not None:

@@ -76,13 +76,31 @@ def load_plugin_library(path: Path) -> None:
             raise CapaError(f"TensorRT could not load the plugin library {path}")
 
 
-def check_topk_limit(config, pruning: str) -> None:
-    """The standard-op lowering cannot keep more than TopK's limit (the plugin has no such limit)."""
-    if pruning == "onnx":
-        for _, keep in config.prune:
-            if keep > TOPK_MAX:
-                raise CapaError(f"k={keep} exceeds TensorRT's TopK limit of {TOPK_MAX} for --pruning onnx; "
-                                f"use the plugin lowering or a smaller k")
+def check_topk_limit(config, pruning: str, plugin_loaded: bool) -> None:
+    """TensorRT's TopK takes k <= 3840. The plugin has no such limit; the function body (imported
+    when the plugin is not loaded) and the inlined lowering use TopK."""
+    for _, keep in config.prune:
+        if keep <= TOPK_MAX:
+            continue
+        if pruning == "inline":
+            raise CapaError(f"k={keep} exceeds TensorRT's TopK limit of {TOPK_MAX}, which --pruning inline uses; "
+                            f"use --pruning function with the plugin library, or keep at most {TOPK_MAX} tokens")
+        if not plugin_loaded:
+            raise CapaError(f"k={keep} exceeds TensorRT's TopK limit of {TOPK_MAX}, which the CapaContribTopK "
+                            f"function body uses when the plugin is not loaded; build {PLUGIN_LIBRARY} "
+                            f"(target capa_contrib_topk_plugin) or pass --plugin-library, or keep at most "
+                            f"{TOPK_MAX} tokens")
+
+
+def plugin_library_or_none(explicit: str | None) -> Path | None:
+    """The plugin library when one is found (an explicit path must exist), else None: TensorRT then
+    imports the CapaContribTopK function's body."""
+    try:
+        return find_plugin_library(explicit)
+    except CapaError:
+        if explicit:
+            raise
+        return None
 
 
 def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, plugin_library: str | None = None) -> dict:
@@ -92,9 +110,8 @@ def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, pl
     import tensorrt as trt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    library = None
-    if profile.pruning == "plugin":
-        library = find_plugin_library(plugin_library)
+    library = plugin_library_or_none(plugin_library) if profile.pruning == "function" else None
+    if library is not None:
         load_plugin_library(library)
     settings = profile.tensorrt
     cache = out_dir / settings.get("timing_cache", "timing.cache")
@@ -150,9 +167,9 @@ class TensorRTBackend(Backend):
         return unavailable_reason()
 
     def check(self, profile, config, *, plugin_library=None) -> None:
-        check_topk_limit(config, profile.pruning)
-        if profile.pruning == "plugin":
-            find_plugin_library(plugin_library)  # before minutes of export, not after
+        # before minutes of export, not after
+        plugin = plugin_library_or_none(plugin_library) if profile.pruning == "function" else None
+        check_topk_limit(config, profile.pruning, plugin is not None)
 
     def build(self, onnx_dir, profile, out_dir, contract, *, fixed_dims, plugin_library=None) -> dict:
         return build(onnx_dir, profile, out_dir, contract, fixed_dims, plugin_library)

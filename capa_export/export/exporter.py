@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
+import onnx.inliner
 import torch
 
 from ..artifacts import replace_directory, sha256_file
@@ -29,7 +30,9 @@ from ..inputs import builtin_samples
 from ..manifest import ONNX, write_manifest
 from ..method.capa_model import CapaModel, apply_capa
 from ..models import adapter_for, cast_model
-from .graphs import PRUNING_LOWERINGS, graph_inputs, graph_modules
+from ..ops.onnx_function import attach_function
+from ..ops.spec import SPEC
+from .graphs import graph_inputs, graph_modules, pruning_lowering
 
 WEIGHTS_FILE = "weights.data"
 OPSET = 18
@@ -80,9 +83,20 @@ def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, pro
 
     for name in tqdm(graphs, desc="exporting", unit="graph", disable=not progress):
         spec = contract[name]
-        _export_one(modules[name], spec.forward_arguments(examples[name]), directory / f"{name}.onnx",
-                    spec.input_names, spec.output_names, spec.dynamic_shapes(), quiet=True)
+        path = directory / f"{name}.onnx"
+        _export_one(modules[name], spec.forward_arguments(examples[name]), path, spec.input_names,
+                    spec.output_names, spec.dynamic_shapes(), quiet=True)
+        if name == "prefill":
+            place_selection(path, pruning)
     return contract
+
+
+def place_selection(path: Path, pruning: str) -> None:
+    """Give the prefill graph's CapaContribTopK node its local function, or inline it."""
+    model = attach_function(onnx.load(str(path), load_external_data=False))
+    if pruning == "inline":
+        model = onnx.inliner.inline_local_functions(model)
+    onnx.save(model, str(path))
 
 
 def share_weights(directory: Path, graphs=GRAPHS) -> dict:
@@ -146,15 +160,15 @@ def check_graphs(directory: Path, graphs=GRAPHS) -> dict:
             "parameters": parameters,
             "inputs": [i.name for i in model.graph.input],
             "outputs": [o.name for o in model.graph.output],
+            "functions": [f"{f.domain}::{f.name}" for f in model.functions],
         }
     return summary
 
 
-def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="fp32", pruning: str = "plugin",
+def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="fp32", pruning: str = "function",
                  model_name: str = "", progress: bool = True, graphs=GRAPHS) -> Path:
     """Export the CAPA model to `out_dir` (written under a temporary name, renamed when complete)."""
-    if pruning not in PRUNING_LOWERINGS:
-        raise CapaError(f"pruning lowering {pruning!r} is unknown; expected one of {', '.join(PRUNING_LOWERINGS)}")
+    pruning = pruning_lowering(pruning)
     graph_type = float_type(dtype)
     if next(model.parameters()).dtype != graph_type.torch:
         model = cast_model(copy.deepcopy(model), graph_type.torch)  # the caller's model stays as it was
@@ -196,7 +210,7 @@ def format_summary(manifest: dict) -> str:
         ops = ", ".join(f"{op} {n}" for op, n in list(info["ops"].items())[:6])
         rows.append(f"{name:<8} {info['nodes']:>6} {info['parameters']:>12,}  {ops}")
         if name == "prefill":
-            special = {op: n for op, n in info["ops"].items() if op in ("CapaContribTopK", "TopK")}
+            special = {op: n for op, n in info["ops"].items() if op in (SPEC.name, "TopK")}
             rows.append(f"{'':<8} pruning: {manifest['pruning']} ({special}); k = {manifest['k']}; "
                         f"FFN approximated in layers {manifest['ffn_layers'] or 'none'}")
     weights = manifest["weights"]

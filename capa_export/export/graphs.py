@@ -10,40 +10,38 @@ import torch
 from torch import nn
 
 from ..method.capa_model import CapaModel
-from ..method.scoring import contribution_scores_dense
-from ..ops.native import variant_code
+from ..ops.onnx_function import node_attributes
 from ..ops.spec import SPEC
 
-#: onnxruntime-extensions serves Python custom ops in this domain only
-PYTHON_OP_DOMAIN = "ai.onnx.contrib"
-PRUNING_LOWERINGS = ("plugin", "onnx")  # and "reference": the eager selection, for validation runners
+#: How the prefill graph holds the token selection (docs: README "Pruning lowerings"):
+#:   function  one CapaContribTopK node + its ONNX local function (ONNX Runtime runs the body,
+#:             TensorRT with the plugin loaded runs the plugin, TensorRT without it the body)
+#:   inline    the function's body inlined: standard ops only, for runtimes without local functions
+PRUNING_LOWERINGS = ("function", "inline")
+#: the names earlier versions used (plugin node / standard ops), still accepted
+LOWERING_ALIASES = {"plugin": "function", "onnx": "inline"}
 
 
-def select_with_standard_ops(variant: str):
-    """Scores in MatMul/ReduceSum/Sqrt, then TopK and a sort of the kept indices (standard ONNX)."""
+def pruning_lowering(name: str) -> str:
+    from ..errors import CapaError
+
+    name = LOWERING_ALIASES.get(name, name)
+    if name not in PRUNING_LOWERINGS:
+        raise CapaError(f"pruning lowering {name!r} is unknown; expected one of {', '.join(PRUNING_LOWERINGS)}")
+    return name
+
+
+def select_with_function(variant: str):
+    """Eager: the capa::contrib_topk op. Exported: one CapaContribTopK node, inputs in the graph's
+    dtype (the function body accumulates in fp32; no fp32 copy of W_O), int32 [B, k] output."""
 
     def select(probs, values, o_weight, keep: int) -> torch.Tensor:
-        scores = contribution_scores_dense(probs, values, o_weight, variant)
-        return torch.sort(torch.topk(scores, keep, dim=-1).indices, dim=-1).values
-
-    return select
-
-
-def select_with_plugin(variant: str):
-    """One CapaContribTopK node (the TensorRT plugin; onnxruntime-extensions runs it on CPU).
-
-    Its inputs are cast to fp32 whatever the graph's dtype: the plugin accumulates in fp32 anyway,
-    the probabilities come from an fp32 softmax, and one input type keeps every runtime able to run
-    it (onnxruntime-extensions' Python ops have no fp16/bf16)."""
-
-    def select(probs, values, o_weight, keep: int) -> torch.Tensor:
-        args = (probs.float(), values.float(), o_weight.float())
         if torch.onnx.is_in_onnx_export():
+            dtype = values.dtype
             indices = torch.onnx.ops.symbolic(
-                f"{PYTHON_OP_DOMAIN}::{SPEC.name}",
-                args,
-                attrs={"k": int(keep), "variant": variant_code(variant), "plugin_version": SPEC.version,
-                       "plugin_namespace": SPEC.namespace},
+                f"{SPEC.onnx_domain}::{SPEC.name}",
+                (probs.to(dtype), values, o_weight.to(dtype)),
+                attrs=node_attributes(keep, variant),
                 dtype=torch.int32,
                 shape=(probs.shape[0], keep),
                 version=1,
@@ -51,7 +49,7 @@ def select_with_plugin(variant: str):
         else:
             from ..ops import contrib_topk
 
-            indices = contrib_topk(*args, keep, variant)
+            indices = contrib_topk(probs, values, o_weight, keep, variant)
         return indices.to(torch.int64)
 
     return select
@@ -80,8 +78,9 @@ class PrefillGraph(nn.Module):
         super().__init__()
         self.capa = capa
         variant = capa.config.variant
-        selectors = {"plugin": select_with_plugin, "onnx": select_with_standard_ops}
-        self.select = selectors[pruning](variant) if pruning in selectors else capa.select_tokens
+        # exported graphs hold the function node ("inline" is the same node, inlined after export);
+        # "reference" selects as the eager CapaModel does (validation's reference runner)
+        self.select = capa.select_tokens if pruning == "reference" else select_with_function(variant)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, visual_positions):
         capa = self.capa
