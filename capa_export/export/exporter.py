@@ -35,7 +35,9 @@ from ..ops.spec import SPEC
 from .graphs import graph_inputs, graph_modules, pruning_lowering
 
 WEIGHTS_FILE = "weights.data"
-OPSET = 18
+#: 23: the standard Attention op (GQA, past/present KV, post-softmax probabilities)
+OPSET = 23
+ATTENTION_FORMS = ("fused", "explicit")
 # Tensors smaller than this stay inline in their graph (scalars, shapes): not worth an offset.
 INLINE_BYTES = 1024
 #: example batch size: 2, so that no dimension is specialised to 1 when tracing
@@ -166,15 +168,22 @@ def check_graphs(directory: Path, graphs=GRAPHS) -> dict:
 
 
 def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="fp32", pruning: str = "function",
-                 model_name: str = "", progress: bool = True, graphs=GRAPHS) -> Path:
-    """Export the CAPA model to `out_dir` (written under a temporary name, renamed when complete)."""
+                 attention: str = "fused", model_name: str = "", progress: bool = True, graphs=GRAPHS) -> Path:
+    """Export the CAPA model to `out_dir` (written under a temporary name, renamed when complete).
+
+    attention: "fused" writes each layer's attention as one ONNX Attention op (opset 23: ONNX
+    Runtime >= 1.23, TensorRT >= 10.14 run it with their own kernels); "explicit" writes the
+    MatMul / Softmax / MatMul of the reference, for runtimes without it."""
     pruning = pruning_lowering(pruning)
+    if attention not in ATTENTION_FORMS:
+        raise CapaError(f"attention {attention!r} is unknown; expected one of {', '.join(ATTENTION_FORMS)}")
     graph_type = float_type(dtype)
     if next(model.parameters()).dtype != graph_type.torch:
         model = cast_model(copy.deepcopy(model), graph_type.torch)  # the caller's model stays as it was
     if ffn is not None:
         ffn = ffn.cast(graph_type.torch)  # folded weights in the graph's dtype: plain MatMul + Add, no Cast
     capa = apply_capa(model, config, ffn)
+    capa.fused_attention = attention == "fused"
     adapter = adapter_for(model)
     start = time.perf_counter()
 
@@ -191,6 +200,7 @@ def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="f
             "ffn_layers": capa.ffn_layers,
             "dtype": graph_type.name,
             "pruning": pruning,
+            "attention": attention,
             "k": config.prune[-1][1] if config.prune else None,
             "layer_segment": capa.layer_segments(),
             "graph_contract": contract.to_dict(),

@@ -137,6 +137,9 @@ class CapaModel(nn.Module):
         self.collect_layers: set[int] = set()
         #: called as probe(layer, probs, values, o_weight, visual_slots, query_weight) (analysis)
         self.attention_probe: Callable | None = None
+        #: exported graphs: attention as one ONNX Attention op (set by the exporter); eager runs
+        #: always use the explicit softmax, the reference every engine is validated against
+        self.fused_attention = False
 
     def _resolve_ffn_layers(self, config, ffn) -> list[int]:
         if config.ffn_layers == "auto":
@@ -323,7 +326,7 @@ class CapaModel(nn.Module):
         parts = adapter.layer(index)
         residual = hidden
         normed = parts.input_norm(hidden)
-        attn_out, (keys, values), probs = self._attention(parts, normed, cos, sin, mask, past)
+        attn_out, (keys, values), probs = self._attention(parts, normed, cos, sin, mask, past, want_probs)
         hidden = residual + attn_out
         residual = hidden
         normed = parts.post_attention_norm(hidden)
@@ -347,13 +350,24 @@ class CapaModel(nn.Module):
             self.collector(index, normed, full, is_visual.scatter(1, visual_slots, True))
         return residual + ffn_out, (keys, values), (probs if want_probs else None)
 
-    def _attention(self, parts, x, cos, sin, mask, past):
+    def _attention(self, parts, x, cos, sin, mask, past, want_probs: bool = False):
         batch, length, _ = x.shape
         h, h_kv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
         q = parts.q_proj(x).view(batch, length, h, d).transpose(1, 2)
         k = parts.k_proj(x).view(batch, length, h_kv, d).transpose(1, 2)
         v = parts.v_proj(x).view(batch, length, h_kv, d).transpose(1, 2)
         q, k = self.adapter.apply_rotary(q, k, cos, sin)
+        if self.fused_attention and torch.onnx.is_in_onnx_export():
+            # ONNX Attention (opset 23): one fused op for runtimes to run with their own kernel
+            # (TensorRT >= 10.14, ONNX Runtime >= 1.23); it appends the new keys to the past ones and,
+            # in the scoring layer, also outputs the post-softmax probabilities (mode 3).
+            out, k, v, probs = torch.onnx.ops.attention(
+                q, k, v, attn_mask=mask, past_key=None if past is None else past[0],
+                past_value=None if past is None else past[1], kv_num_heads=h_kv, q_num_heads=h,
+                scale=parts.attention_scale, qk_matmul_output_mode=3 if want_probs else 0,
+                softmax_precision=1)  # 1 = FLOAT: softmax in fp32, as the eager path
+            out = out.transpose(1, 2).reshape(batch, length, h * d)
+            return parts.o_proj(out), (k, v), probs.to(q.dtype) if want_probs else None
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)

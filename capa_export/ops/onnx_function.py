@@ -33,7 +33,8 @@ from onnx import TensorProto, helper
 
 from .spec import SPEC
 
-#: opset of the function body (TopK with k as an input, Shape with start/end)
+#: lowest opset of the function body (TopK with k as an input, Shape with start/end); a model
+#: gets the body at its own default-domain opset (a function's imports must agree with the model's)
 BODY_OPSET = 18
 
 
@@ -100,7 +101,7 @@ def _scores(body: _Body, variant: str) -> str:
     return body("ReduceSum", [body("Sqrt", [body("Max", [quad, zero])]), body.const([-1])], keepdims=0)
 
 
-def make_function(variant: str) -> onnx.FunctionProto:
+def make_function(variant: str, opset: int = BODY_OPSET) -> onnx.FunctionProto:
     """The FunctionProto `capa::CapaContribTopK` whose body selects by `variant`."""
     if variant not in SPEC.variants:
         raise ValueError(f"variant {variant!r} is unknown; expected one of {', '.join(SPEC.variants)}")
@@ -111,7 +112,7 @@ def make_function(variant: str) -> onnx.FunctionProto:
     ascending, _ = body("TopK", [top, k], outputs=2, axis=-1, largest=0, sorted=1)
     body.nodes.append(helper.make_node("Cast", [ascending], [SPEC.outputs[0]], to=TensorProto.INT32))
     return helper.make_function(SPEC.onnx_domain, SPEC.name, list(SPEC.inputs), list(SPEC.outputs), body.nodes,
-                                [helper.make_opsetid("", BODY_OPSET)], attributes=list(SPEC.attributes))
+                                [helper.make_opsetid("", opset)], attributes=list(SPEC.attributes))
 
 
 def node_attributes(k: int, variant: str) -> dict:
@@ -142,8 +143,9 @@ def attach_function(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     if len(variants) > 1:
         raise ValueError(f"one prefill graph scores with one variant; found {sorted(variants)}")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), BODY_OPSET)
     del model.functions[:]
-    model.functions.append(make_function(variants.pop()))
+    model.functions.append(make_function(variants.pop(), max(opset, BODY_OPSET)))
     if not any(o.domain == SPEC.onnx_domain for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(SPEC.onnx_domain, 1))
     return model
