@@ -188,7 +188,8 @@ def cmd_export(args) -> int:
 
     start = time.perf_counter()
     out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=args.prune,
-                           dtype=args.dtype or "fp32", pruning=args.pruning, device=args.device)
+                           dtype=args.dtype or "fp32", pruning=args.pruning, attention=args.attention,
+                           device=args.device)
     print(format_summary(manifest))
     print(f"exported {args.model} ({manifest['dtype']}) to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="function: one CapaContribTopK node with its ONNX local function (TensorRT runs its "
                         "plugin, other runtimes the standard-op body); inline: the body inlined, for runtimes "
                         "without local functions (default: function)")
+    p.add_argument("--attention", choices=("fused", "explicit"), default="fused",
+                   help="fused: each layer's attention as one ONNX Attention op (opset 23; ONNX Runtime >= 1.23, "
+                        "TensorRT >= 10.14); explicit: MatMul/Softmax/MatMul (default: fused)")
     p.add_argument("--out", default="out/onnx", help="output folder (default: out/onnx)")
     p.set_defaults(func=cmd_export)
 

@@ -173,17 +173,31 @@ def generate(model_name: str = DEFAULT_MODEL, *, sample: CalibrationSample, conf
                           int(capa.visual_slots(batch["input_ids"]).shape[1]), seconds, config)
 
 
+def calibrated_in_fp32(model_name: str, calibration_samples=None, device=None, progress: bool = True):
+    """(CapaConfig, FfnApproximation | None) fitted now on the model loaded in fp32, whose memory is
+    given back before returning: the caller loads the model again in the dtype it needs, so an fp32
+    copy never sits beside an fp16 one."""
+    model, processor = load_model(model_name, "fp32", device)
+    config, approx = calibrated_config(model, processor, None, calibration_samples, progress)
+    del model
+    return config, approx
+
+
 def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, calibration_dir: str | None = None,
-           prune=None, dtype: str = "fp32", pruning: str = "function", device=None,
+           prune=None, dtype: str = "fp32", pruning: str = "function", attention: str = "fused", device=None,
            progress: bool = True) -> tuple[Path, dict]:
     from .export.exporter import export_model
 
     check_replaceable(out)
-    model, processor = load_model(model_name, "fp32", device)
-    config, approx = calibrated_config(model, processor, calibration_dir, progress=progress)  # fitted in fp32
+    if calibration_dir:
+        model, processor = load_model(model_name, dtype, device)  # in the graph's dtype: no second copy
+        config, approx = load_calibration(model, calibration_dir)
+    else:
+        config, approx = calibrated_in_fp32(model_name, device=device, progress=progress)
+        model, processor = load_model(model_name, dtype, device)
     config = with_prune(config, prune)
-    path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, model_name=model_name,
-                        progress=progress)
+    path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, attention=attention,
+                        model_name=model_name, progress=progress)
     return path, read_json_manifest(path, ONNX, "an ONNX export")
 
 
@@ -269,18 +283,27 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
         engine_backend.check(profile, CapaConfig(prune=profile.prune), plugin_library=plugin_library)
 
     start = time.perf_counter()
-    model, processor = load_model(model_name, "fp32")
+    # The model is loaded in the dtype each step needs and given back after it (calibration and the
+    # validation reference in fp32, the export in the engine's precision): one copy at a time.
+    model, processor = load_model(model_name, profile.precision)
     adapter = adapter_for(model)
     fewest_visual = adapter.family.visual_token_range()[0]
+    num_layers = adapter.num_layers
     if profile.prune is not None:
         override = CapaConfig(prune=profile.prune)
-        override.check_for_model(adapter.num_layers)
+        override.check_for_model(num_layers)
         override.check_for_visual_tokens(fewest_visual)
     log(f"[1/4] CAPA config for {model_name} "
         f"({'from ' + calibration_dir if calibration_dir else 'calibrating on built-in inputs'})")
-    config, approx = calibrated_config(model, processor, calibration_dir, calibration_samples, progress)
+    if calibration_dir or profile.precision == "fp32":
+        config, approx = calibrated_config(model, processor, calibration_dir, calibration_samples, progress)
+    else:
+        del model, adapter
+        config, approx = calibrated_in_fp32(model_name, calibration_samples, progress=progress)
+        model, processor = load_model(model_name, profile.precision)
+        adapter = adapter_for(model)
     config = with_prune(config, profile.prune)
-    config.check_for_model(adapter.num_layers)
+    config.check_for_model(num_layers)
     config.check_for_visual_tokens(fewest_visual)
     engine_backend.check(profile, config, plugin_library=plugin_library)
 
@@ -290,9 +313,10 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
         if approx is not None:
             approx.save(work / CALIBRATION_DIR)
         processor.save_pretrained(str(work / "processor"))
-        log(f"[2/4] exporting ONNX ({profile.precision}, pruning lowering: {profile.pruning}) ...")
+        log(f"[2/4] exporting ONNX ({profile.precision}, pruning lowering: {profile.pruning}, "
+            f"attention: {profile.attention}) ...")
         export_model(model, processor, config, approx, work / "onnx", dtype=profile.precision,
-                     pruning=profile.pruning, model_name=model_name, progress=progress)
+                     pruning=profile.pruning, attention=profile.attention, model_name=model_name, progress=progress)
         export_info = read_json_manifest(work / "onnx", ONNX, "an ONNX export")
         log(f"[3/4] building the {engine_backend.name} engine ...")
         contract = adapter.family.graph_contract(export_info["layer_segment"])
@@ -301,9 +325,13 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
         fields = {"model": export_info["model"], "capa_config": config.to_dict(), "ffn_layers": export_info["ffn_layers"],
                   "profile": profile.to_dict(), "backend": engine_backend.name, "backend_dir": engine_backend.name,
                   "backend_description": description, "dtype": profile.precision, "pruning": profile.pruning,
-                  "k": export_info["k"], "layer_segment": export_info["layer_segment"],
+                  "attention": export_info["attention"], "k": export_info["k"],
+                  "layer_segment": export_info["layer_segment"],
                   "graph_contract": export_info["graph_contract"], "build_seconds": None}
         write_manifest(work, ENGINE, fields, complete=False)
+        if profile.precision != "fp32":  # the reference is fp32
+            del model, adapter
+            model, processor = load_model(model_name, "fp32")
         log("[4/4] validating against the PyTorch CapaModel (Polygraphy) ...")
         report = validate_engine(work, model, processor, validation_samples, max_new_tokens)
         manifest = json.loads((work / ENGINE.file).read_text())

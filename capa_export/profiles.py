@@ -7,6 +7,8 @@
     pruning      "function" (one CapaContribTopK node with its ONNX local function: the TensorRT plugin
                  where loaded, the standard-op body elsewhere) | "inline" (the body inlined: standard
                  ops only); "plugin" / "onnx" are accepted as their earlier names
+    attention    "fused" (each layer's attention as one ONNX Attention op, opset 23) | "explicit"
+                 (MatMul / Softmax / MatMul, for runtimes without Attention-23)
     prune        optional [[K, k], ...] overriding the calibrated schedule (k is fixed per engine)
     providers    ONNX Runtime execution providers, in order
     workspace_mib              TensorRT memory-pool limit / ONNX Runtime arena cap
@@ -40,6 +42,7 @@ class BuildProfile:
     precision: str = "fp32"
     backend: str = "auto"
     pruning: str = "function"
+    attention: str = "fused"
     prune: list[tuple[int, int]] | None = None
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     workspace_mib: int = 1024
@@ -58,6 +61,10 @@ class BuildProfile:
             raise CapaError(f"{where}: precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
         from .export.graphs import LOWERING_ALIASES, PRUNING_LOWERINGS
 
+        from .export.exporter import ATTENTION_FORMS
+
+        if self.attention not in ATTENTION_FORMS:
+            raise CapaError(f"{where}: attention {self.attention!r} must be one of {', '.join(ATTENTION_FORMS)}")
         self.pruning = LOWERING_ALIASES.get(self.pruning, self.pruning)
         if self.pruning not in PRUNING_LOWERINGS:
             raise CapaError(f"{where}: pruning {self.pruning!r} must be one of {', '.join(PRUNING_LOWERINGS)}")
@@ -118,7 +125,7 @@ class BuildProfile:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "precision": self.precision,
-                "backend": self.backend, "pruning": self.pruning,
+                "backend": self.backend, "pruning": self.pruning, "attention": self.attention,
                 "prune": [list(s) for s in self.prune] if self.prune else None, "providers": self.providers,
                 "workspace_mib": self.workspace_mib, "optimization_level": self.optimization_level,
                 "shapes": {k: list(v) for k, v in self.shapes.items()}, "tensorrt": self.tensorrt}
