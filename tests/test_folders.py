@@ -323,7 +323,7 @@ def test_session_schema_refuses_graph_paths_out_of_the_folder_and_provider_optio
         folders.check_schema(plugin, schemas.ORT_SESSION, "session.json")
     # the plugin is named, never loaded from a path the folder gives
     trt = {"backend": "tensorrt", "graphs": {g: f"{g}.plan" for g in schemas.GRAPH_NAMES},
-           "plugin": "/usr/lib/evil.so"}
+           "plugin": "/usr/lib/evil.so", "embedded_plugins": False}
     with pytest.raises(CapaError, match="plugin must be null or the plugin's"):
         folders.check_schema(trt, schemas.TENSORRT_ENGINE, "tensorrt.json")
 
