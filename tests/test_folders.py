@@ -655,7 +655,8 @@ def test_schemas_and_checks_accept_a_built_engine(cpu_engine):
     folders.read_json(engine / "calibration" / "capa_config.json", schema=schemas.CAPA_CONFIG)
     folders.read_json(engine / "calibration" / "ffn_approx.json", schema=schemas.FFN_APPROXIMATION)
     folders.verify_file_table(engine, manifest["files"])
-    assert set(folders.scan_folder(engine)) == set(manifest["files"]) | {"manifest.json", "validation.json"}
+    assert set(folders.scan_folder(engine)) == set(manifest["files"]) | {"manifest.json", "validation.json",
+                                                                         "manifest.sig"}
     for graph in session["graphs"].values():
         folders.confined_file(backend_dir, graph, source="session.json: graphs")
         assert folders.check_external_data(engine, f"{manifest['backend_dir']}/{graph}")
