@@ -212,15 +212,20 @@ def test_a_tensorrt_folder_never_names_native_code(scene, capsys, description, w
     assert_refused(run_cli(capsys, "run", scene.engine), scene, "tensorrt.json", *words)
 
 
-def test_a_tensorrt_engine_loads_nothing_before_its_checks(scene, capsys):
-    """A well-formed TensorRT folder that carries a library: without TensorRT, one line saying so,
-    and the carried library never loaded (with TensorRT: not exercised here, see the README)."""
+def test_a_tensorrt_folder_is_checked_before_tensorrt_is_needed(scene, capsys):
+    """A well-formed TensorRT folder that carries a library: its description was read and checked
+    (so a hostile one is refused the same way with or without TensorRT), then, without TensorRT,
+    one line saying so, and the carried library never loaded. With TensorRT: not exercised here."""
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed: this covers its absence")
     description = {"backend": "tensorrt", "graphs": TRT_GRAPHS, "embedded_plugins": False, "plugin": PLUGIN}
     tensorrt_folder(scene, description)
+    from capa_export.backends import trt
+
+    files = {k.split("/", 1)[1]: v for k, v in read_manifest(scene.engine)["files"].items() if k.startswith("tensorrt/")}
+    assert trt.check_folder(scene.engine / "tensorrt", files) == description  # needs no TensorRT
     assert_refused(run_cli(capsys, "run", scene.engine), scene, "TensorRT is not installed")
 
 
