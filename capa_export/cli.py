@@ -64,6 +64,27 @@ def _add_model(parser, dtype_help="weights dtype when loading (default: the chec
 def _add_input(parser):
     parser.add_argument("--image", default=None, help="image file (default: a built-in synthetic picture)")
     parser.add_argument("--prompt", default=DEFAULT_QUESTION, help="question about the image")
+    _add_pixel_cap(parser)
+
+
+def _add_pixel_cap(parser):
+    from .folders import MAX_IMAGE_PIXELS
+
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                        help=f"refuse images whose header claims more pixels, before decoding them (default: "
+                             f"{MAX_IMAGE_PIXELS})")
+
+
+def _add_trust(parser):
+    parser.add_argument("--trust", default=None, metavar="PUBKEY",
+                        help="PEM public key (capa-export keygen): the engine's signature (manifest.sig) must verify "
+                             "with it, and every file its manifest lists is checked")
+    parser.add_argument("--plugin-library", default=None, metavar="SO",
+                        help="TensorRT only: the plugin library to use instead of the installed one (checked against "
+                             "the sha256 the engine recorded)")
+    parser.add_argument("--allow-engine-code", action="store_true",
+                        help="TensorRT only: deserialise plans that carry plugin code (version-compatible engines); "
+                             "only for engines from builders you trust")
 
 
 def _add_calibration(parser):
@@ -109,7 +130,7 @@ def _input_sample(args):
     from .inputs import CalibrationSample, builtin_samples, open_image
 
     if args.image:
-        return CalibrationSample(open_image(args.image), args.prompt, args.image)
+        return CalibrationSample(open_image(args.image, args.max_image_pixels), args.prompt, args.image)
     sample = builtin_samples(1, seed=1)[0]
     sample.question = args.prompt
     return sample
@@ -118,8 +139,10 @@ def _input_sample(args):
 def _calibration_samples(args):
     from .inputs import builtin_samples, folder_samples
 
+    if args.max_image_pixels < 1:
+        raise CapaError(f"--max-image-pixels {args.max_image_pixels} must be >= 1")
     if args.calibration_images:
-        return folder_samples(args.calibration_images)
+        return folder_samples(args.calibration_images, args.max_image_pixels)
     if args.calibration_count < 1:
         raise CapaError(f"--calibration-count {args.calibration_count} must be >= 1")
     return builtin_samples(args.calibration_count)
@@ -204,8 +227,10 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     path, report = build(args.model, args.profile, out=args.out, calibration_dir=args.calibrated, backend=args.backend,
                          pruning=args.pruning, plugin_library=args.plugin_library, calibration_samples=calibration,
-                         validation_samples=samples, max_new_tokens=args.validate_tokens)
+                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign)
     print(report["table"])
+    if report.get("signature") == "signed":
+        print(f"signed with {args.sign}: {path}/manifest.sig")
     if not report["passed"]:
         print(f"engine NOT complete: validation failed; kept for inspection in {path}/", file=sys.stderr)
         return 1
@@ -217,8 +242,11 @@ def cmd_validate(args) -> int:
     from .pipeline import validate
 
     samples = [_input_sample(args)] if args.image else None
-    report = validate(args.engine, args.model, samples, args.tokens)
+    report = validate(args.engine, args.model, samples, args.tokens, trust=args.trust, sign_key=args.sign,
+                      plugin_library=args.plugin_library, allow_engine_code=args.allow_engine_code)
     print(report["table"])
+    if report.get("signature"):
+        print(f"signature: {report['signature']}", file=sys.stderr)
     return 0 if report["passed"] else 1
 
 
@@ -226,7 +254,8 @@ def cmd_run(args) -> int:
     from .runtime import CapaEngine
 
     sample = _input_sample(args)
-    with CapaEngine(args.engine, verify=not args.no_verify) as engine:
+    with CapaEngine(args.engine, verify=not args.no_verify, trust=args.trust, plugin_library=args.plugin_library,
+                    allow_engine_code=args.allow_engine_code) as engine:
         print(f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
               f"keep {engine.manifest['k']} visual tokens", file=sys.stderr)
         result = engine.generate(sample.image, sample.question, args.max_new_tokens,
@@ -237,6 +266,15 @@ def cmd_run(args) -> int:
           f"{t['vision'] * 1e3:.1f} ms, prefill {t['prefill'] * 1e3:.1f} ms, time to first token "
           f"{t['time_to_first_token'] * 1e3:.1f} ms, decode {t['decode_per_token'] * 1e3:.1f} ms/token "
           f"({len(result.tokens)} tokens)", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .signing import generate_keypair
+
+    private, public = generate_keypair(args.out)
+    print(f"private key {private} (mode 0600: keep it secret; give it to build --sign)")
+    print(f"public key  {public} (give it to whoever runs your engines: run --trust)")
     return 0
 
 
@@ -295,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ffn_approx.safetensors, ffn_approx.json and calibration.json.")
     _add_model(p)
     _add_calibration(p)
+    _add_pixel_cap(p)
     _add_capa(p)
     p.add_argument("--out", default="out/calibration", help="output folder (default: out/calibration)")
     p.set_defaults(func=cmd_calibrate)
@@ -335,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "marked complete only when validation passes.")
     _add_model(p, dtype_help=None)
     _add_calibration(p)
+    _add_pixel_cap(p)
     p.add_argument("--profile", default="cpu", help="build profile: cpu, edge, datacenter, or a TOML file "
                                                     "(default: cpu)")
     _add_calibrated(p, "default: calibrate now")
@@ -346,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")
     p.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
+    p.add_argument("--sign", default=None, metavar="KEY",
+                   help="PEM Ed25519 private key (capa-export keygen): sign the validated engine (manifest.sig)")
     p.add_argument("--out", default=None, help="engine folder (default: engines/<model>-<profile>)")
     p.set_defaults(func=cmd_build)
 
@@ -353,9 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Graph-by-graph Polygraphy comparison and end-to-end greedy-token agreement; "
                                    "writes validation.json, marks the engine complete or not; exit 1 on failure.")
     p.add_argument("engine", help="engine folder")
-    p.add_argument("--model", default=None, help="model to compare with (default: the one in the manifest)")
+    p.add_argument("--model", default=None,
+                   help="model to compare with: needed unless the manifest names an embedded model (a path or hub id "
+                        "read from an engine folder is never loaded)")
     _add_input(p)
     p.add_argument("--tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
+    _add_trust(p)
+    p.add_argument("--sign", default=None, metavar="KEY",
+                   help="PEM Ed25519 private key: sign the engine again once it passed (validation rewrites "
+                        "manifest.json, so an earlier signature no longer holds and is removed)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="generate an answer with a built engine",
@@ -364,8 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("engine", help="engine folder")
     _add_input(p)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the engine files")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip hashing the engine files (names, links, sizes and the one-to-one match with the "
+                        "manifest are still checked; ignored with --trust)")
+    _add_trust(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign engines with",
+                       description="Write capa-signing-key.pem (private, mode 0600) and capa-signing-key.pub.pem "
+                                   "into --out; existing files are never replaced. OpenSSL makes the same keys: "
+                                   "openssl genpkey -algorithm ed25519 -out key.pem; "
+                                   "openssl pkey -in key.pem -pubout -out key.pub.pem")
+    p.add_argument("--out", default=".", help="directory for the two key files (default: .)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("bench", help="time CAPA against HF SDPA, FastV, torch.compile and the engine",
                        description="Prefill timings per runtime and scenario in one run, with measured floors "

@@ -27,7 +27,6 @@ hidden temporary folder, never a directory that looks complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,7 +37,10 @@ from .artifacts import check_replaceable, commit_directory, make_work_dir, repla
 from .config import CapaConfig
 from .errors import CapaError
 from .inputs import CalibrationSample, builtin_samples, encode
-from .manifest import ANALYSIS, CALIBRATION, ENGINE, ONNX, read_json_manifest, read_manifest, write_manifest
+from .contract import GRAPHS
+from .folders import read_json
+from .manifest import (ANALYSIS, CALIBRATION, ENGINE, ONNX, SIGNATURE_FILE, VALIDATION_FILE, read_json_manifest,
+                       read_manifest, write_manifest)
 from .method.capa_model import apply_capa
 from .method.ffn import META_FILE, FfnApproximation, fit_ffn_approximation
 from .models import adapter_for, load_model
@@ -213,59 +215,116 @@ def validation_inputs(adapter, processor, samples=None) -> list[dict]:
     return [encode(adapter, processor, s) for s in samples]
 
 
+def check_engine_model(manifest: dict, adapter, engine_dir: Path) -> None:
+    """The reference model must be the one the engine describes (its family's own description)."""
+    recorded = manifest["model"]
+    for key, value in adapter.describe().items():
+        if key in recorded and recorded[key] != value:
+            raise CapaError(f"engine {engine_dir} was built from another model ({key} {str(recorded[key])[:40]} in its "
+                            f"manifest, {value} in the model given); pass --model with the model it was built from")
+
+
 def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_tokens: int = 8,
-                    write: bool = True) -> dict:
+                    write: bool = True, sign_key=None, plugin_library: str | None = None,
+                    allow_engine_code: bool = False) -> dict:
     """Validate an engine directory against the CapaModel (fp32) rebuilt from its own calibration/.
-    Writes validation.json and rewrites manifest.json with complete = passed."""
-    from .runtime import CapaEngine
+    Writes validation.json and rewrites manifest.json with complete = passed, holding a lock on the
+    folder (a second writer is refused). A signature the rewrite made stale is removed; with
+    sign_key, a passed engine is signed again."""
+    from . import signing
+    from .folders import confined_directory, folder_lock
+    from .runtime import CapaEngine, engine_backend
     from .validate import TOLERANCES, compare_graphs, format_report, token_agreement
 
-    manifest = read_manifest(engine_dir, verify=True, require_complete=False)
-    dtype = manifest["dtype"]
-    check_engine_dtype(dtype)
-    config, approx = load_calibration(model, engine_dir / CALIBRATION_DIR)
-    capa = apply_capa(model, config, approx)
-    unpruned = apply_capa(model, CapaConfig(prune=[]))
-    adapter = adapter_for(model)
-    batches = validation_inputs(adapter, processor, samples)
-    backend = backends.get(manifest["backend"])
-    runners = {g: backend.runner(engine_dir / manifest["backend_dir"], g) for g in manifest["graph_contract"]["graphs"]}
-    contract = adapter.family.graph_contract(manifest["layer_segment"])
-    graphs = compare_graphs(runners, capa, batches, dtype, contract)
-    del runners  # one set of sessions at a time (the engine below opens its own)
-    with CapaEngine(engine_dir, verify=False, require_complete=False) as engine:
-        end_to_end = [token_agreement(engine, capa, unpruned, b, max_new_tokens) for b in batches]
-    # fp32: free-running greedy tokens must all agree. Reduced precision may flip a near-tie and
-    # then drift, so it is held to the teacher-forced agreement: at each step, fed the reference's
-    # tokens, the engine's argmax must match the reference's next token.
-    measure, required = ("agreement", 1.0) if dtype == "fp32" else ("forced_agreement", 0.9)
-    passed = all(g["passed"] for g in graphs.values()) and all(e[measure] >= required for e in end_to_end)
-    report = {"passed": passed, "dtype": dtype, "backend": manifest["backend"], "tolerances": TOLERANCES[dtype],
-              "required_agreement": required, "agreement_measure": measure, "max_new_tokens": max_new_tokens,
-              "graphs": graphs, "end_to_end": end_to_end, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if write:
-        write_json(engine_dir / "validation.json", report)
-        fields = {k: v for k, v in manifest.items() if k not in ("complete", "files")}
-        fields["validation"] = {"passed": passed, "agreement": [e["agreement"] for e in end_to_end],
-                                "graphs": {g: r["passed"] for g, r in graphs.items()}}
-        write_manifest(engine_dir, ENGINE, fields, complete=passed)
+    engine_dir = Path(engine_dir)
+    with folder_lock(engine_dir, blocking=False):
+        manifest = read_manifest(engine_dir, verify=True, require_complete=False)
+        dtype = manifest["dtype"]
+        check_engine_dtype(dtype)
+        adapter = adapter_for(model)
+        check_engine_model(manifest, adapter, engine_dir)
+        config, approx = load_calibration(model, confined_directory(engine_dir, CALIBRATION_DIR, source=str(engine_dir)))
+        capa = apply_capa(model, config, approx)
+        unpruned = apply_capa(model, CapaConfig(prune=[]))
+        batches = validation_inputs(adapter, processor, samples)
+        contract = adapter.family.graph_contract(manifest["layer_segment"])
+        backend, backend_dir, files = engine_backend(engine_dir, manifest)
+        backend.require()
+        runners = {g: backend.runner(backend_dir, g, spec=contract[g], dtype=dtype, files=files,
+                                     plugin_library=plugin_library, allow_engine_code=allow_engine_code)
+                   for g in GRAPHS}
+        graphs = compare_graphs(runners, capa, batches, dtype, contract)
+        del runners  # one set of sessions at a time (the engine below opens its own)
+        with CapaEngine(engine_dir, verify=False, require_complete=False, plugin_library=plugin_library,
+                        allow_engine_code=allow_engine_code) as engine:
+            end_to_end = [token_agreement(engine, capa, unpruned, b, max_new_tokens) for b in batches]
+        # fp32: free-running greedy tokens must all agree. Reduced precision may flip a near-tie and
+        # then drift, so it is held to the teacher-forced agreement: at each step, fed the reference's
+        # tokens, the engine's argmax must match the reference's next token.
+        measure, required = ("agreement", 1.0) if dtype == "fp32" else ("forced_agreement", 0.9)
+        passed = all(g["passed"] for g in graphs.values()) and all(e[measure] >= required for e in end_to_end)
+        report = {"passed": passed, "dtype": dtype, "backend": manifest["backend"], "tolerances": TOLERANCES[dtype],
+                  "required_agreement": required, "agreement_measure": measure, "max_new_tokens": max_new_tokens,
+                  "graphs": graphs, "end_to_end": end_to_end, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if write:
+            write_json(engine_dir / VALIDATION_FILE, report)
+            fields = {k: v for k, v in manifest.items() if k not in ("complete", "files")}
+            fields["validation"] = {"passed": passed, "agreement": [e["agreement"] for e in end_to_end],
+                                    "graphs": {g: r["passed"] for g, r in graphs.items()}}
+            write_manifest(engine_dir, ENGINE, fields, complete=passed)
+            if signing.signature_is_current(engine_dir) is False:
+                # the rewrite changed the manifest: the old signature would only say "modified"
+                (engine_dir / SIGNATURE_FILE).unlink()
+                report["signature"] = "removed: validation rewrote manifest.json; sign it again with --sign"
+    if write and sign_key is not None and passed:
+        signing.sign_folder(engine_dir, sign_key)
+        report["signature"] = "signed"
     report["table"] = format_report(report)
     return report
 
 
-def validate(engine_dir: str | Path, model_name: str | None = None, samples=None, max_new_tokens: int = 8) -> dict:
-    """`capa-export validate`: the engine against the model it was built from (or `model_name`)."""
-    manifest = read_manifest(engine_dir, verify=True, require_complete=False)
-    model, processor = load_model(model_name or manifest["model"]["name"], "fp32")
-    return validate_engine(Path(engine_dir), model, processor, samples, max_new_tokens)
+def reference_model(manifest: dict, model_name: str | None, engine_dir) -> str:
+    """The model `validate` compares with: --model, else the embedded model the manifest names.
+    A path or hub id read from the manifest is never loaded on the folder's word (it could name any
+    directory, or a download)."""
+    from .models.registry import embedded_models
+
+    if model_name:
+        return model_name
+    recorded = manifest["model"].get("name")
+    if recorded in embedded_models():
+        return recorded
+    shown = "no model" if recorded is None else f"the model {str(recorded)[:80]!r}"
+    raise CapaError(f"{engine_dir}/manifest.json names {shown}, which validate does not load on the folder's word "
+                    f"(only embedded models are); pass --model with the model this engine was built from")
+
+
+def validate(engine_dir: str | Path, model_name: str | None = None, samples=None, max_new_tokens: int = 8, *,
+             trust=None, sign_key=None, plugin_library: str | None = None, allow_engine_code: bool = False) -> dict:
+    """`capa-export validate`: the engine against `model_name`, or the embedded model its manifest
+    names (see reference_model). trust: the folder's signature must verify with this public key
+    first; sign_key: sign the folder again once it passed."""
+    from .signing import check_private_key
+
+    if sign_key is not None:
+        check_private_key(sign_key)
+    manifest = read_manifest(engine_dir, verify=True, require_complete=False, trust=trust)
+    model, processor = load_model(reference_model(manifest, model_name, engine_dir), "fp32")
+    return validate_engine(Path(engine_dir), model, processor, samples, max_new_tokens, sign_key=sign_key,
+                           plugin_library=plugin_library, allow_engine_code=allow_engine_code)
 
 
 def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str | Path | None = None,
           calibration_dir: str | None = None, backend: str | None = None, pruning: str | None = None,
           plugin_library: str | None = None, calibration_samples=None, validation_samples=None,
-          max_new_tokens: int = 8, progress: bool = True, log=print) -> tuple[Path, dict]:
-    """Model -> CAPA (calibrating unless calibration_dir) -> ONNX -> engine -> validation."""
+          max_new_tokens: int = 8, progress: bool = True, log=print, sign_key=None) -> tuple[Path, dict]:
+    """Model -> CAPA (calibrating unless calibration_dir) -> ONNX -> engine -> validation.
+    sign_key (a PEM private key, bytes or path): a validated engine is signed (manifest.sig)."""
     from .export.exporter import export_model
+    from .signing import check_private_key, sign_folder
+
+    if sign_key is not None:
+        check_private_key(sign_key)  # before minutes of work, not after
 
     profile = BuildProfile.load(profile_name)
     if pruning:
@@ -333,10 +392,14 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
             del model, adapter
             model, processor = load_model(model_name, "fp32")
         log("[4/4] validating against the PyTorch CapaModel (Polygraphy) ...")
-        report = validate_engine(work, model, processor, validation_samples, max_new_tokens)
-        manifest = json.loads((work / ENGINE.file).read_text())
+        report = validate_engine(work, model, processor, validation_samples, max_new_tokens,
+                                 plugin_library=plugin_library)
+        manifest = read_json(work / ENGINE.file)
         manifest["build_seconds"] = round(time.perf_counter() - start, 1)
         write_json(work / ENGINE.file, manifest)
+        if sign_key is not None and report["passed"]:
+            sign_folder(work, sign_key)  # last: the signature covers the final manifest
+            report["signature"] = "signed"
         target = final if report["passed"] else final.with_name(final.name + ".failed")
         commit_directory(work, target)
         return target, report

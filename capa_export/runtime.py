@@ -24,6 +24,40 @@ from .errors import CapaError
 from .manifest import read_manifest
 
 
+def engine_family(manifest: dict, directory: Path):
+    """(ModelFamily, GraphContract) from an engine manifest's model description; what the schema
+    cannot check (a family's own keys, their values) refused in one line."""
+    from .models import family_from_info
+
+    try:
+        family = family_from_info(manifest["model"])
+        contract = family.graph_contract(manifest["layer_segment"])
+        family.visual_token_range()
+    except CapaError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        detail = f"key {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
+        raise CapaError(f"{directory}/manifest.json: model / layer_segment do not describe a model its family can "
+                        f"serve ({detail}); rebuild the engine") from None
+    return family, contract
+
+
+def engine_backend(directory: Path, manifest: dict):
+    """(Backend, its folder, the file table relative to that folder) of an engine whose manifest
+    passed read_manifest, after the backend's own description was checked (no runtime needed)."""
+    from .backends import names
+    from .backends.base import BACKENDS
+    from .folders import confined_directory
+
+    names()  # every backend module registered
+    backend = BACKENDS[manifest["backend"]]  # the schema allows only registered names
+    backend_dir = confined_directory(directory, manifest["backend_dir"], source=f"{directory}/manifest.json: backend_dir")
+    prefix = manifest["backend_dir"] + "/"
+    files = {name[len(prefix):]: entry for name, entry in manifest["files"].items() if name.startswith(prefix)}
+    backend.check_folder(backend_dir, files)
+    return backend, backend_dir, files
+
+
 @dataclass
 class Generation:
     text: str
@@ -34,33 +68,50 @@ class Generation:
 
 
 class CapaEngine:
-    """A built engine directory, ready to generate. Use as a context manager, or call close()."""
+    """A built engine directory, ready to generate. Use as a context manager, or call close().
 
-    def __init__(self, engine_dir: str | Path, *, verify: bool = True, require_complete: bool = True):
-        from . import backends
-        from .models import family_from_info
+    The folder is untrusted input, checked before anything is loaded from it (README, "Security"):
+    the manifest (bounded strict JSON, schema, format version), the folder holding exactly the
+    files its table lists (no link, special file or hidden entry; sha256 unless verify=False),
+    backend_dir the backend's own folder, the backend's description and every path it names, the
+    processor (no code, no download), then each graph's inputs and outputs against the model
+    family's spec before its session is created.
+
+    trust: a PEM public key (bytes or path): the manifest's Ed25519 signature must verify with it.
+    plugin_library / allow_engine_code: TensorRT only (the plugin library to use instead of the
+    installed one; whether plans that carry code may be deserialised)."""
+
+    def __init__(self, engine_dir: str | Path, *, verify: bool = True, require_complete: bool = True,
+                 trust=None, plugin_library: str | None = None, allow_engine_code: bool = False):
+        from .folders import confined_directory, load_local_processor
 
         self.dir = Path(engine_dir)
-        self.manifest = read_manifest(self.dir, verify=verify, require_complete=require_complete)
-        self.family = family_from_info(self.manifest["model"])
-        self.contract = self.family.graph_contract(self.manifest["layer_segment"])
+        self.runners = {}
+        self.manifest = read_manifest(self.dir, verify=verify, require_complete=require_complete, trust=trust)
+        self.family, self.contract = engine_family(self.manifest, self.dir)
         self.float_type = float_type(self.manifest["dtype"])
-        backend = backends.get(self.manifest["backend"])
-        backend_dir = self.dir / self.manifest["backend_dir"]
-        self.runners = {graph: backend.runner(backend_dir, graph) for graph in GRAPHS}
-        for runner in self.runners.values():
-            runner.activate()
-        from transformers import AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(str(self.dir / "processor"))
+        backend, backend_dir, files = engine_backend(self.dir, self.manifest)
+        self.processor = load_local_processor(confined_directory(self.dir, "processor", source=str(self.dir)))
         shapes = self.manifest["profile"]["shapes"]
         self.max_sequence, self.max_past, self.max_batch = shapes["sequence"][2], shapes["past"][2], shapes["batch"][2]
         self.queries = self.manifest["capa_config"]["queries"]
+        backend.require()
+        try:  # sessions made before a failure are released, not left to the garbage collector
+            for graph in GRAPHS:
+                self.runners[graph] = backend.runner(backend_dir, graph, spec=self.contract[graph],
+                                                     dtype=self.manifest["dtype"], files=files,
+                                                     plugin_library=plugin_library,
+                                                     allow_engine_code=allow_engine_code)
+                self.runners[graph].activate()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self):
         for runner in self.runners.values():
             if runner.is_active:
                 runner.deactivate()
+        self.runners = {}
 
     def __enter__(self):
         return self
@@ -71,7 +122,11 @@ class CapaEngine:
     # ------------------------------------------------------------------------------------------
     def prepare(self, image, question: str) -> dict:
         """The processor outputs of one image and question (torch tensors)."""
-        return self.family.encode(self.processor, [image], [question])
+        from .folders import chat_template_errors
+
+        # the family renders the folder's chat template: its failures are the folder's fault
+        with chat_template_errors(f"the chat template of {self.dir}/processor"):
+            return self.family.encode(self.processor, [image], [question])
 
     def _infer(self, graph: str, values: dict) -> dict:
         """Run one graph on host tensors (keyed by the contract's input names); torch outputs."""

@@ -36,12 +36,21 @@ def tiny_batch(tiny):
 
 
 @pytest.fixture(scope="session")
-def cpu_engine(tmp_path_factory):
-    """The default engine (tiny-llava, cpu profile), built and validated once per session."""
+def signing_keys(tmp_path_factory):
+    """(private key path, public key path): an Ed25519 pair made for this session."""
+    from capa_export.signing import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(tmp_path_factory, signing_keys):
+    """The default engine (tiny-llava, cpu profile), built, validated and signed (manifest.sig, with
+    signing_keys) once per session."""
     from capa_export.pipeline import build
 
     path, report = build("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
-                                log=lambda *_: None)
+                         log=lambda *_: None, sign_key=signing_keys[0])
     return path, report
 
 

@@ -44,7 +44,7 @@ def test_corrupted_file(engine_copy, capsys):
     raw[1000] ^= 0xFF
     data.write_bytes(bytes(raw))
     code, _, err = run(capsys, "run", engine_copy)
-    assert code == 2 and "does not match its checksum" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "does not match its sha256" in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_file(engine_copy, capsys):
@@ -142,7 +142,7 @@ def test_files_not_in_the_manifest_are_refused(engine_copy, capsys):
 def test_manifest_without_checksums_is_refused(engine_copy, capsys):
     edit_manifest(engine_copy, lambda m: m.pop("files"))
     code, _, err = run(capsys, "run", engine_copy)
-    assert code == 2 and "lists no files" in err
+    assert code == 2 and "key files is missing" in err
 
 
 @pytest.mark.parametrize("mutate, message", [

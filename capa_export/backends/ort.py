@@ -7,14 +7,15 @@ library is registered.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnxruntime as ort
 
 from ..artifacts import write_json
 from ..errors import CapaError
-from .base import Backend, register_backend
+from ..folders import check_external_data, confined_file, load_graph_proto, read_json
+from ..schemas import ORT_SESSION
+from .base import Backend, check_graph_io, register_backend
 
 SESSION_FILE = "session.json"
 LEVELS = {
@@ -73,21 +74,59 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs) -> dict:
     return description
 
 
-def load_session(engine_dir: Path, graph: str) -> ort.InferenceSession:
-    description = json.loads((engine_dir / SESSION_FILE).read_text())
+def check_folder(engine_dir: Path, files: dict | None = None) -> dict:
+    """session.json of an engine's onnxruntime/ folder, schema-checked, with every graph it names
+    a regular file inside engine_dir (and, given the engine's file table relative to engine_dir,
+    one the table lists)."""
+    name = f"{engine_dir}/{SESSION_FILE}"
+    description = read_json(confined_file(engine_dir, SESSION_FILE, source=str(engine_dir)), schema=ORT_SESSION,
+                            name=name)
+    for graph, file in description["graphs"].items():
+        if files is not None and file not in files:
+            raise CapaError(f"{name}: graphs.{graph} names {file!r}, which manifest.json does not list; rebuild "
+                            f"the engine")
+        confined_file(engine_dir, file, source=f"{name}: graphs.{graph}")
+    return description
+
+
+def _graph_io(model) -> tuple[dict, dict]:
+    """({input name: ONNX element type}, {output name: element type}) of a ModelProto; initializers
+    listed as inputs (older IR versions) are not inputs a caller feeds."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {v.name: v.type.tensor_type.elem_type for v in model.graph.input if v.name not in initializers}
+    return inputs, {v.name: v.type.tensor_type.elem_type for v in model.graph.output}
+
+
+def load_session(engine_dir: Path, graph: str, *, spec=None, dtype: str = "fp32",
+                 files: dict | None = None) -> ort.InferenceSession:
+    """An InferenceSession of one graph of an onnxruntime/ folder, created only after the folder's
+    description, the graph's path, its external data (inside engine_dir) and, given the family's
+    spec, its inputs and outputs were checked; ONNX Runtime's own refusals as one line."""
+    description = check_folder(engine_dir, files)
+    file = description["graphs"][graph]
+    model = load_graph_proto(engine_dir, file)
+    check_external_data(engine_dir, file, model)
+    if spec is not None:
+        check_graph_io(spec, *_graph_io(model), dtype, f"{engine_dir}/{file}")
+    del model
     options = session_options("disable")
     names = [p if isinstance(p, str) else p[0] for p in description["providers"]]
     usable = set(usable_providers(names))
     providers = [p if isinstance(p, str) else tuple(p) for p in description["providers"]
                  if (p if isinstance(p, str) else p[0]) in usable]
-    return ort.InferenceSession(str(engine_dir / description["graphs"][graph]), options, providers=providers)
+    try:
+        return ort.InferenceSession(str(engine_dir / file), options, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types; name the graph, not a traceback
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CapaError(f"ONNX Runtime cannot load {engine_dir}/{file} ({reason}); rebuild the engine") from None
 
 
-def runner(engine_dir: Path, graph: str):
-    """A Polygraphy runner for one graph of a built engine."""
+def runner(engine_dir: Path, graph: str, *, spec=None, dtype: str = "fp32", files: dict | None = None):
+    """A Polygraphy runner for one graph of a built engine (the session is created now)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    return OnnxrtRunner(load_session(engine_dir, graph), name=f"onnxruntime:{graph}")
+    return OnnxrtRunner(load_session(engine_dir, graph, spec=spec, dtype=dtype, files=files),
+                        name=f"onnxruntime:{graph}")
 
 
 @register_backend
@@ -101,5 +140,10 @@ class OnnxRuntimeBackend(Backend):
     def build(self, onnx_dir, profile, out_dir, contract, *, fixed_dims, plugin_library=None) -> dict:
         return build(onnx_dir, profile, out_dir, list(contract.graphs))
 
-    def runner(self, engine_dir, graph):
-        return runner(engine_dir, graph)
+    def check_folder(self, backend_dir, files) -> dict:
+        return check_folder(backend_dir, files)
+
+    def runner(self, engine_dir, graph, *, spec=None, dtype="fp32", files=None, plugin_library=None,
+               allow_engine_code=False):
+        # no native code besides ONNX Runtime's own: plugin_library / allow_engine_code do not apply
+        return runner(engine_dir, graph, spec=spec, dtype=dtype, files=files)
