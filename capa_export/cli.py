@@ -250,22 +250,80 @@ def cmd_validate(args) -> int:
     return 0 if report["passed"] else 1
 
 
+def _run_inputs(args) -> list:
+    """The (image, question, source) pairs of `run`: --image/--prompt pairs (one image may serve
+    several prompts, and the built-in picture none given), or a JSONL file of {"image", "prompt"}."""
+    from .inputs import builtin_samples, open_image
+
+    if args.jsonl:
+        pairs = _jsonl_pairs(args.jsonl)
+        return [(open_image(path, args.max_image_pixels), prompt, path) for path, prompt in pairs]
+    prompts = args.prompt or [DEFAULT_QUESTION]
+    images = args.image or []
+    if len(images) > 1 and len(images) != len(prompts):
+        raise CapaError(f"{len(images)} --image and {len(prompts)} --prompt: give one image for all prompts, or one "
+                        f"per prompt")
+    if not images:
+        return [(builtin_samples(1, seed=1)[0].image, prompt, "builtin:1") for prompt in prompts]
+    opened = [open_image(path, args.max_image_pixels) for path in images]
+    if len(opened) == 1:
+        return [(opened[0], prompt, images[0]) for prompt in prompts]
+    return [(image, prompt, path) for image, prompt, path in zip(opened, prompts, images)]
+
+
+def _jsonl_pairs(path: str) -> list[tuple[str, str]]:
+    """(image path, prompt) per line of a JSONL file; image paths relative to the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise CapaError(f"--jsonl {path} does not exist; give a file of lines {{\"image\": ..., \"prompt\": ...}}")
+    pairs = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            image, prompt = entry["image"], entry["prompt"]
+            if not isinstance(image, str) or not isinstance(prompt, str):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CapaError(f"--jsonl {path} line {number} is not a JSON object with string fields \"image\" and "
+                            f"\"prompt\"") from None
+        pairs.append((str(file.parent / image), prompt))
+    if not pairs:
+        raise CapaError(f"--jsonl {path} holds no lines")
+    return pairs
+
+
 def cmd_run(args) -> int:
     from .runtime import CapaEngine
 
-    sample = _input_sample(args)
+    if args.max_new_tokens < 1:
+        raise CapaError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise CapaError(f"--threads {args.threads} must be >= 1")
+    inputs = _run_inputs(args)
     with CapaEngine(args.engine, verify=not args.no_verify, trust=args.trust, plugin_library=args.plugin_library,
-                    allow_engine_code=args.allow_engine_code) as engine:
+                    allow_engine_code=args.allow_engine_code, provider=args.provider, threads=args.threads) as engine:
         print(f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
               f"keep {engine.manifest['k']} visual tokens", file=sys.stderr)
-        result = engine.generate(sample.image, sample.question, args.max_new_tokens,
-                                 stream=lambda text: print(text, end="", flush=True))
-    print()
-    t = result.timings
-    print(f"prompt {result.prompt_tokens} tokens, kept {len(result.keep_indices)} visual tokens | vision "
+        single = len(inputs) == 1 and not args.json
+        stream = (lambda text: print(text, end="", flush=True)) if single else None
+        results = engine.generate_batch([i for i, _, _ in inputs], [q for _, q, _ in inputs], args.max_new_tokens,
+                                        stream=stream)
+    if single:
+        print()
+    for (_, question, source), result in zip(inputs, results):
+        if args.json:
+            print(json.dumps({"image": source, "prompt": question, "answer": result.text, "tokens": result.tokens,
+                              "keep_indices": result.keep_indices, "prompt_tokens": result.prompt_tokens,
+                              "timings_ms": {k: round(v * 1e3, 3) for k, v in result.timings.items()}}))
+        elif not single:
+            print(f"{question!r} ({source}): {result.text}")
+    t = results[0].timings
+    print(f"{len(results)} prompt(s), kept {len(results[0].keep_indices)} visual tokens each | vision "
           f"{t['vision'] * 1e3:.1f} ms, prefill {t['prefill'] * 1e3:.1f} ms, time to first token "
           f"{t['time_to_first_token'] * 1e3:.1f} ms, decode {t['decode_per_token'] * 1e3:.1f} ms/token "
-          f"({len(result.tokens)} tokens)", file=sys.stderr)
+          f"({len(results[0].tokens)} tokens)", file=sys.stderr)
     return 0
 
 
@@ -410,8 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Preprocess, vision, embeddings, prefill with pruning, decode with the KV "
                                    "cache; streams tokens and prints timings.")
     p.add_argument("engine", help="engine folder")
-    _add_input(p)
+    p.add_argument("--image", action="append", default=None,
+                   help="image file; repeat with --prompt for a batch (one image per prompt, or one for all) "
+                        "(default: a built-in synthetic picture)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="question about the image; repeat for several answers in one batch")
+    p.add_argument("--jsonl", default=None, metavar="FILE",
+                   help="a batch from a file of lines {\"image\": path relative to the file, \"prompt\": ...}")
+    _add_pixel_cap(p)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    p.add_argument("--provider", default=None,
+                   help="ONNX Runtime execution provider, one the engine was built for (default: the engine's first "
+                        "available one)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON line per answer (no streaming)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip hashing the engine files (names, links, sizes and the one-to-one match with the "
                         "manifest are still checked; ignored with --trust)")

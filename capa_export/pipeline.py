@@ -203,13 +203,6 @@ def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, cal
     return path, read_json_manifest(path, ONNX, "an ONNX export")
 
 
-def check_engine_dtype(dtype: str) -> None:
-    if dtype == "bf16":
-        raise CapaError("bf16 engines are not supported yet: the runtime and the validation pass tensors as numpy "
-                        "arrays, which have no bfloat16; build with the edge profile (fp16), or export bf16 ONNX "
-                        "for your own runtime with `capa-export export --dtype bf16`")
-
-
 def validation_inputs(adapter, processor, samples=None) -> list[dict]:
     samples = samples or builtin_samples(1, seed=7)
     return [encode(adapter, processor, s) for s in samples]
@@ -234,13 +227,12 @@ def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_to
     from . import signing
     from .folders import confined_directory, folder_lock
     from .runtime import CapaEngine, engine_backend
-    from .validate import TOLERANCES, compare_graphs, format_report, token_agreement
+    from .validate import TOLERANCES, EngineGraphRunner, compare_graphs, format_report, token_agreement
 
     engine_dir = Path(engine_dir)
     with folder_lock(engine_dir, blocking=False):
         manifest = read_manifest(engine_dir, verify=True, require_complete=False)
         dtype = manifest["dtype"]
-        check_engine_dtype(dtype)
         adapter = adapter_for(model)
         check_engine_model(manifest, adapter, engine_dir)
         config, approx = load_calibration(model, confined_directory(engine_dir, CALIBRATION_DIR, source=str(engine_dir)))
@@ -250,11 +242,16 @@ def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_to
         contract = adapter.family.graph_contract(manifest["layer_segment"])
         backend, backend_dir, files = engine_backend(engine_dir, manifest)
         backend.require()
-        runners = {g: backend.runner(backend_dir, g, spec=contract[g], dtype=dtype, files=files,
-                                     plugin_library=plugin_library, allow_engine_code=allow_engine_code)
-                   for g in GRAPHS}
-        graphs = compare_graphs(runners, capa, batches, dtype, contract)
-        del runners  # one set of sessions at a time (the engine below opens its own)
+        engine_graphs = {g: backend.graph(backend_dir, g, spec=contract[g], dtype=dtype, files=files,
+                                          plugin_library=plugin_library, allow_engine_code=allow_engine_code)
+                         for g in GRAPHS}
+        try:
+            graphs = compare_graphs({g: EngineGraphRunner(eg, dtype) for g, eg in engine_graphs.items()}, capa,
+                                    batches, dtype, contract)
+        finally:  # one set of sessions at a time (the engine below opens its own)
+            for engine_graph in engine_graphs.values():
+                engine_graph.close()
+            del engine_graphs
         with CapaEngine(engine_dir, verify=False, require_complete=False, plugin_library=plugin_library,
                         allow_engine_code=allow_engine_code) as engine:
             end_to_end = [token_agreement(engine, capa, unpruned, b, max_new_tokens) for b in batches]
@@ -329,8 +326,8 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
     profile = BuildProfile.load(profile_name)
     if pruning:
         profile.pruning = pruning
-    check_engine_dtype(profile.precision)
     engine_backend = backends.get(backend or profile.backend)
+    engine_backend.check_precision(profile)  # before any work: bf16 where nothing here can run it
     name = f"{Path(model_name).name}-{profile.name}"
     final = Path(out) if out else DEFAULT_ENGINE_ROOT / name
     check_replaceable(final)

@@ -119,7 +119,7 @@ def test_topk_limit_for_tensorrt_standard_op_lowering():
 
 def test_bf16_engine_is_refused_before_anything_is_written(tmp_path, capsys):
     code, _, err = run(capsys, "build", "--profile", "datacenter", "--backend", "onnxruntime", "--out", tmp_path / "x")
-    assert code == 2 and "bf16 engines are not supported yet" in err
+    assert code == 2 and "is bf16, which ONNX Runtime runs only with CUDAExecutionProvider" in err and "edge (fp16)" in err
     assert not (tmp_path / "x").exists()
 
 

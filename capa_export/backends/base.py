@@ -34,6 +34,9 @@ class Backend(abc.ABC):
         if reason:
             raise CapaError(reason)
 
+    def check_precision(self, profile) -> None:
+        """Refuse, in one line, a precision this backend cannot run here."""
+
     def check(self, profile, config, *, plugin_library: str | None = None) -> None:
         """Refuse, in one line and before any work, what this backend cannot build (limits, a
         missing provider or plugin library)."""
@@ -62,6 +65,59 @@ class Backend(abc.ABC):
         bytes (checked against their sha256 as read). plugin_library / allow_engine_code: native
         code a backend may load (the installed plugin, or one the user names; code carried inside
         an engine file only when the user opts in)."""
+
+
+    def graph(self, engine_dir: Path, graph: str, *, spec: GraphSpec, dtype: str = "fp32", files: dict | None = None,
+              provider: str | None = None, threads: int | None = None, plugin_library: str | None = None,
+              allow_engine_code: bool = False) -> "EngineGraph":
+        """One graph of a built engine, ready to run on torch tensors (the runtime's and
+        validation's way in). provider / threads: where and on how many threads it runs, for
+        backends that choose. The default runs the backend's Polygraphy runner (numpy feeds);
+        a backend that can keep tensors where it runs them overrides it."""
+        if provider is not None or threads is not None:
+            raise CapaError(f"the {self.name} backend takes no --provider / --threads")
+        return RunnerGraph(self.runner(engine_dir, graph, spec=spec, dtype=dtype, files=files,
+                                       plugin_library=plugin_library, allow_engine_code=allow_engine_code), spec, dtype)
+
+
+class EngineGraph:
+    """One graph of an engine. `run` takes the contract's inputs by name, as torch tensors or as
+    handles an earlier `run` of the same engine returned (which stay where the backend keeps them:
+    a decode step's KV cache is never copied to the host), and returns its outputs as handles;
+    `tensor(handle)` gives a torch tensor."""
+
+    spec: GraphSpec
+
+    def run(self, inputs: dict) -> dict:
+        raise NotImplementedError
+
+    def tensor(self, handle) -> "torch.Tensor":
+        return handle
+
+    def close(self) -> None:
+        pass
+
+
+class RunnerGraph(EngineGraph):
+    """An EngineGraph over a Polygraphy runner (numpy in and out; handles are torch tensors)."""
+
+    def __init__(self, runner, spec: GraphSpec, dtype: str):
+        self.runner, self.spec, self.dtype = runner, spec, dtype
+        runner.activate()
+
+    def run(self, inputs: dict) -> dict:
+        import numpy as np
+        import torch
+
+        from ..contract import to_feed_array
+
+        feed = {t.name: to_feed_array(t, inputs[t.name], self.dtype) for t in self.spec.inputs}
+        # copies: runners may reuse their output buffers between calls
+        return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in self.runner.infer(feed).items()}
+
+    def close(self) -> None:
+        if self.runner.is_active:
+            self.runner.deactivate()
 
 
 #: ONNX TensorProto element types of the contract's tensor types (FLOAT: the engine's float type).

@@ -15,7 +15,7 @@ from ..artifacts import write_json
 from ..errors import CapaError
 from ..folders import check_external_data, confined_file, load_graph_proto, read_json
 from ..schemas import ORT_SESSION
-from .base import Backend, check_graph_io, register_backend
+from .base import Backend, EngineGraph, check_graph_io, register_backend
 
 SESSION_FILE = "session.json"
 LEVELS = {
@@ -97,8 +97,8 @@ def _graph_io(model) -> tuple[dict, dict]:
     return inputs, {v.name: v.type.tensor_type.elem_type for v in model.graph.output}
 
 
-def load_session(engine_dir: Path, graph: str, *, spec=None, dtype: str = "fp32",
-                 files: dict | None = None) -> ort.InferenceSession:
+def load_session(engine_dir: Path, graph: str, *, spec=None, dtype: str = "fp32", files: dict | None = None,
+                 provider: str | None = None, threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession of one graph of an onnxruntime/ folder, created only after the folder's
     description, the graph's path, its external data (inside engine_dir) and, given the family's
     spec, its inputs and outputs were checked; ONNX Runtime's own refusals as one line."""
@@ -110,8 +110,18 @@ def load_session(engine_dir: Path, graph: str, *, spec=None, dtype: str = "fp32"
         check_graph_io(spec, *_graph_io(model), dtype, f"{engine_dir}/{file}")
     del model
     options = session_options("disable")
+    if threads is not None:
+        options.intra_op_num_threads = threads
     names = [p if isinstance(p, str) else p[0] for p in description["providers"]]
     usable = set(usable_providers(names))
+    if provider is not None:
+        if provider not in names:
+            raise CapaError(f"provider {provider!r} is not one this engine was built for ({', '.join(names)}); "
+                            f"rebuild it with a profile listing {provider}")
+        if provider not in usable:
+            raise CapaError(f"provider {provider} is not available in this onnxruntime "
+                            f"({', '.join(ort.get_available_providers())})")
+        usable = {provider}
     providers = [p if isinstance(p, str) else tuple(p) for p in description["providers"]
                  if (p if isinstance(p, str) else p[0]) in usable]
     try:
@@ -129,10 +139,62 @@ def runner(engine_dir: Path, graph: str, *, spec=None, dtype: str = "fp32", file
                         name=f"onnxruntime:{graph}")
 
 
+class OrtGraph(EngineGraph):
+    """One graph in an ONNX Runtime session, run with IO binding: inputs reach the session as
+    DLPack views of torch tensors (any dtype, bf16 included; no numpy), outputs stay OrtValues on
+    the session's device until a caller asks for a tensor, so a decode step's present KV becomes
+    the next step's past without leaving ONNX Runtime."""
+
+    def __init__(self, session: ort.InferenceSession, spec, dtype: str):
+        import torch
+
+        from ..contract import FLOAT, FLOAT32, INT32
+        from ..dtypes import float_type
+
+        self.session, self.spec = session, spec
+        cuda = session.get_providers()[0] == "CUDAExecutionProvider"
+        self.device = torch.device("cuda") if cuda else torch.device("cpu")
+        self.ort_device = "cuda" if cuda else "cpu"
+        self.types = {t.name: {FLOAT: float_type(dtype).torch, FLOAT32: torch.float32, INT32: torch.int32}
+                      .get(t.dtype, torch.int64) for t in spec.inputs}
+
+    def run(self, inputs: dict) -> dict:
+        import torch
+
+        binding = self.session.io_binding()
+        alive = []  # the tensors ONNX Runtime reads must outlive the run
+        for name, kind in self.types.items():
+            value = inputs[name]
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+                continue
+            tensor = torch.as_tensor(value).to(device=self.device, dtype=kind).contiguous()
+            alive.append(tensor)
+            binding.bind_ortvalue_input(name, ort.OrtValue.from_dlpack(tensor))
+        for name in self.spec.output_names:
+            binding.bind_output(name, self.ort_device)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.spec.output_names, binding.get_outputs()))
+
+    def tensor(self, handle):
+        import torch
+
+        return torch.from_dlpack(handle) if isinstance(handle, ort.OrtValue) else handle
+
+    def close(self) -> None:
+        self.session = None
+
+
 @register_backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     auto_priority = 0
+
+    def check_precision(self, profile) -> None:
+        # ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Mul, Add refused); CUDA's has them
+        if profile.precision == "bf16" and "CUDAExecutionProvider" not in usable_providers(profile.providers):
+            raise CapaError(f"profile {profile.name} is bf16, which ONNX Runtime runs only with CUDAExecutionProvider "
+                            f"(onnxruntime-gpu and a GPU); here build the cpu (fp32) or edge (fp16) profile")
 
     def check(self, profile, config, *, plugin_library=None) -> None:
         usable_providers(profile.providers)
@@ -142,6 +204,11 @@ class OnnxRuntimeBackend(Backend):
 
     def check_folder(self, backend_dir, files) -> dict:
         return check_folder(backend_dir, files)
+
+    def graph(self, engine_dir, graph, *, spec, dtype="fp32", files=None, provider=None, threads=None,
+              plugin_library=None, allow_engine_code=False) -> OrtGraph:
+        return OrtGraph(load_session(engine_dir, graph, spec=spec, dtype=dtype, files=files, provider=provider,
+                                     threads=threads), spec, dtype)
 
     def runner(self, engine_dir, graph, *, spec=None, dtype="fp32", files=None, plugin_library=None,
                allow_engine_code=False):
