@@ -48,6 +48,9 @@ IMAGES = Dim("images", 1, 64, "images")
 SEQUENCE = Dim("sequence", 8, 16384, "sequence")
 TOKENS = Dim("tokens", 1, 16384, "tokens")  # embed serves prompts and single decode tokens
 VISUAL = Dim("visual_tokens", 1, 16384, None)
+#: flattened image patches of dynamic-resolution vision towers (Qwen-VL), all images together;
+#: its range follows the profile's image pixel range (given at build time, like visual_tokens)
+PATCHES = Dim("patches", 4, 65536, None)
 NEW_TOKENS = Dim("new_tokens", 1, 4096, "step")
 
 

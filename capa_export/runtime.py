@@ -50,9 +50,7 @@ class CapaEngine:
         self.runners = {graph: backend.runner(backend_dir, graph) for graph in GRAPHS}
         for runner in self.runners.values():
             runner.activate()
-        from transformers import AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(str(self.dir / "processor"))
+        self.processor = self.family.load_processor(str(self.dir / "processor"))
         shapes = self.manifest["profile"]["shapes"]
         self.max_sequence, self.max_past, self.max_batch = shapes["sequence"][2], shapes["past"][2], shapes["batch"][2]
         self.queries = self.manifest["capa_config"]["queries"]

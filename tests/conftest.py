@@ -8,7 +8,7 @@ from capa_export.models import adapter_for, load_model
 
 #: the embedded models every model test runs on: one per family (a new family's tiny model joins
 #: the table by being registered with @embedded_model)
-TEST_MODELS = ["tiny-llava"]
+TEST_MODELS = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 
 
 def eager_attention(model):

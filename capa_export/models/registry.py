@@ -107,7 +107,7 @@ def load_model(name_or_path: str, dtype=None, device=None):
 
 
 def _load_pretrained(name_or_path: str, dtype):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = Path(name_or_path)
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
@@ -120,7 +120,7 @@ def _load_pretrained(name_or_path: str, dtype):
     except (OSError, ValueError) as exc:
         raise CapaError(f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}); give a "
                         f"directory with config.json, a reachable hub id, or one of: {embedded}") from None
-    family_for_model_type(config.model_type, name_or_path)
+    family = family_for_model_type(config.model_type, name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype or "auto")
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    processor = family.load_processor(name_or_path)
     return model, processor
