@@ -223,7 +223,8 @@ def decoder_contract(*, layer_segment: list[int], hidden: int, vocab: int, kv_he
 def profile_ranges(spec: GraphSpec, shapes: dict, fixed: dict[str, int]) -> dict[str, tuple]:
     """(min, opt, max) shapes of every input of `spec` from a build profile's `shapes` table
     ({"batch": (lo, opt, hi), "sequence": ..., "past": ..., "images": ...}); `fixed` gives the
-    dimensions fixed per model (e.g. visual_tokens)."""
+    dimensions the model family derives (ModelFamily.dim_ranges: e.g. visual_tokens, patches), as a
+    value or a (min, opt, max) range."""
     ranges = {}
     for tensor in spec.inputs:
         lo, opt, hi = [], [], []
@@ -231,7 +232,8 @@ def profile_ranges(spec: GraphSpec, shapes: dict, fixed: dict[str, int]) -> dict
             if isinstance(dim, int):
                 triple = (dim, dim, dim)
             elif dim.name in fixed:
-                triple = (fixed[dim.name],) * 3
+                value = fixed[dim.name]
+                triple = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
             elif dim.profile == "step":
                 triple = (1, 1, 1)
             elif dim.profile == "tokens":

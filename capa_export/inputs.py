@@ -15,6 +15,8 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from .errors import CapaError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: refused by name: no family takes video input yet
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROMPTS_FILE = "prompts.txt"
 DEFAULT_QUESTIONS = (
     "What is in the picture?",
@@ -79,6 +81,8 @@ def builtin_samples(count: int = 8, seed: int = 0) -> list[CalibrationSample]:
 def open_image(path: str | Path) -> Image.Image:
     """Open an image file or fail with one line naming it."""
     path = Path(path)
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        raise CapaError(f"{path} is a video; video inputs are not supported yet: give an image (PNG or JPEG)")
     if not path.is_file():
         raise CapaError(f"image {path} does not exist; give a PNG or JPEG file")
     try:

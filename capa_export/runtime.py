@@ -99,6 +99,16 @@ class CapaEngine:
         if self.queries == "text" and slots.shape[1] and int(slots.max()) >= length - 1:
             raise CapaError("the prompt has no text after the image to score visual tokens with")
 
+    def check_images(self, batch: dict) -> None:
+        """Images the engine cannot serve (videos, more images than its profile, sizes outside its
+        pixel range), refused with one line before anything runs."""
+        self.family.check_inputs(batch)
+        images, most = self.family.image_count(batch), self.manifest["profile"]["shapes"]["images"][2]
+        if images > most:
+            raise CapaError(f"the input holds {images} images but this engine takes at most {most} per batch "
+                            f"(profile shapes.images); give one image per prompt, or rebuild with a larger images range")
+        self.family.check_image_sizes(batch, self.manifest.get("vision_dims", {}))
+
     def generate_ids(self, batch: dict, max_new_tokens: int = 16, eos_token_id: int | None = None,
                      stream: Callable[[int], None] | None = None, forced_tokens=None):
         """Greedy generation from processor outputs (torch tensors or numpy arrays). Returns
@@ -113,6 +123,7 @@ class CapaEngine:
         mask = torch.ones_like(input_ids) if mask is None else mask.to(torch.int64)
         batch.update(input_ids=input_ids, attention_mask=mask)
         self.check_inputs(input_ids, mask, max_new_tokens)
+        self.check_images(batch)
         family = self.family
         timings = {}
         start = time.perf_counter()

@@ -27,6 +27,13 @@ def tiny(request):
 
 
 @pytest.fixture(scope="session")
+def llava():
+    """tiny-llava, with eager attention: the model of `cpu_engine` (tests of that engine use it)."""
+    model, processor = load_model("tiny-llava")
+    return eager_attention(model), processor
+
+
+@pytest.fixture(scope="session")
 def tiny_batch(tiny):
     """Processor outputs for one picture that is not square and a question."""
     model, processor = tiny
