@@ -58,11 +58,11 @@ DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 MAX_PATCHES = 65536
 
 
-def patch_layout(image_grid_thw: torch.Tensor, num_patches) -> dict[str, torch.Tensor]:
+def patch_layout(image_grid_thw: torch.Tensor, num_patches, merge: int = 2) -> dict[str, torch.Tensor]:
     """Where each of the P flattened patches sits, from the grid alone (tensor arithmetic only, so
     that torch.export keeps P and the number of images dynamic).
 
-    The processor lays out each image's patches frame by frame, then in 2 x 2 merge blocks in
+    The processor lays out each image's patches frame by frame, then in merge x merge blocks in
     row-major block order, each block row-major. Returns, per patch: `row`, `col` (in patches, the
     vision rotary positions), `block_row`, `block_col` (in merged tokens) and `frame`: the index of
     the first patch of its image frame, equal for two patches iff they attend to each other in a
@@ -77,7 +77,6 @@ def patch_layout(image_grid_thw: torch.Tensor, num_patches) -> dict[str, torch.T
     image = image.clamp(max=grid.shape[0] - 1)
     local = patch - starts[image]
     per_frame = (height * width)[image]
-    merge = 2
     within = local % per_frame
     block, in_block = within // (merge * merge), within % (merge * merge)
     blocks_per_row = width[image] // merge
@@ -166,7 +165,7 @@ class QwenVLAdapter(ModelAdapter):
                 raise CapaError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
                                 f"{image_grid_thw.tolist()} describes {expected}; pass the processor's outputs together")
         hidden = visual.patch_embed(pixel_values.to(visual.patch_embed.proj.weight.dtype))
-        layout = patch_layout(image_grid_thw, hidden.shape[0])
+        layout = patch_layout(image_grid_thw, hidden.shape[0], int(visual.spatial_merge_size))
         cos, sin = visual.rotary_pos_emb(hidden, torch.stack([layout["row"], layout["col"]], dim=-1))
         masks = self.vision_masks(layout)
         biases: dict[int, torch.Tensor] = {}
