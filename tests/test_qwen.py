@@ -210,3 +210,40 @@ def test_bad_profiles_for_dynamic_resolution(tmp_path, capsys, toml, message):
     code, _, err = run_cli(capsys, "build", "--model", "tiny-qwen2.5-vl", "--profile", profile, "--out", tmp_path / "x")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_standard_op_lowering_matches_the_capa_model(qwen_engine, checkpoint, tmp_path):
+    """The prefill exported without the plugin (MatMul/ReduceSum scores + TopK), M-RoPE rows
+    gathered in the graph, on a left-padded batch of two prompts."""
+    from capa_export.export.exporter import export_model
+    from capa_export.export.graphs import graph_inputs
+    from capa_export.ops.ort_op import session_options_with_capa_ops
+    from capa_export.pipeline import load_calibration
+    from capa_export.validate import to_feed
+
+    model, processor = load_model(str(checkpoint))
+    config, approx = load_calibration(model, qwen_engine / "calibration")
+    export_model(model, processor, config, approx, tmp_path / "onnx", pruning="onnx", progress=False, graphs=("prefill",))
+    prefill = tmp_path / "onnx" / "prefill.onnx"
+    capa = apply_capa(model, config, approx)
+    batch = capa.family.encode(processor, [picture(336, 336, seed=6), picture(336, 336, seed=7)],
+                               ["What?", "Which colours are there?"])
+    assert batch["attention_mask"][0, 0] == 0  # the short prompt is left-padded
+    contract = capa.family.graph_contract(capa.layer_segments())
+    feed = to_feed(contract["prefill"], graph_inputs(capa, batch)["prefill"], "fp32")
+    assert feed["position_ids"].shape[0] == 3
+    session = ort.InferenceSession(str(prefill), session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
+    logits, keep = session.run(["logits", "keep_indices"], feed)
+    expected = capa(**batch, last_logits_only=True)
+    assert keep.tolist() == expected.keep_indices.tolist()
+    np.testing.assert_allclose(logits, expected.logits[:, -1].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_engine_of_the_embedded_model_validates(tmp_path, capsys):
+    """`capa-export build --model tiny-qwen2.5-vl --profile edge`: fp16 graphs (ONNX Runtime CPU
+    where TensorRT is absent), within the fp16 tolerance, 90% teacher-forced agreement at least."""
+    code, out, _ = run_cli(capsys, "build", "--model", "tiny-qwen2.5-vl", "--profile", "edge", "--backend",
+                           "onnxruntime", "--out", tmp_path / "edge")
+    assert code == 0 and "validation PASSED (fp16, onnxruntime)" in out
+    manifest = json.loads((tmp_path / "edge" / "manifest.json").read_text())
+    assert manifest["dtype"] == "fp16" and manifest["complete"]
