@@ -247,3 +247,22 @@ def test_fp16_engine_of_the_embedded_model_validates(tmp_path, capsys):
     assert code == 0 and "validation PASSED (fp16, onnxruntime)" in out
     manifest = json.loads((tmp_path / "edge" / "manifest.json").read_text())
     assert manifest["dtype"] == "fp16" and manifest["complete"]
+
+
+def test_tensorrt_profile_follows_the_pixel_range():
+    """The optimisation-profile shapes TensorRT would get (computed without TensorRT): patches and
+    visual tokens from the pixel range, M-RoPE positions with their three rows."""
+    from capa_export.contract import profile_ranges
+    from capa_export.profiles import BuildProfile
+
+    model, processor = load_model("tiny-qwen2.5-vl")
+    family = adapter_for(model).family
+    profile = BuildProfile.load("edge")
+    dims = family.dim_ranges(processor, profile.shapes)
+    contract = family.graph_contract([0, 0, 1, 1, 1, 1, 1, 1])
+    vision = profile_ranges(contract["vision"], profile.shapes, dims)
+    assert vision["pixel_values"] == ((1024, 1176), (1024, 1176), (2048, 1176))
+    assert vision["image_grid_thw"] == ((1, 3), (1, 3), (1, 3))
+    prefill = profile_ranges(contract["prefill"], profile.shapes, dims)
+    assert prefill["visual_positions"] == ((1, 256), (1, 256), (1, 512))
+    assert prefill["position_ids"] == ((3, 1, 8), (3, 1, 620), (3, 1, 1024))
