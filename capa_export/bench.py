@@ -60,7 +60,7 @@ def build_model(size: str, dtype: torch.dtype, device: str):
         tiny = next(n for n, (f, _) in embedded_models().items() if f == family.name)
         processor = load_model(tiny)[1]
     model = cast_model(model, dtype).to(device).eval()
-    return model, adapter_for(model).family.visual_token_range()[1], processor
+    return model, adapter_for(model).family.visual_token_range(processor)[1], processor
 
 
 def timing_only_ffn(adapter, layers, rank, dtype, device) -> FfnApproximation:
@@ -155,7 +155,7 @@ def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps
     gen = torch.Generator(device=device).manual_seed(0)
     embeds = torch.randn(batch, length, adapter.hidden_size, generator=gen, device=device, dtype=torch_dtype) * 0.02
     mask = torch.ones(batch, length, dtype=torch.long, device=device)
-    positions = torch.arange(length, device=device)[None].expand(batch, length)
+    positions = torch.arange(length, device=device).expand(*adapter.family.position_rows, batch, length)
     visual = torch.arange(2, 2 + num_visual, device=device)[None].expand(batch, num_visual)
     floors = measure_floors(device, torch_dtype, timer, smoke)
     weight_bytes = sum(p.numel() * p.element_size() for p in adapter.text_model.parameters())

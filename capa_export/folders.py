@@ -722,13 +722,14 @@ PROBE_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text
 
 
 def load_local_processor(directory: str | Path, *, allowed_suffixes=PROCESSOR_SUFFIXES,
-                         probe_messages=PROBE_MESSAGES):
+                         probe_messages=PROBE_MESSAGES, loader=None):
     """A Hugging Face processor from a local folder, with no code from the folder and no download.
 
     Refused before transformers sees the folder: links, special or hidden entries (scan_folder),
     any file whose suffix is not in allowed_suffixes (so no *.py), any JSON file carrying `auto_map`
-    at any depth (it names custom classes). Then AutoProcessor.from_pretrained(trust_remote_code=
-    False, local_files_only=True); its errors, and a chat template that does not compile or that the
+    at any depth (it names custom classes). Then loader(directory, trust_remote_code=False,
+    local_files_only=True) (default AutoProcessor.from_pretrained; a model family may give its own);
+    its errors, and a chat template that does not compile or that the
     sandbox stops (SecurityError) on probe_messages, become one CapaError line."""
     directory = Path(directory)
     names = scan_folder(directory, max_entries=1000)
@@ -744,10 +745,12 @@ def load_local_processor(directory: str | Path, *, allowed_suffixes=PROCESSOR_SU
                 raise CapaError(f"{directory}/{name}: {key_path(found)} names custom code; capa-export never runs code "
                                 f"from a folder: save the processor with a built-in transformers class")
     from jinja2.exceptions import SecurityError, TemplateError
-    from transformers import AutoProcessor
+    if loader is None:
+        from transformers import AutoProcessor
 
+        loader = AutoProcessor.from_pretrained
     try:
-        processor = AutoProcessor.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
+        processor = loader(str(directory), trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, TypeError...: one line
         raise CapaError(f"processor folder {directory} cannot be loaded ({type(exc).__name__}: "
                         f"{_first_line(exc)}); rebuild the engine") from None

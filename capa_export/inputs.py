@@ -17,6 +17,8 @@ from .errors import CapaError
 from .folders import MAX_IMAGE_PIXELS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: refused by name: no family takes video input yet
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROMPTS_FILE = "prompts.txt"
 DEFAULT_QUESTIONS = (
     "What is in the picture?",
@@ -79,9 +81,11 @@ def builtin_samples(count: int = 8, seed: int = 0) -> list[CalibrationSample]:
 
 
 def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An image file as RGB, or one line naming it: unreadable, not PNG/JPEG/WebP/BMP/GIF, or
-    claiming more than max_pixels pixels in its header (checked before any pixel is decoded: a
+    """An image file as RGB, or one line naming it: a video, unreadable, not PNG/JPEG/WebP/BMP/GIF,
+    or claiming more than max_pixels pixels in its header (checked before any pixel is decoded: a
     small file can claim gigabytes of pixels)."""
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        raise CapaError(f"{path} is a video; video inputs are not supported yet: give an image (PNG or JPEG)")
     return folders.open_image(path, max_pixels=max_pixels)
 
 

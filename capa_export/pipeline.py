@@ -120,7 +120,7 @@ def calibrate(model_name: str = DEFAULT_MODEL, out: str | Path = "out/calibratio
     model, processor = load_model(model_name, dtype, device)
     adapter = adapter_for(model)
     config.check_for_model(adapter.num_layers)
-    config.check_for_visual_tokens(adapter.family.visual_token_range()[0])  # refused now, not at build time
+    config.check_for_visual_tokens(adapter.family.visual_token_range(processor)[0])  # refused now, not at build time
     config, approx = fit_calibration(model, processor, config, calibration_samples, progress)
 
     def write(tmp: Path):
@@ -343,12 +343,12 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
     # validation reference in fp32, the export in the engine's precision): one copy at a time.
     model, processor = load_model(model_name, profile.precision)
     adapter = adapter_for(model)
-    fewest_visual = adapter.family.visual_token_range()[0]
+    dims = adapter.family.dim_ranges(processor, profile.shapes)
     num_layers = adapter.num_layers
     if profile.prune is not None:
         override = CapaConfig(prune=profile.prune)
         override.check_for_model(num_layers)
-        override.check_for_visual_tokens(fewest_visual)
+        check_keep_for_engine(override, dims)
     log(f"[1/4] CAPA config for {model_name} "
         f"({'from ' + calibration_dir if calibration_dir else 'calibrating on built-in inputs'})")
     if calibration_dir or profile.precision == "fp32":
@@ -360,7 +360,7 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
         adapter = adapter_for(model)
     config = with_prune(config, profile.prune)
     config.check_for_model(num_layers)
-    config.check_for_visual_tokens(fewest_visual)
+    check_keep_for_engine(config, dims)
     engine_backend.check(profile, config, plugin_library=plugin_library)
 
     work = make_work_dir(final)
@@ -377,12 +377,13 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
         log(f"[3/4] building the {engine_backend.name} engine ...")
         contract = adapter.family.graph_contract(export_info["layer_segment"])
         description = engine_backend.build(work / "onnx", profile, work / engine_backend.name, contract,
-                                           fixed_dims={"visual_tokens": fewest_visual}, plugin_library=plugin_library)
+                                           fixed_dims=dims, plugin_library=plugin_library)
         fields = {"model": export_info["model"], "capa_config": config.to_dict(), "ffn_layers": export_info["ffn_layers"],
                   "profile": profile.to_dict(), "backend": engine_backend.name, "backend_dir": engine_backend.name,
                   "backend_description": description, "dtype": profile.precision, "pruning": profile.pruning,
                   "attention": export_info["attention"], "k": export_info["k"],
                   "layer_segment": export_info["layer_segment"],
+                  "vision_dims": {name: list(value) for name, value in dims.items()},
                   "graph_contract": export_info["graph_contract"], "build_seconds": None}
         write_manifest(work, ENGINE, fields, complete=False)
         if profile.precision != "fp32":  # the reference is fp32
@@ -403,6 +404,19 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def check_keep_for_engine(config: CapaConfig, dims: dict) -> None:
+    """Every keep count within the fewest visual tokens an image the engine takes can give."""
+    fewest = dims["visual_tokens"][0]
+    for layer, keep in config.prune:
+        if keep > fewest:
+            where = (f"the smallest image the profile allows ({dims['pixels'][0]} pixels, shapes.pixels)"
+                     if "pixels" in dims else "an image")
+            raise CapaError(f"prune stage at layer {layer} keeps k={keep} but {where} gives only {fewest} visual "
+                            f"tokens: k must be in [1, {fewest}]" +
+                            (f", or raise shapes.pixels' minimum to at least {keep * dims['pixels'][0] // fewest}"
+                             if "pixels" in dims else ""))
 
 
 def _mkdir(path: Path) -> Path:

@@ -14,8 +14,10 @@
     workspace_mib              TensorRT memory-pool limit / ONNX Runtime arena cap
     optimization_level         ONNX Runtime: "disable" | "basic" | "extended" | "all"
     [shapes]     min / opt / max of: batch, sequence (prompt tokens incl. visual), past (KV length),
-                 images (per batch) -- the TensorRT optimisation profile, and the limits the
-                 runtime enforces
+                 images (per batch), and optionally pixels (the area of an image after the
+                 processor's resize, for dynamic-resolution families: it sets the patches and
+                 visual tokens per image; default: the processor's own range) -- the TensorRT
+                 optimisation profile, and the limits the runtime enforces
     [tensorrt]   timing_cache (file name, reused across builds), version_compatible (bool),
                  builder_optimization_level (0-5)
 """
@@ -32,7 +34,9 @@ from .errors import CapaError
 
 #: Named profiles ship with the package; any other profile is given as a TOML file.
 PROFILE_DIRS = (Path(__file__).resolve().parent / "build_profiles",)
-SHAPE_NAMES = ("batch", "sequence", "past", "images")
+SHAPE_NAMES = ("batch", "sequence", "past", "images", "pixels")
+#: shapes every profile has (pixels matters only to dynamic-resolution families: no default)
+REQUIRED_SHAPES = ("batch", "sequence", "past", "images")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -84,7 +88,7 @@ class BuildProfile:
             if not 1 <= lo <= opt <= hi:
                 raise CapaError(f"{where}: shapes.{key} = [{lo}, {opt}, {hi}] must satisfy 1 <= min <= opt <= max")
             shapes[key] = (lo, opt, hi)
-        for key in SHAPE_NAMES:
+        for key in REQUIRED_SHAPES:
             shapes.setdefault(key, (1, 1, 1) if key in ("batch", "images") else (1, 1024, 4096))
         self.shapes = shapes
         if self.prune is not None:

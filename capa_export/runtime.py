@@ -101,7 +101,8 @@ class CapaEngine:
         self.family, self.contract = engine_family(self.manifest, self.dir)
         self.float_type = float_type(self.manifest["dtype"])
         backend, backend_dir, files = engine_backend(self.dir, self.manifest)
-        self.processor = load_local_processor(confined_directory(self.dir, "processor", source=str(self.dir)))
+        self.processor = load_local_processor(confined_directory(self.dir, "processor", source=str(self.dir)),
+                                              loader=self.family.load_processor)
         shapes = self.manifest["profile"]["shapes"]
         self.max_sequence, self.max_past, self.max_batch = shapes["sequence"][2], shapes["past"][2], shapes["batch"][2]
         self.queries = self.manifest["capa_config"]["queries"]
@@ -169,6 +170,16 @@ class CapaEngine:
         if self.queries == "text" and slots.shape[1] and int(slots.max()) >= length - 1:
             raise CapaError("the prompt has no text after the image to score visual tokens with")
 
+    def check_images(self, batch: dict) -> None:
+        """Images the engine cannot serve (videos, more images than its profile, sizes outside its
+        pixel range), refused with one line before anything runs."""
+        self.family.check_inputs(batch)
+        images, most = self.family.image_count(batch), self.manifest["profile"]["shapes"]["images"][2]
+        if images > most:
+            raise CapaError(f"the input holds {images} images but this engine takes at most {most} per batch "
+                            f"(profile shapes.images); give one image per prompt, or rebuild with a larger images range")
+        self.family.check_image_sizes(batch, self.manifest.get("vision_dims", {}))
+
     def generate_ids(self, batch: dict, max_new_tokens: int = 16, eos_token_id: int | None = None,
                      stream: Callable[[int], None] | None = None, forced_tokens=None):
         """Greedy generation from processor outputs (torch tensors or numpy arrays). Returns
@@ -184,6 +195,7 @@ class CapaEngine:
         mask = torch.ones_like(input_ids) if mask is None else mask.to(torch.int64)
         batch.update(input_ids=input_ids, attention_mask=mask)
         self.check_inputs(input_ids, mask, max_new_tokens)
+        self.check_images(batch)
         family = self.family
         timings = {}
         start = time.perf_counter()

@@ -114,6 +114,8 @@ ENGINE_MANIFEST = {
         "dtype": {"enum": ["fp32", "fp16", "bf16"]},
         "pruning": {"enum": ["function", "inline"]},
         "k": {"type": ["integer", "null"], "minimum": 1, "expect": "null or an integer >= 1"},
+        # ModelFamily.dim_ranges: the derived dimensions' [min, opt, max] (visual_tokens, patches, pixels)
+        "vision_dims": {"type": "object", "maxProperties": 16, "additionalProperties": SHAPE_RANGE},
         "layer_segment": {**LAYER_LIST, "minItems": 1, "expect": "a non-empty list of segment indices (integers >= 0)"},
         "graph_contract": {"type": "object", "required": ["graphs"]},
         "libraries": {"type": "object", "additionalProperties": SHORT_STRING},

@@ -8,7 +8,7 @@ from capa_export.models import adapter_for, load_model
 
 #: the embedded models every model test runs on: one per family (a new family's tiny model joins
 #: the table by being registered with @embedded_model)
-TEST_MODELS = ["tiny-llava"]
+TEST_MODELS = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 
 
 def eager_attention(model):
@@ -23,6 +23,13 @@ def eager_attention(model):
 def tiny(request):
     """(model, processor) of an embedded model, with eager attention."""
     model, processor = load_model(request.param)
+    return eager_attention(model), processor
+
+
+@pytest.fixture(scope="session")
+def llava():
+    """tiny-llava, with eager attention: the model of `cpu_engine` (tests of that engine use it)."""
+    model, processor = load_model("tiny-llava")
     return eager_attention(model), processor
 
 

@@ -149,14 +149,14 @@ def test_manifest_without_checksums_is_refused(engine_copy, capsys):
     (lambda ids, mask: (ids, mask.__setitem__((slice(None), -1), 0)), "right padding"),
     (lambda ids, mask: None, "max_new_tokens=0"),
 ])
-def test_runtime_refuses_what_it_cannot_serve(cpu_engine, tiny, mutate, message):
+def test_runtime_refuses_what_it_cannot_serve(cpu_engine, llava, mutate, message):
     import numpy as np
 
     from capa_export.inputs import builtin_samples, encode
     from capa_export.models import adapter_for
     from capa_export.runtime import CapaEngine
 
-    model, processor = tiny
+    model, processor = llava
     batch = encode(adapter_for(model), processor, builtin_samples(1)[0])
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy().copy()
     mutate(ids, mask)
@@ -165,13 +165,13 @@ def test_runtime_refuses_what_it_cannot_serve(cpu_engine, tiny, mutate, message)
         engine.generate_ids({**batch, "input_ids": ids, "attention_mask": np.asarray(mask)}, max_new_tokens=tokens)
 
 
-def test_tensorrt_shape_ranges_cover_decode_tokens(tiny):
+def test_tensorrt_shape_ranges_cover_decode_tokens(llava):
     from capa_export.contract import profile_ranges
     from capa_export.models import adapter_for
     from capa_export.profiles import BuildProfile
 
     profile = BuildProfile.load("edge")
-    contract = adapter_for(tiny[0]).family.graph_contract([0, 0, 1, 1, 1, 1, 1, 1])
+    contract = adapter_for(llava[0]).family.graph_contract([0, 0, 1, 1, 1, 1, 1, 1])
     ranges = profile_ranges(contract["embed"], profile.shapes, {"visual_tokens": 576})
     ranges.update(profile_ranges(contract["decode"], profile.shapes, {"visual_tokens": 576}))
     assert ranges["input_ids"][0] == (1, 1)  # embed serves single decode tokens

@@ -82,8 +82,8 @@ def test_polygraphy_inspect_shows_the_op_node_and_its_opset(cpu_engine):
 
 
 @pytest.mark.parametrize("lowering", ["function", "inline"])
-def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowering):
-    model, processor = tiny
+def test_both_lowerings_match_the_capa_model(llava, cpu_engine, tmp_path, lowering):
+    model, processor = llava
     path, _ = cpu_engine
     config = CapaConfig.load(path / "calibration")
     approx = FfnApproximation.load(path / "calibration", model)
@@ -105,8 +105,8 @@ def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowerin
     np.testing.assert_allclose(logits, expected.logits[:, -1].numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_folded_ffn_weights_are_in_the_prefill_graph(tiny, cpu_engine):
-    model, _ = tiny
+def test_folded_ffn_weights_are_in_the_prefill_graph(llava, cpu_engine):
+    model, _ = llava
     path, _ = cpu_engine
     approx = FfnApproximation.load(path / "calibration", model)
     layers = json.loads((path / "calibration" / "capa_config.json").read_text())["ffn_layers"]
@@ -138,8 +138,8 @@ def test_weights_are_stored_once(cpu_engine):
         onnx.checker.check_model(str(directory / f"{name}.onnx"), full_check=True)
 
 
-def test_engine_decoding_equals_hf_generate_without_pruning(tiny, tmp_path):
-    model, processor = tiny
+def test_engine_decoding_equals_hf_generate_without_pruning(llava, tmp_path):
+    model, processor = llava
     CapaConfig(prune=[], ffn_layers=[]).save(tmp_path)
     path, report = build("tiny-llava", "cpu", out=tmp_path / "plain", calibration_dir=str(tmp_path), progress=False,
                                 log=lambda *_: None)

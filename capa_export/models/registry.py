@@ -134,7 +134,7 @@ def check_checkpoint_folder(path: Path) -> None:
 def _load_pretrained(name_or_path: str, dtype):
     """A real checkpoint: a local directory (read only there: local_files_only) or a hub id the user
     named. Never remote code (trust_remote_code=False); the processor is loaded before the weights."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = Path(name_or_path)
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
@@ -151,9 +151,9 @@ def _load_pretrained(name_or_path: str, dtype):
     except (OSError, ValueError) as exc:
         raise CapaError(f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}); give a "
                         f"directory with config.json, a reachable hub id, or one of: {embedded}") from None
-    family_for_model_type(config.model_type, name_or_path)
+    family = family_for_model_type(config.model_type, name_or_path)
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path, **options)
+        processor = family.load_processor(name_or_path, **options)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CapaError(f"cannot load the processor of {name_or_path!r} ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); save the processor "
