@@ -304,9 +304,11 @@ def cmd_run(args) -> int:
     inputs = _run_inputs(args)
     with CapaEngine(args.engine, verify=not args.no_verify, trust=args.trust, plugin_library=args.plugin_library,
                     allow_engine_code=args.allow_engine_code, provider=args.provider, threads=args.threads) as engine:
-        print(f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
-              f"keep {engine.manifest['k']} visual tokens", file=sys.stderr)
+        header = (f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
+                  f"keep {engine.manifest['k']} visual tokens")
         single = len(inputs) == 1 and not args.json
+        if len(inputs) <= engine.max_batch:  # else the batch is refused in one line, with nothing before it
+            print(header, file=sys.stderr)
         stream = (lambda text: print(text, end="", flush=True)) if single else None
         results = engine.generate_batch([i for i, _, _ in inputs], [q for _, q, _ in inputs], args.max_new_tokens,
                                         stream=stream)

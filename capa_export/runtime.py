@@ -175,6 +175,10 @@ class CapaEngine:
         pixel range), refused with one line before anything runs."""
         self.family.check_inputs(batch)
         images, most = self.family.image_count(batch), self.manifest["profile"]["shapes"]["images"][2]
+        rows = int(torch.as_tensor(batch["input_ids"]).shape[0])
+        if images != rows:  # the engine's graphs take one image per prompt
+            raise CapaError(f"the input holds {images} images for {rows} prompt(s); this engine takes one image per "
+                            f"prompt")
         if images > most:
             raise CapaError(f"the input holds {images} images but this engine takes at most {most} per batch "
                             f"(profile shapes.images); give one image per prompt, or rebuild with a larger images range")

@@ -81,17 +81,9 @@ def assert_refused(result, scene, *words):
 
 # --- the scene: a copy of the built engine, sentinels outside it ---------------------------------
 def copy_engine(source: Path, target: Path) -> Path:
-    """A copy of a built engine; large data files are hard links (an attack never writes into a
-    file in place: replace_file unlinks first, so the shared engine is never touched)."""
-    for directory, _, names in os.walk(source):
-        relative = Path(directory).relative_to(source)
-        (target / relative).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            src, dst = Path(directory) / name, target / relative / name
-            if src.stat().st_size > (1 << 20):
-                os.link(src, dst)
-            else:
-                shutil.copy2(src, dst)
+    """A full copy of a built engine (no hard links: onnx refuses external data with several links,
+    which would break every later user of the shared engine while a copy exists)."""
+    shutil.copytree(source, target, symlinks=True)
     return target
 
 
@@ -134,9 +126,10 @@ def scene(cpu_engine, tmp_path):
     victim = outside / "victim.sh"
     victim.write_bytes(b"#!/bin/sh\necho precious\n")
     engine = copy_engine(cpu_engine[0], tmp_path / "engine")
-    return SimpleNamespace(engine=engine, outside=outside, secret=secret, victim=victim,
-                           marker=tmp_path / "planted-code-ran",
-                           sentinels={p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (secret, victim)})
+    yield SimpleNamespace(engine=engine, outside=outside, secret=secret, victim=victim,
+                          marker=tmp_path / "planted-code-ran",
+                          sentinels={p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (secret, victim)})
+    shutil.rmtree(engine, ignore_errors=True)  # a copy per test: give the disk back
 
 
 def test_an_untouched_copy_runs(scene, capsys):
@@ -447,11 +440,16 @@ def test_sessions_made_before_a_failure_are_released(scene, monkeypatch):
     add_graph_output(scene.engine / "onnxruntime" / "decode.opt.onnx", "planted")
     retable(scene.engine)
     made = []
-    real = ort_backend.runner
-    monkeypatch.setattr(ort_backend, "runner", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    real = ort_backend.OrtGraph.__init__
+
+    def record(graph, *args, **kwargs):
+        real(graph, *args, **kwargs)
+        made.append(graph)
+
+    monkeypatch.setattr(ort_backend.OrtGraph, "__init__", record)
     with pytest.raises(CapaError, match="has an output 'planted'"):
         CapaEngine(scene.engine)
-    assert len(made) == 3 and not any(r.is_active for r in made)
+    assert len(made) == 3 and all(graph.session is None for graph in made)
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -199,3 +199,36 @@ def test_named_profiles_ship_with_the_package():
     assert BuildProfile.load("cpu").source == str(shipped / "cpu.toml")
     with pytest.raises(CapaError, match="one of: cpu, datacenter, edge"):
         BuildProfile.load("laptop")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--provider", "TensorrtExecutionProvider"], "provider 'TensorrtExecutionProvider' is not one this engine was built for"),
+    (["--threads", "0"], "--threads 0 must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--prompt", "a", "--prompt", "b", "--prompt", "c", "--prompt", "d", "--prompt", "e"],
+     "5 prompts exceed the engine's batch maximum 4"),
+])
+def test_run_refuses_what_it_cannot_serve_in_one_line(cpu_engine, capsys, argv, message):
+    code, _, err = run(capsys, "run", cpu_engine[0], *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_images_and_prompts_of_different_counts(cpu_engine, capsys, tmp_path):
+    from capa_export.inputs import synthetic_image
+
+    for i in range(2):
+        synthetic_image(i).save(tmp_path / f"{i}.png")
+    code, _, err = run(capsys, "run", cpu_engine[0], "--image", tmp_path / "0.png", "--image", tmp_path / "1.png",
+                       "--prompt", "a", "--prompt", "b", "--prompt", "c")
+    assert code == 2 and "2 --image and 3 --prompt" in err
+
+
+def test_run_a_jsonl_batch_prints_one_json_line_per_answer(cpu_engine, capsys, tmp_path):
+    from capa_export.inputs import synthetic_image
+
+    synthetic_image(0).save(tmp_path / "a.png")
+    (tmp_path / "batch.jsonl").write_text('{"image": "a.png", "prompt": "What?"}\n{"image": "a.png", "prompt": "Why?"}\n')
+    code, out, _ = run(capsys, "run", cpu_engine[0], "--jsonl", tmp_path / "batch.jsonl", "--json", "--max-new-tokens", "3")
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and [line["prompt"] for line in lines] == ["What?", "Why?"]
+    assert all(len(line["tokens"]) <= 3 and line["answer"] is not None for line in lines)

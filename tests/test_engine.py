@@ -169,3 +169,25 @@ def test_runtime_generate_streams_and_times(cpu_engine):
     assert len(result.tokens) == 5 and len(pieces) == 5  # one streamed piece per token
     assert len(result.keep_indices) == 64 and result.keep_indices == sorted(result.keep_indices)
     assert {"vision", "prefill", "decode_per_token", "time_to_first_token"} <= set(result.timings)
+
+
+def test_a_batch_answers_as_each_input_alone(cpu_engine):
+    """Left-padded batch of prompts of different lengths and images: every row's tokens and kept
+    visual tokens equal the same input run alone (the KV cache kept in ONNX Runtime between steps)."""
+    path, _ = cpu_engine
+    images = [synthetic_image(1, seed=5), synthetic_image(2, seed=6), synthetic_image(3, seed=7)]
+    questions = ["What?", "What is in the picture? Answer in detail, please.", "Colours?"]
+    with CapaEngine(path) as engine:
+        together = engine.generate_batch(images, questions, max_new_tokens=6)
+        alone = [engine.generate(image, question, max_new_tokens=6) for image, question in zip(images, questions)]
+    for row, single in zip(together, alone):
+        assert row.tokens == single.tokens and row.keep_indices == single.keep_indices and row.text == single.text
+        assert row.prompt_tokens == single.prompt_tokens
+
+
+def test_streamed_text_is_the_answer(cpu_engine):
+    path, _ = cpu_engine
+    pieces = []
+    with CapaEngine(path) as engine:
+        result = engine.generate(synthetic_image(4), "Describe it.", max_new_tokens=8, stream=pieces.append)
+    assert "".join(pieces) == result.text

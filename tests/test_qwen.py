@@ -195,7 +195,7 @@ def test_two_images_where_the_engine_takes_one(qwen_engine, checkpoint):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     batch = processor(images=[picture(300, 400), picture(300, 400, seed=1)], text=[prompt], return_tensors="pt")
-    with CapaEngine(qwen_engine) as engine, pytest.raises(CapaError, match="holds 2 images but this engine takes at most 1"):
+    with CapaEngine(qwen_engine) as engine, pytest.raises(CapaError, match="holds 2 images for 1 prompt"):
         engine.generate_ids(dict(batch), max_new_tokens=2)
 
 
@@ -213,17 +213,16 @@ def test_bad_profiles_for_dynamic_resolution(tmp_path, capsys, toml, message):
 
 
 def test_standard_op_lowering_matches_the_capa_model(qwen_engine, checkpoint, tmp_path):
-    """The prefill exported without the plugin (MatMul/ReduceSum scores + TopK), M-RoPE rows
-    gathered in the graph, on a left-padded batch of two prompts."""
+    """The prefill with the selection inlined (standard ops only), M-RoPE rows gathered in the graph,
+    on a left-padded batch of two prompts."""
     from capa_export.export.exporter import export_model
     from capa_export.export.graphs import graph_inputs
-    from capa_export.ops.ort_op import session_options_with_capa_ops
     from capa_export.pipeline import load_calibration
     from capa_export.validate import to_feed
 
     model, processor = load_model(str(checkpoint))
     config, approx = load_calibration(model, qwen_engine / "calibration")
-    export_model(model, processor, config, approx, tmp_path / "onnx", pruning="onnx", progress=False, graphs=("prefill",))
+    export_model(model, processor, config, approx, tmp_path / "onnx", pruning="inline", progress=False, graphs=("prefill",))
     prefill = tmp_path / "onnx" / "prefill.onnx"
     capa = apply_capa(model, config, approx)
     batch = capa.family.encode(processor, [picture(336, 336, seed=6), picture(336, 336, seed=7)],
@@ -232,7 +231,7 @@ def test_standard_op_lowering_matches_the_capa_model(qwen_engine, checkpoint, tm
     contract = capa.family.graph_contract(capa.layer_segments())
     feed = to_feed(contract["prefill"], graph_inputs(capa, batch)["prefill"], "fp32")
     assert feed["position_ids"].shape[0] == 3
-    session = ort.InferenceSession(str(prefill), session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(prefill), providers=["CPUExecutionProvider"])
     logits, keep = session.run(["logits", "keep_indices"], feed)
     expected = capa(**batch, last_logits_only=True)
     assert keep.tolist() == expected.keep_indices.tolist()

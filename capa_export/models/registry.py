@@ -144,14 +144,14 @@ def _load_pretrained(name_or_path: str, dtype):
                         f"or one of: {embedded}")
     local = path.is_dir()
     options = {"trust_remote_code": False, "local_files_only": local}
-    if local:
-        check_checkpoint_folder(path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, **options)
     except (OSError, ValueError) as exc:
         raise CapaError(f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}); give a "
                         f"directory with config.json, a reachable hub id, or one of: {embedded}") from None
     family = family_for_model_type(config.model_type, name_or_path)
+    if local:  # before the weights: a folder without its processor fails in one line, not after minutes
+        check_checkpoint_folder(path)
     try:
         processor = family.load_processor(name_or_path, **options)
     except (OSError, ValueError, TypeError, KeyError) as exc:
