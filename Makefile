@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml CMakeLists.txt
 demo: $(STAMP)
 	$(VENV)/bin/capa-export analyze --out $(OUT)/analysis
 	$(VENV)/bin/capa-export build --model tiny-llava --profile cpu
-	$(VENV)/bin/capa-export run engines/build/tiny-llava-cpu --prompt "What is in the picture?" --max-new-tokens 12
+	$(VENV)/bin/capa-export run engines/tiny-llava-cpu --prompt "What is in the picture?" --max-new-tokens 12
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -28,7 +28,14 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) build $(OUT)
 
-# Compile the CUDA kernels with nvcc, failing on any compile error (CI runs this: no GPU there).
+# Compile the CUDA kernels with nvcc for every shipped architecture, failing on any compile error,
+# then report registers / stack / spills per kernel (ptxas -v) and fail on a spill in the contrib
+# scores kernel (CI runs this: no GPU there). --clean-first: ptxas reports only what it compiles.
+CUDA_CHECK_ARCHS ?= 80;86;87;89;90
+CUDA_CHECK_DIR := build/cuda-check
 cuda-check:
-	cmake -S . -B build/cuda-check -DCAPA_REQUIRE_CUDA=ON -DCAPA_BUILD_PYTHON=OFF -DCMAKE_CUDA_ARCHITECTURES=90 > /dev/null
-	cmake --build build/cuda-check --target capa_contrib_topk_cuda
+	cmake -S . -B $(CUDA_CHECK_DIR) -DCAPA_REQUIRE_CUDA=ON -DCAPA_BUILD_PYTHON=OFF \
+	  "-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_CHECK_ARCHS)" -DCMAKE_CUDA_FLAGS=--resource-usage > /dev/null
+	cmake --build $(CUDA_CHECK_DIR) --target capa_contrib_topk_cuda --clean-first > $(CUDA_CHECK_DIR)/ptxas.log 2>&1 \
+	  || { cat $(CUDA_CHECK_DIR)/ptxas.log; exit 1; }
+	python3 plugins/contrib_topk/ptxas_report.py $(CUDA_CHECK_DIR)/ptxas.log --no-spill contrib_scores_kernel

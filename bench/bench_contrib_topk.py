@@ -2,7 +2,7 @@
 
     python bench/bench_contrib_topk.py [--dtype bf16] [--repeats 50] [--out bench.json]
 
-Eager decomposition: capa_export.capa.scoring.contribution_scores (einsum / matmul / norms, the
+Eager decomposition: capa_export.method.scoring.contribution_scores (einsum / matmul / norms, the
 Gram form chunked over keys), then torch.topk and a sort of the kept indices. Timing: CUDA events
 around each call, after warm-up; the median, min, max and 10th/90th percentiles are reported.
 Exits with a message (status 2) when no GPU or no CUDA build of capa_export._native is present.
@@ -24,7 +24,7 @@ CONFIGS = [dict(B=1, H=32, H_kv=32, d=128, D=4096, Q=40, N=n, k=64) for n in (57
 
 
 def eager(probs, values, o_weight, k, variant):
-    from capa_export.capa.scoring import contribution_scores
+    from capa_export.method.scoring import contribution_scores
 
     scores = contribution_scores(probs, values, o_weight, variant=variant)
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values.to(torch.int32)

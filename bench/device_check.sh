@@ -4,7 +4,7 @@
 # memcheck on the kernels, the op benchmark, and the prefill benchmarks; all output under $OUT.
 #
 #   on the device, from the repository root:   bash bench/device_check.sh [--quick]
-#   missing Python packages there (polygraphy, onnxruntime-extensions): bring them as wheels in
+#   missing Python packages there (polygraphy): bring them as wheels in
 #   .whl/ (see the device tool's notes) and carry .whl; they are installed into /tmp/site first.
 #
 # NOT YET RUN: written without a GPU machine (2026-11-24); on CPU it builds, skips the CUDA tests

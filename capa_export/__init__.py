@@ -8,9 +8,9 @@ Public API (tests and users rely on these names):
 
 __version__ = "0.1.0"
 
-from .capa.ffn import FfnApproximation, fit_ffn_approximation
-from .capa.model import CapaModel, apply_capa
-from .capa.scoring import contribution_scores
+from .method.ffn import FfnApproximation, fit_ffn_approximation
+from .method.capa_model import CapaModel, apply_capa
+from .method.scoring import contribution_scores
 from .config import CapaConfig
 from .errors import CapaError
 from .models import load_model

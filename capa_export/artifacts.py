@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 
-#: Files that mark a folder as one of our outputs: only such a folder (or an empty one) is replaced.
-ARTIFACT_MARKERS = ("export.json", "manifest.json", "capa_config.json", "report.json")
-
-
 def check_replaceable(target: str | Path) -> None:
     """Refuse to overwrite anything that is not an earlier capa-export output."""
     from .errors import CapaError
 
+    from .manifest import MANIFEST_FILES  # the files that mark a folder as one of our outputs
+
     target = Path(target)
     if not target.exists():
         return
-    if not target.is_dir() or (any(target.iterdir()) and not any((target / m).exists() for m in ARTIFACT_MARKERS)):
+    if not target.is_dir() or (any(target.iterdir()) and not any((target / m).exists() for m in MANIFEST_FILES)):
         raise CapaError(f"{target} exists and is not a capa-export output; choose another --out, or remove it first")
 
 
@@ -42,27 +38,23 @@ def replace_directory(target: str | Path, write) -> Path:
     tmp = make_work_dir(target)
     try:
         write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+def commit_directory(source: Path, target: Path) -> None:
+    """Move a finished work folder to target, replacing what was there (renames only: a reader
+    sees the old folder or the new one, never a mix)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        source.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        source.rename(target)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -74,10 +66,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def write_json(path: str | Path, data) -> Path:
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # strict JSON: an undefined number (NaN, inf) is written as null
-    tmp.write_text(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Strict JSON (NaN/inf written as null) through a new, uniquely named temporary file in the
+    same directory, then a rename: readers never see half a file, and a link planted under any
+    name is never followed (folders.atomic_write_json)."""
+    from .folders import atomic_write_json
+
+    return atomic_write_json(path, data)

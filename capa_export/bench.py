@@ -24,41 +24,43 @@ from pathlib import Path
 import torch
 
 from .artifacts import write_json
-from .capa.ffn import FfnApproximation, LayerFit
-from .capa.model import apply_capa
+from .method.ffn import FfnApproximation, LayerFit
+from .method.capa_model import apply_capa
 from .config import CapaConfig
 from .models import adapter_for, cast_model
+from .pipeline import DEFAULT_MODEL
 
-#: Real-size decoder/vision dims (random weights). "visual" is the number of visual tokens fed.
-SIZES = {
-    "tiny": None,  # the embedded tiny-llava
-    "llava-1.5-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
-                         vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, visual=576),
-    "llava-next-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
-                          vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, visual=2880),
-}
+def sizes() -> dict[str, str]:
+    """Benchmark sizes -> their family: the embedded models ("tiny" = the default) and every
+    family's random-weight real sizes."""
+    from .models import embedded_models, families
+
+    named = {"tiny": embedded_models()[DEFAULT_MODEL][0]}
+    named.update({name: family for name, (family, _) in embedded_models().items()})
+    for family in families().values():
+        named.update({size: family.name for size in family.bench_sizes})
+    return named
 
 
 def build_model(size: str, dtype: torch.dtype, device: str):
-    from .models import load_model
+    """(model in dtype on device, visual tokens to feed, a processor of its family)."""
+    from .models import embedded_models, families, load_model
 
-    if size == "tiny":
-        model, _ = load_model("tiny-llava")
-        return cast_model(model, dtype).to(device).eval(), 576
-    spec = SIZES[size]
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    known = sizes()
+    if size not in known:
+        from .errors import CapaError
 
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_intermediate"],
-                                       num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
-                                       image_size=336, patch_size=14),
-        text_config=LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                                num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                                num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"]),
-        image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
-    return cast_model(model, dtype).eval(), spec["visual"]
+        raise CapaError(f"benchmark size {size!r} is unknown; expected one of {', '.join(known)}")
+    name = DEFAULT_MODEL if size == "tiny" else size
+    family = families()[known[size]]
+    if name in embedded_models():
+        model, processor = load_model(name)
+    else:
+        model, _ = family.bench_model(size, device)
+        tiny = next(n for n, (f, _) in embedded_models().items() if f == family.name)
+        processor = load_model(tiny)[1]
+    model = cast_model(model, dtype).to(device).eval()
+    return model, adapter_for(model).family.visual_token_range(processor)[1], processor
 
 
 def timing_only_ffn(adapter, layers, rank, dtype, device) -> FfnApproximation:
@@ -137,7 +139,7 @@ def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps
                   ffn_modes=("none", "affine"), rank: int = 512, repeats: int = 20, warmup: int = 3,
                   device: str | None = None, smoke: bool = False, with_compile: bool = True,
                   with_engine: bool = True) -> dict:
-    from .models import parse_dtype
+    from .dtypes import torch_dtype as parse_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype)
@@ -146,18 +148,18 @@ def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps
 
         raise CapaError("bf16 benchmarks need a CUDA device (no bf16 CPU kernels in ONNX Runtime); use fp32 or fp16")
     timer = Timer(device, warmup, repeats)
-    model, num_visual = build_model(size, torch_dtype, device)
+    model, num_visual, processor = build_model(size, torch_dtype, device)
     adapter = adapter_for(model)
     CapaConfig(prune=[(2, max(keeps))]).check_for_visual_tokens(num_visual)
     length = num_visual + text_tokens + 2
     gen = torch.Generator(device=device).manual_seed(0)
     embeds = torch.randn(batch, length, adapter.hidden_size, generator=gen, device=device, dtype=torch_dtype) * 0.02
     mask = torch.ones(batch, length, dtype=torch.long, device=device)
-    positions = torch.arange(length, device=device)[None].expand(batch, length)
+    positions = torch.arange(length, device=device).expand(*adapter.family.position_rows, batch, length)
     visual = torch.arange(2, 2 + num_visual, device=device)[None].expand(batch, num_visual)
     floors = measure_floors(device, torch_dtype, timer, smoke)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
-    weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in adapter.text_model.parameters())
+    weight_bytes += adapter.lm_head.weight.numel() * adapter.lm_head.weight.element_size()
     results = []
 
     def record(runtime, scenario, timing, flops, extra=None):
@@ -171,8 +173,8 @@ def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps
         results.append({**entry, **(extra or {})})
 
     with torch.no_grad():
-        lm = model.model.language_model
-        hf = lambda: model.lm_head(lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, -1])  # noqa: E731
+        lm = adapter.text_model
+        hf = lambda: adapter.lm_head(lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, -1])  # noqa: E731
         model.config._attn_implementation = lm.config._attn_implementation = "sdpa"
         base = {"keep": num_visual, "ffn": "none", "prune_layer": None}
         record("hf_sdpa_unpruned", base, timer(hf), prefill_flops(adapter, length, num_visual, [], [], None))
@@ -197,8 +199,8 @@ def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps
                 if with_compile and ffn_mode == "none" and keep == keeps[0]:  # compiling takes minutes at 7B
                     record_compiled(record, timer, model, keep, embeds, positions, mask, visual, scenario, flops)
                 if with_engine and ffn_mode == "none":
-                    record_engine(record, timer, model, keep, embeds, mask, positions, visual, scenario, flops,
-                                  torch_dtype, device)
+                    record_engine(record, timer, model, processor, keep, embeds, mask, positions, visual, scenario,
+                                  flops, torch_dtype, device)
     import onnxruntime
     import transformers
 
@@ -213,9 +215,12 @@ def run_benchmark(size: str = "tiny", dtype: str = "fp32", batch: int = 1, keeps
 def record_compiled(record, timer, model, keep, embeds, positions, mask, visual, scenario, flops):
     capa = apply_capa(model, CapaConfig(prune=[(2, keep)]))
     weight = capa.query_weight(visual, mask)
-    from .export.graphs import select_with_standard_ops
+    from .method.scoring import contribution_scores_dense
 
-    select = select_with_standard_ops("contrib")  # no Python data-dependence: compilable
+    def select(probs, values, o_weight, keep):  # no Python data-dependence: compilable
+        scores = contribution_scores_dense(probs, values, o_weight, "contrib")
+        return torch.sort(torch.topk(scores, keep, dim=-1).indices, dim=-1).values
+
     try:
         compiled = torch.compile(lambda: capa.prefill_layers(embeds, positions, mask, visual, weight, select=select))
         compiled()
@@ -225,11 +230,13 @@ def record_compiled(record, timer, model, keep, embeds, positions, mask, visual,
                flops, {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
 
 
-def record_engine(record, timer, model, keep, embeds, mask, positions, visual, scenario, flops, dtype, device):
+def record_engine(record, timer, model, processor, keep, embeds, mask, positions, visual, scenario, flops, dtype,
+                  device):
     import onnxruntime as ort
 
+    from .dtypes import name_of
     from .export.exporter import export_graphs
-    from .ops.ort_op import session_options_with_capa_ops
+    from .validate import to_feed
 
     capa = apply_capa(model, CapaConfig(prune=[(2, keep)]))
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
@@ -238,26 +245,12 @@ def record_engine(record, timer, model, keep, embeds, mask, positions, visual, s
                {"skipped": "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)"})
         return
     with tempfile.TemporaryDirectory() as tmp:
-        export_graphs(capa, _processor(), Path(tmp), "onnx", progress=False, graphs=("prefill",))
-        session = ort.InferenceSession(str(Path(tmp) / "prefill.onnx"), session_options_with_capa_ops(),
-                                       providers=providers)
-        feed = {"inputs_embeds": embeds.float().cpu().numpy().astype(_numpy(dtype)),
-                "attention_mask": mask.cpu().numpy(), "position_ids": positions.cpu().numpy(),
-                "visual_positions": visual.cpu().numpy()}
+        contract = export_graphs(capa, processor, Path(tmp), "function", progress=False, graphs=("prefill",))
+        session = ort.InferenceSession(str(Path(tmp) / "prefill.onnx"), providers=providers)
+        feed = to_feed(contract["prefill"], {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                                             "visual_positions": visual}, name_of(dtype))
         record("ort_engine", scenario, timer(lambda: session.run(["logits"], feed)), flops,
                {"providers": providers, "note": "session.run with host arrays (copies included)"})
-
-
-def _processor():
-    from .models.tiny import tiny_llava_processor
-
-    return tiny_llava_processor()
-
-
-def _numpy(dtype):
-    import numpy as np
-
-    return {torch.float32: np.float32, torch.float16: np.float16}.get(dtype, np.float32)
 
 
 def device_name(device: str) -> str:

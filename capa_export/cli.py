@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from .artifacts import check_replaceable
+from .dtypes import NAMES as FLOAT_TYPE_NAMES
 from .errors import CapaError
-
-DEFAULT_MODEL = "tiny-llava"
+from .method.scoring import VARIANTS
+from .pipeline import DEFAULT_MODEL
 DEFAULT_QUESTION = "What is in the picture? Describe it briefly."
 
 
@@ -23,6 +24,15 @@ def _stage(text: str) -> tuple[int, int]:
         return int(layer), int(keep)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP (e.g. 2:64)") from None
+
+
+def _lowering(text: str) -> str:
+    from .export.graphs import pruning_lowering
+
+    try:
+        return pruning_lowering(text)
+    except CapaError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _layers(text: str):
@@ -47,27 +57,54 @@ def _add_model(parser, dtype_help="weights dtype when loading (default: the chec
                         help=f"'{DEFAULT_MODEL}' (embedded, offline), a local HF model directory, or a hub id "
                              f"(default: {DEFAULT_MODEL})")
     if dtype_help:
-        parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help=dtype_help)
+        parser.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default=None, help=dtype_help)
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
 def _add_input(parser):
     parser.add_argument("--image", default=None, help="image file (default: a built-in synthetic picture)")
     parser.add_argument("--prompt", default=DEFAULT_QUESTION, help="question about the image")
+    _add_pixel_cap(parser)
+
+
+def _add_pixel_cap(parser):
+    from .folders import MAX_IMAGE_PIXELS
+
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                        help=f"refuse images whose header claims more pixels, before decoding them (default: "
+                             f"{MAX_IMAGE_PIXELS})")
+
+
+def _add_trust(parser):
+    parser.add_argument("--trust", default=None, metavar="PUBKEY",
+                        help="PEM public key (capa-export keygen): the engine's signature (manifest.sig) must verify "
+                             "with it, and every file its manifest lists is checked")
+    parser.add_argument("--plugin-library", default=None, metavar="SO",
+                        help="TensorRT only: the plugin library to use instead of the installed one (checked against "
+                             "the sha256 the engine recorded)")
+    parser.add_argument("--allow-engine-code", action="store_true",
+                        help="TensorRT only: deserialise plans that carry plugin code (version-compatible engines); "
+                             "only for engines from builders you trust")
 
 
 def _add_calibration(parser):
-    parser.add_argument("--calibration", default=None, metavar="DIR",
-                        help="folder of images (+ prompts.txt or <image>.txt); default: a built-in synthetic set")
+    parser.add_argument("--calibration-images", "--calibration", dest="calibration_images", default=None, metavar="DIR",
+                        help="folder of images (+ prompts.txt or <image>.txt) to calibrate on; default: a built-in "
+                             "synthetic set")
     parser.add_argument("--calibration-count", type=int, default=8,
                         help="size of the built-in calibration set (default: 8)")
+
+
+def _add_calibrated(parser, note: str):
+    parser.add_argument("--calibrated", "--capa", dest="calibrated", default=None, metavar="DIR",
+                        help=f"a `calibrate` output folder ({note})")
 
 
 def _add_capa(parser):
     parser.add_argument("--prune", type=_stage, nargs="*", default=[(2, 64)], metavar="K:k",
                         help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K); "
                              "several for a progressive schedule; none to disable (default: 2:64)")
-    parser.add_argument("--variant", choices=("contrib", "value_norm", "attention"), default="contrib",
+    parser.add_argument("--variant", choices=VARIANTS, default="contrib",
                         help="token score: contrib (CAPA), value_norm, attention (FastV) (default: contrib)")
     parser.add_argument("--queries", choices=("text", "last"), default="text",
                         help="scoring queries: text after the image, or the last token (default: text)")
@@ -90,46 +127,38 @@ def _capa_config(args):
 
 
 def _input_sample(args):
-    from .capa.calibration import CalibrationSample, builtin_samples, open_image
+    from .inputs import CalibrationSample, builtin_samples, open_image
 
     if args.image:
-        return CalibrationSample(open_image(args.image), args.prompt, args.image)
+        return CalibrationSample(open_image(args.image, args.max_image_pixels), args.prompt, args.image)
     sample = builtin_samples(1, seed=1)[0]
     sample.question = args.prompt
     return sample
 
 
 def _calibration_samples(args):
-    from .capa.calibration import builtin_samples, folder_samples
+    from .inputs import builtin_samples, folder_samples
 
-    if args.calibration:
-        return folder_samples(args.calibration)
+    if args.max_image_pixels < 1:
+        raise CapaError(f"--max-image-pixels {args.max_image_pixels} must be >= 1")
+    if args.calibration_images:
+        return folder_samples(args.calibration_images, args.max_image_pixels)
     if args.calibration_count < 1:
         raise CapaError(f"--calibration-count {args.calibration_count} must be >= 1")
     return builtin_samples(args.calibration_count)
 
 
-# --- commands ------------------------------------------------------------------------------------
+# --- commands: each calls one pipeline stage and prints its result --------------------------------
 def cmd_analyze(args) -> int:
-    from .analysis import AnalysisSettings, analyze, format_table
-    from .analysis.plots import write_plots
-    from .artifacts import replace_directory, write_json
-    from .models import load_model
+    from .analysis import AnalysisSettings, format_table
+    from .pipeline import analyze
 
-    check_replaceable(args.out)  # before the work, not after
     if args.sink_ratio <= 0 or args.keep < 1:
         raise CapaError(f"--sink-ratio {args.sink_ratio} must be > 0 and --keep {args.keep} >= 1")
     settings = AnalysisSettings(sink_ratio=args.sink_ratio, keep=args.keep, ffn_threshold=args.ffn_threshold)
-    sample, calibration = _input_sample(args), _calibration_samples(args)
-    model, processor = load_model(args.model, args.dtype, args.device)
     start = time.perf_counter()
-    report, raw = analyze(model, processor, sample, calibration, settings)
-
-    def write(tmp: Path):
-        write_json(tmp / "report.json", report)
-        write_plots(report, raw["per_layer"], tmp)
-
-    out = replace_directory(args.out, write)
+    out, report = analyze(args.model, args.out, sample=_input_sample(args), calibration_samples=_calibration_samples(args),
+                          settings=settings, dtype=args.dtype, device=args.device)
     print(format_table(report))
     print(f"analysis of {args.model} written to {out}/ (report.json, sinks.png, attention_vs_contribution.png, "
           f"ffn_linearity.png) in {time.perf_counter() - start:.1f} s")
@@ -137,44 +166,13 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .artifacts import replace_directory, write_json
-    from .capa.calibration import encode
-    from .capa.ffn import fit_ffn_approximation
-    from .models import adapter_for, load_model
-    from . import __version__
+    from .pipeline import calibrate
 
     check_replaceable(args.out)
-    config = _capa_config(args)
     calibration = _calibration_samples(args)
-    model, processor = load_model(args.model, args.dtype, args.device)
-    adapter = adapter_for(model)
-    config.check_for_model(adapter.num_layers)
     start = time.perf_counter()
-    inputs = [encode(adapter, processor, s) for s in calibration]
-    approx = None
-    if config.ffn_layers:
-        lo, hi = config.resolved_ffn_range(adapter.num_layers)
-        layers = config.ffn_layers if config.ffn_layers != "auto" else "auto"
-        approx = fit_ffn_approximation(model, inputs, layers, ridge=config.ffn_ridge, rank=config.ffn_rank,
-                                       threshold=config.ffn_threshold, layer_range=(lo, hi))
-        if config.ffn_layers == "auto":
-            # Freeze the choice: the saved config names the layers the fit selected.
-            config.ffn_layers = list(approx.selected_layers)
-
-    def write(tmp: Path):
-        config.save(tmp)
-        if approx is not None:
-            approx.save(tmp)
-        write_json(tmp / "manifest.json", {
-            "artifact": "capa-calibration",
-            "tool": {"name": "capa-export", "version": __version__},
-            "model": args.model,
-            "calibration_inputs": [s.source for s in calibration],
-            "capa_config": config.to_dict(),
-            "ffn_errors": {str(k): v for k, v in (approx.errors() if approx else {}).items()},
-        })
-
-    out = replace_directory(args.out, write)
+    out, config, approx = calibrate(args.model, args.out, config=_capa_config(args), calibration_samples=calibration,
+                                    dtype=args.dtype, device=args.device)
     if approx is not None:
         print(f"{'layer':>5} {'train err':>9} {'held-out':>9} {'text rows':>9}  approximated")
         for layer, errors in approx.errors().items():
@@ -187,81 +185,52 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .capa.calibration import encode
-    from .capa.model import apply_capa
-    from .config import CapaConfig
-    from .models import adapter_for, load_model
+    from .pipeline import generate
 
-    sample = _input_sample(args)
-    model, processor = load_model(args.model, args.dtype, args.device)
-    if args.capa:
-        from .build import calibrated_config
-
-        config, approx = calibrated_config(model, processor, args.capa)
-    else:
-        config, approx = _capa_config(args), None
-        if config.ffn_layers == "auto":
-            config.ffn_layers = []
-    adapter = adapter_for(model)
-    batch = encode(adapter, processor, sample)
-    capa = apply_capa(model, config, approx)
-    start = time.perf_counter()
-    tokens, prefill = capa.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                    max_new_tokens=args.max_new_tokens)
-    elapsed = time.perf_counter() - start
-    baseline, _ = apply_capa(model, CapaConfig(prune=[])).generate(
-        batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=args.max_new_tokens)
-    agreement = float((tokens == baseline[:, : tokens.shape[1]]).float().mean())
-    text = processor.tokenizer.decode(tokens[0], skip_special_tokens=True)
-    seq = batch["input_ids"].shape[1]
-    kept = prefill.keep_indices.shape[1]
-    visual = int((batch["input_ids"] == adapter.image_token_id).sum())
+    result = generate(args.model, sample=_input_sample(args), config=_capa_config(args),
+                      calibration_dir=args.calibrated, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                      device=args.device)
+    config = result.config
+    seq, visual, kept = result.prompt_tokens, result.visual_tokens, len(result.keep_indices)
     print(f"model {args.model}: {config.describe()}")
     print(f"prompt: {seq} tokens ({visual} visual); kept {kept} visual tokens from layer "
           f"{config.prune[0][0] if config.prune else '-'}: sequence {seq} -> {seq - visual + kept}")
-    print(f"first kept visual tokens: {prefill.keep_indices[0, :16].tolist()}")
-    print(f"answer ({tokens.shape[1]} tokens, {elapsed:.2f} s): {text!r}")
-    print(f"greedy-token agreement with the unpruned model: {agreement:.0%}")
+    print(f"first kept visual tokens: {result.keep_indices[:16]}")
+    print(f"answer ({len(result.tokens)} tokens, {result.seconds:.2f} s): {result.text!r}")
+    print(f"greedy-token agreement with the unpruned model: {result.agreement_with_unpruned:.0%}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"tokens": tokens[0].tolist(), "text": text,
-                                               "keep_indices": prefill.keep_indices[0].tolist(),
-                                               "agreement_with_unpruned": agreement}, indent=2))
+        Path(args.json).write_text(json.dumps({"tokens": result.tokens, "text": result.text,
+                                               "keep_indices": result.keep_indices,
+                                               "agreement_with_unpruned": result.agreement_with_unpruned}, indent=2))
     return 0
 
 
 def cmd_export(args) -> int:
-    from .build import calibrated_config
-    from .export.exporter import export_model, format_summary
-    from .models import load_model
+    from .export.exporter import format_summary
+    from .pipeline import export
 
-    check_replaceable(args.out)
-    model, processor = load_model(args.model, "fp32", args.device)
-    config, approx = calibrated_config(model, processor, args.capa)  # fitted in fp32, exported in --dtype
-    if args.prune is not None:
-        from .config import CapaConfig
-
-        config = CapaConfig(**{**config.to_dict(), "prune": args.prune})
     start = time.perf_counter()
-    out = export_model(model, processor, config, approx, args.out, dtype=args.dtype or "fp32", pruning=args.pruning,
-                       model_name=args.model)
-    manifest = json.loads((out / "export.json").read_text())
+    out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=args.prune,
+                           dtype=args.dtype or "fp32", pruning=args.pruning, attention=args.attention,
+                           device=args.device)
     print(format_summary(manifest))
     print(f"exported {args.model} ({manifest['dtype']}) to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
 
 
 def cmd_build(args) -> int:
-    from .build import build_engine
-    from .capa.calibration import builtin_samples
+    from .inputs import builtin_samples
+    from .pipeline import build
 
     samples = [_input_sample(args)] if args.image else None
-    calibration = _calibration_samples(args) if args.calibration else builtin_samples(args.calibration_count)
+    calibration = _calibration_samples(args) if args.calibration_images else builtin_samples(args.calibration_count)
     start = time.perf_counter()
-    path, report = build_engine(args.model, args.profile, out=args.out, capa_dir=args.capa, backend=args.backend,
-                                pruning=args.pruning, plugin_library=args.plugin_library,
-                                calibration_samples=calibration, validation_samples=samples,
-                                max_new_tokens=args.validate_tokens)
+    path, report = build(args.model, args.profile, out=args.out, calibration_dir=args.calibrated, backend=args.backend,
+                         pruning=args.pruning, plugin_library=args.plugin_library, calibration_samples=calibration,
+                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign)
     print(report["table"])
+    if report.get("signature") == "signed":
+        print(f"signed with {args.sign}: {path}/manifest.sig")
     if not report["passed"]:
         print(f"engine NOT complete: validation failed; kept for inspection in {path}/", file=sys.stderr)
         return 1
@@ -270,33 +239,102 @@ def cmd_build(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .build import validate_engine
-    from .manifest import read_manifest
-    from .models import load_model
+    from .pipeline import validate
 
-    manifest = read_manifest(args.engine, verify=True, require_complete=False)
-    model, processor = load_model(args.model or manifest["model"]["name"], "fp32")
     samples = [_input_sample(args)] if args.image else None
-    report = validate_engine(Path(args.engine), model, processor, samples, args.tokens)
+    report = validate(args.engine, args.model, samples, args.tokens, trust=args.trust, sign_key=args.sign,
+                      plugin_library=args.plugin_library, allow_engine_code=args.allow_engine_code)
     print(report["table"])
+    if report.get("signature"):
+        print(f"signature: {report['signature']}", file=sys.stderr)
     return 0 if report["passed"] else 1
+
+
+def _run_inputs(args) -> list:
+    """The (image, question, source) pairs of `run`: --image/--prompt pairs (one image may serve
+    several prompts, and the built-in picture none given), or a JSONL file of {"image", "prompt"}."""
+    from .inputs import builtin_samples, open_image
+
+    if args.jsonl:
+        pairs = _jsonl_pairs(args.jsonl)
+        return [(open_image(path, args.max_image_pixels), prompt, path) for path, prompt in pairs]
+    prompts = args.prompt or [DEFAULT_QUESTION]
+    images = args.image or []
+    if len(images) > 1 and len(images) != len(prompts):
+        raise CapaError(f"{len(images)} --image and {len(prompts)} --prompt: give one image for all prompts, or one "
+                        f"per prompt")
+    if not images:
+        return [(builtin_samples(1, seed=1)[0].image, prompt, "builtin:1") for prompt in prompts]
+    opened = [open_image(path, args.max_image_pixels) for path in images]
+    if len(opened) == 1:
+        return [(opened[0], prompt, images[0]) for prompt in prompts]
+    return [(image, prompt, path) for image, prompt, path in zip(opened, prompts, images)]
+
+
+def _jsonl_pairs(path: str) -> list[tuple[str, str]]:
+    """(image path, prompt) per line of a JSONL file; image paths relative to the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise CapaError(f"--jsonl {path} does not exist; give a file of lines {{\"image\": ..., \"prompt\": ...}}")
+    pairs = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            image, prompt = entry["image"], entry["prompt"]
+            if not isinstance(image, str) or not isinstance(prompt, str):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CapaError(f"--jsonl {path} line {number} is not a JSON object with string fields \"image\" and "
+                            f"\"prompt\"") from None
+        pairs.append((str(file.parent / image), prompt))
+    if not pairs:
+        raise CapaError(f"--jsonl {path} holds no lines")
+    return pairs
 
 
 def cmd_run(args) -> int:
     from .runtime import CapaEngine
 
-    sample = _input_sample(args)
-    with CapaEngine(args.engine, verify=not args.no_verify) as engine:
-        print(f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
-              f"keep {engine.manifest['k']} visual tokens", file=sys.stderr)
-        result = engine.generate(sample.image, sample.question, args.max_new_tokens,
-                                 stream=lambda text: print(text, end="", flush=True))
-    print()
-    t = result.timings
-    print(f"prompt {result.prompt_tokens} tokens, kept {len(result.keep_indices)} visual tokens | vision "
+    if args.max_new_tokens < 1:
+        raise CapaError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise CapaError(f"--threads {args.threads} must be >= 1")
+    inputs = _run_inputs(args)
+    with CapaEngine(args.engine, verify=not args.no_verify, trust=args.trust, plugin_library=args.plugin_library,
+                    allow_engine_code=args.allow_engine_code, provider=args.provider, threads=args.threads) as engine:
+        header = (f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
+                  f"keep {engine.manifest['k']} visual tokens")
+        single = len(inputs) == 1 and not args.json
+        if len(inputs) <= engine.max_batch:  # else the batch is refused in one line, with nothing before it
+            print(header, file=sys.stderr)
+        stream = (lambda text: print(text, end="", flush=True)) if single else None
+        results = engine.generate_batch([i for i, _, _ in inputs], [q for _, q, _ in inputs], args.max_new_tokens,
+                                        stream=stream)
+    if single:
+        print()
+    for (_, question, source), result in zip(inputs, results):
+        if args.json:
+            print(json.dumps({"image": source, "prompt": question, "answer": result.text, "tokens": result.tokens,
+                              "keep_indices": result.keep_indices, "prompt_tokens": result.prompt_tokens,
+                              "timings_ms": {k: round(v * 1e3, 3) for k, v in result.timings.items()}}))
+        elif not single:
+            print(f"{question!r} ({source}): {result.text}")
+    t = results[0].timings
+    print(f"{len(results)} prompt(s), kept {len(results[0].keep_indices)} visual tokens each | vision "
           f"{t['vision'] * 1e3:.1f} ms, prefill {t['prefill'] * 1e3:.1f} ms, time to first token "
           f"{t['time_to_first_token'] * 1e3:.1f} ms, decode {t['decode_per_token'] * 1e3:.1f} ms/token "
-          f"({len(result.tokens)} tokens)", file=sys.stderr)
+          f"({len(results[0].tokens)} tokens)", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .signing import generate_keypair
+
+    private, public = generate_keypair(args.out)
+    print(f"private key {private} (mode 0600: keep it secret; give it to build --sign)")
+    print(f"public key  {public} (give it to whoever runs your engines: run --trust)")
     return 0
 
 
@@ -323,6 +361,8 @@ def cmd_bench(args) -> int:
 
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import backends
+
     parser = argparse.ArgumentParser(prog="capa-export", description=(
         "CAPA for vision-language models: analyse, calibrate, export, build, validate and run engines "
         "with contribution-aware visual-token pruning and FFN approximation."))
@@ -350,11 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="fit the FFN approximation and write a CAPA config",
                        description="Fit per-layer affine maps of the FFN on visual rows (ridge, float64) from "
                                    "calibration inputs, select layers, and write capa_config.json, "
-                                   "ffn_approx.safetensors, ffn_approx.json and manifest.json.")
+                                   "ffn_approx.safetensors, ffn_approx.json and calibration.json.")
     _add_model(p)
     _add_calibration(p)
+    _add_pixel_cap(p)
     _add_capa(p)
-    p.add_argument("--out", default="out/capa", help="output folder (default: out/capa)")
+    p.add_argument("--out", default="out/calibration", help="output folder (default: out/calibration)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("generate", help="run the CAPA model in PyTorch on one image + prompt",
@@ -363,68 +404,108 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_input(p)
     _add_capa(p)
-    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` output folder (overrides the "
-                                                               "pruning/FFN options)")
+    _add_calibrated(p, "overrides the pruning/FFN options")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export ONNX graphs (vision, embed, prefill with pruning, decode)",
                        description="Export the CAPA model to vision.onnx, embed.onnx, prefill.onnx (pruning as "
-                                   "one CapaContribTopK node, or standard ops with --pruning onnx; approximated "
+                                   "one CapaContribTopK node with its ONNX local function, or inlined with "
+                                   "--pruning inline; approximated "
                                    "FFNs folded to MatMul + Add) and decode.onnx, sharing one weights.data.")
     _add_model(p, dtype_help="dtype of the exported graphs: the engine precision (default: fp32)")
-    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` folder (default: calibrate now)")
+    _add_calibrated(p, "default: calibrate now")
     p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
                    help="override the pruning schedule (k is fixed in the exported graph)")
-    p.add_argument("--pruning", choices=("plugin", "onnx"), default="plugin",
-                   help="plugin: one CapaContribTopK node; onnx: standard ops only (default: plugin)")
+    p.add_argument("--pruning", type=_lowering, default="function",
+                   help="function: one CapaContribTopK node with its ONNX local function (TensorRT runs its "
+                        "plugin, other runtimes the standard-op body); inline: the body inlined, for runtimes "
+                        "without local functions (default: function)")
+    p.add_argument("--attention", choices=("fused", "explicit"), default="fused",
+                   help="fused: each layer's attention as one ONNX Attention op (opset 23; ONNX Runtime >= 1.23, "
+                        "TensorRT >= 10.14); explicit: MatMul/Softmax/MatMul (default: fused)")
     p.add_argument("--out", default="out/onnx", help="output folder (default: out/onnx)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build", help="calibrate + export + build an engine + validate, in one command",
-                       description="Model -> CAPA (calibrating unless --capa) -> ONNX -> engine (ONNX Runtime, "
+                       description="Model -> CAPA (calibrating unless --calibrated) -> ONNX -> engine (ONNX Runtime, "
                                    "or TensorRT where installed) -> Polygraphy validation. The engine folder is "
                                    "marked complete only when validation passes.")
     _add_model(p, dtype_help=None)
     _add_calibration(p)
+    _add_pixel_cap(p)
     p.add_argument("--profile", default="cpu", help="build profile: cpu, edge, datacenter, or a TOML file "
                                                     "(default: cpu)")
-    p.add_argument("--capa", default=None, metavar="DIR", help="a `calibrate` folder (default: calibrate now)")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default=None,
+    _add_calibrated(p, "default: calibrate now")
+    p.add_argument("--backend", choices=("auto", *backends.names()), default=None,
                    help="override the profile's backend")
-    p.add_argument("--pruning", choices=("plugin", "onnx"), default=None, help="override the profile's lowering")
+    p.add_argument("--pruning", type=_lowering, default=None,
+                   help="override the profile's lowering: function or inline (see export --help)")
     p.add_argument("--plugin-library", default=None, help="TensorRT plugin library (TensorRT backend only)")
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")
     p.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
-    p.add_argument("--out", default=None, help="engine folder (default: engines/build/<model>-<profile>)")
+    p.add_argument("--sign", default=None, metavar="KEY",
+                   help="PEM Ed25519 private key (capa-export keygen): sign the validated engine (manifest.sig)")
+    p.add_argument("--out", default=None, help="engine folder (default: engines/<model>-<profile>)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("validate", help="compare an engine with the PyTorch CapaModel (Polygraphy)",
                        description="Graph-by-graph Polygraphy comparison and end-to-end greedy-token agreement; "
                                    "writes validation.json, marks the engine complete or not; exit 1 on failure.")
     p.add_argument("engine", help="engine folder")
-    p.add_argument("--model", default=None, help="model to compare with (default: the one in the manifest)")
+    p.add_argument("--model", default=None,
+                   help="model to compare with: needed unless the manifest names an embedded model (a path or hub id "
+                        "read from an engine folder is never loaded)")
     _add_input(p)
     p.add_argument("--tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
+    _add_trust(p)
+    p.add_argument("--sign", default=None, metavar="KEY",
+                   help="PEM Ed25519 private key: sign the engine again once it passed (validation rewrites "
+                        "manifest.json, so an earlier signature no longer holds and is removed)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="generate an answer with a built engine",
                        description="Preprocess, vision, embeddings, prefill with pruning, decode with the KV "
                                    "cache; streams tokens and prints timings.")
     p.add_argument("engine", help="engine folder")
-    _add_input(p)
+    p.add_argument("--image", action="append", default=None,
+                   help="image file; repeat with --prompt for a batch (one image per prompt, or one for all) "
+                        "(default: a built-in synthetic picture)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="question about the image; repeat for several answers in one batch")
+    p.add_argument("--jsonl", default=None, metavar="FILE",
+                   help="a batch from a file of lines {\"image\": path relative to the file, \"prompt\": ...}")
+    _add_pixel_cap(p)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the engine files")
+    p.add_argument("--provider", default=None,
+                   help="ONNX Runtime execution provider, one the engine was built for (default: the engine's first "
+                        "available one)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON line per answer (no streaming)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip hashing the engine files (names, links, sizes and the one-to-one match with the "
+                        "manifest are still checked; ignored with --trust)")
+    _add_trust(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign engines with",
+                       description="Write capa-signing-key.pem (private, mode 0600) and capa-signing-key.pub.pem "
+                                   "into --out; existing files are never replaced. OpenSSL makes the same keys: "
+                                   "openssl genpkey -algorithm ed25519 -out key.pem; "
+                                   "openssl pkey -in key.pem -pubout -out key.pub.pem")
+    p.add_argument("--out", default=".", help="directory for the two key files (default: .)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("bench", help="time CAPA against HF SDPA, FastV, torch.compile and the engine",
                        description="Prefill timings per runtime and scenario in one run, with measured floors "
                                    "(matmul peak, copy bandwidth); JSON + PNG. --smoke runs the tiny model briefly.")
-    p.add_argument("--size", choices=("tiny", "llava-1.5-7b", "llava-next-7b"), default="tiny",
-                   help="model dims (random weights for the real sizes) (default: tiny)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype (default: fp32)")
+    from .bench import sizes
+
+    p.add_argument("--size", choices=tuple(sizes()), default="tiny",
+                   help="an embedded model, or a family's real size with random weights (default: tiny)")
+    p.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default="fp32", help="dtype (default: fp32)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     p.add_argument("--keep", type=int, nargs="+", default=[64, 128, 192], help="visual tokens kept after layer 2")
     p.add_argument("--ffn", nargs="+", choices=("none", "affine", "rank"), default=["none", "affine", "rank"],

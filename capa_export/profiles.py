@@ -1,17 +1,23 @@
-"""Build profiles (`engines/*.toml`): what an engine is built for.
+"""Build profiles (`capa_export/build_profiles/*.toml`, or any TOML file): what an engine is built for.
 
     name, description
-    backend      "onnxruntime" | "tensorrt" | "auto" (TensorRT where installed, else ONNX Runtime)
+    backend      a backend name (capa_export/backends) | "auto" (TensorRT where installed, else ONNX Runtime)
     precision    "fp32" | "fp16" | "bf16": the dtype the ONNX graphs are exported in (TensorRT 11
                  networks are strongly typed: the graph carries the precision, no builder flag)
-    pruning      "plugin" (one CapaContribTopK node) | "onnx" (standard ops only)
+    pruning      "function" (one CapaContribTopK node with its ONNX local function: the TensorRT plugin
+                 where loaded, the standard-op body elsewhere) | "inline" (the body inlined: standard
+                 ops only); "plugin" / "onnx" are accepted as their earlier names
+    attention    "fused" (each layer's attention as one ONNX Attention op, opset 23) | "explicit"
+                 (MatMul / Softmax / MatMul, for runtimes without Attention-23)
     prune        optional [[K, k], ...] overriding the calibrated schedule (k is fixed per engine)
     providers    ONNX Runtime execution providers, in order
     workspace_mib              TensorRT memory-pool limit / ONNX Runtime arena cap
     optimization_level         ONNX Runtime: "disable" | "basic" | "extended" | "all"
     [shapes]     min / opt / max of: batch, sequence (prompt tokens incl. visual), past (KV length),
-                 images (per batch) -- the TensorRT optimisation profile, and the limits the
-                 runtime enforces
+                 images (per batch), and optionally pixels (the area of an image after the
+                 processor's resize, for dynamic-resolution families: it sets the patches and
+                 visual tokens per image; default: the processor's own range) -- the TensorRT
+                 optimisation profile, and the limits the runtime enforces
     [tensorrt]   timing_cache (file name, reused across builds), version_compatible (bool),
                  builder_optimization_level (0-5)
 """
@@ -22,18 +28,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import backends
+from .dtypes import NAMES as PRECISIONS
 from .errors import CapaError
 
-#: Where named profiles are looked up, in order: the working directory's engines/, this
-#: repository's engines/ (source checkout), the copies installed with the package.
-PROFILE_DIRS = (Path("engines"), Path(__file__).resolve().parent.parent / "engines",
-                Path(__file__).resolve().parent / "engine_profiles")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
-SHAPE_NAMES = ("batch", "sequence", "past", "images")
+#: Named profiles ship with the package; any other profile is given as a TOML file.
+PROFILE_DIRS = (Path(__file__).resolve().parent / "build_profiles",)
+SHAPE_NAMES = ("batch", "sequence", "past", "images", "pixels")
+#: shapes every profile has (pixels matters only to dynamic-resolution families: no default)
+REQUIRED_SHAPES = ("batch", "sequence", "past", "images")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
-#: TensorRT's TopK accepts k <= 3840 (the standard-op lowering uses TopK); checked at build time.
-TENSORRT_TOPK_MAX = 3840
 
 
 @dataclass
@@ -41,7 +45,8 @@ class BuildProfile:
     name: str
     precision: str = "fp32"
     backend: str = "auto"
-    pruning: str = "plugin"
+    pruning: str = "function"
+    attention: str = "fused"
     prune: list[tuple[int, int]] | None = None
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     workspace_mib: int = 1024
@@ -53,12 +58,20 @@ class BuildProfile:
 
     def __post_init__(self):
         where = f"profile {self.source or self.name}"
-        if self.backend not in BACKENDS:
-            raise CapaError(f"{where}: backend {self.backend!r} must be one of {', '.join(BACKENDS)}")
+        known = ("auto", *backends.names())
+        if self.backend not in known:
+            raise CapaError(f"{where}: backend {self.backend!r} must be one of {', '.join(known)}")
         if self.precision not in PRECISIONS:
             raise CapaError(f"{where}: precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
-        if self.pruning not in ("plugin", "onnx"):
-            raise CapaError(f"{where}: pruning {self.pruning!r} must be 'plugin' or 'onnx'")
+        from .export.graphs import LOWERING_ALIASES, PRUNING_LOWERINGS
+
+        from .export.exporter import ATTENTION_FORMS
+
+        if self.attention not in ATTENTION_FORMS:
+            raise CapaError(f"{where}: attention {self.attention!r} must be one of {', '.join(ATTENTION_FORMS)}")
+        self.pruning = LOWERING_ALIASES.get(self.pruning, self.pruning)
+        if self.pruning not in PRUNING_LOWERINGS:
+            raise CapaError(f"{where}: pruning {self.pruning!r} must be one of {', '.join(PRUNING_LOWERINGS)}")
         if self.optimization_level not in ORT_LEVELS:
             raise CapaError(f"{where}: optimization_level {self.optimization_level!r} must be one of "
                             f"{', '.join(ORT_LEVELS)}")
@@ -75,7 +88,7 @@ class BuildProfile:
             if not 1 <= lo <= opt <= hi:
                 raise CapaError(f"{where}: shapes.{key} = [{lo}, {opt}, {hi}] must satisfy 1 <= min <= opt <= max")
             shapes[key] = (lo, opt, hi)
-        for key in SHAPE_NAMES:
+        for key in REQUIRED_SHAPES:
             shapes.setdefault(key, (1, 1, 1) if key in ("batch", "images") else (1, 1024, 4096))
         self.shapes = shapes
         if self.prune is not None:
@@ -116,7 +129,7 @@ class BuildProfile:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "precision": self.precision,
-                "backend": self.backend, "pruning": self.pruning,
+                "backend": self.backend, "pruning": self.pruning, "attention": self.attention,
                 "prune": [list(s) for s in self.prune] if self.prune else None, "providers": self.providers,
                 "workspace_mib": self.workspace_mib, "optimization_level": self.optimization_level,
                 "shapes": {k: list(v) for k, v in self.shapes.items()}, "tensorrt": self.tensorrt}

@@ -1,7 +1,16 @@
-"""CapaEngine: inference with a built engine directory (any backend, through Polygraphy runners).
+"""CapaEngine: inference with a built engine directory (any backend).
 
     preprocess (processor) -> vision -> embed + merge image features -> prefill (pruning inside)
-    -> greedy decode loop with the per-segment KV cache -> detokenise, streaming tokens.
+    -> greedy decode loop with the per-segment KV cache -> detokenise, streaming text.
+
+The graphs run as the backend's engine graphs (`Backend.graph`): with ONNX Runtime, torch tensors
+go in through IO binding, and the KV cache stays in ONNX Runtime between decode steps (only each
+step's logits come back to the host: one sync per token). Batches of several images and prompts
+are left-padded and run together; each answer equals the same input run alone.
+
+What happens between the graphs (merging image features, rotary positions) is the model family's
+own code (`capa_export/models/`), the same the exporter traced; the graphs' names come from the
+family's graph contract, which the engine manifest records.
 """
 
 from __future__ import annotations
@@ -12,11 +21,46 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
+from .contract import GRAPHS
+from .dtypes import float_type
 from .errors import CapaError
 from .manifest import read_manifest
 
-GRAPHS = ("vision", "embed", "prefill", "decode")
+
+def engine_family(manifest: dict, directory: Path):
+    """(ModelFamily, GraphContract) from an engine manifest's model description; what the schema
+    cannot check (a family's own keys, their values) refused in one line."""
+    from .models import family_from_info
+
+    try:
+        family = family_from_info(manifest["model"])
+        contract = family.graph_contract(manifest["layer_segment"])
+        family.visual_token_range()
+    except CapaError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        detail = f"key {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
+        raise CapaError(f"{directory}/manifest.json: model / layer_segment do not describe a model its family can "
+                        f"serve ({detail}); rebuild the engine") from None
+    return family, contract
+
+
+def engine_backend(directory: Path, manifest: dict):
+    """(Backend, its folder, the file table relative to that folder) of an engine whose manifest
+    passed read_manifest, after the backend's own description was checked (no runtime needed)."""
+    from .backends import names
+    from .backends.base import BACKENDS
+    from .folders import confined_directory
+
+    names()  # every backend module registered
+    backend = BACKENDS[manifest["backend"]]  # the schema allows only registered names
+    backend_dir = confined_directory(directory, manifest["backend_dir"], source=f"{directory}/manifest.json: backend_dir")
+    prefix = manifest["backend_dir"] + "/"
+    files = {name[len(prefix):]: entry for name, entry in manifest["files"].items() if name.startswith(prefix)}
+    backend.check_folder(backend_dir, files)
+    return backend, backend_dir, files
 
 
 @dataclass
@@ -29,35 +73,54 @@ class Generation:
 
 
 class CapaEngine:
-    """A built engine directory, ready to generate. Use as a context manager, or call close()."""
+    """A built engine directory, ready to generate. Use as a context manager, or call close().
 
-    def __init__(self, engine_dir: str | Path, *, verify: bool = True, require_complete: bool = True):
-        from . import backends
-        from .models import adapter_class
+    The folder is untrusted input, checked before anything is loaded from it (README, "Security"):
+    the manifest (bounded strict JSON, schema, format version), the folder holding exactly the
+    files its table lists (no link, special file or hidden entry; sha256 unless verify=False),
+    backend_dir the backend's own folder, the backend's description and every path it names, the
+    processor (no code, no download), then each graph's inputs and outputs against the model
+    family's spec before its session is created.
+
+    trust: a PEM public key (bytes or path): the manifest's Ed25519 signature must verify with it.
+    provider / threads: where the graphs run (one of the providers the engine was built for) and on
+    how many threads (ONNX Runtime).
+    plugin_library / allow_engine_code: TensorRT only (the plugin library to use instead of the
+    installed one; whether plans that carry code may be deserialised)."""
+
+    def __init__(self, engine_dir: str | Path, *, verify: bool = True, require_complete: bool = True,
+                 trust=None, provider: str | None = None, threads: int | None = None,
+                 plugin_library: str | None = None, allow_engine_code: bool = False):
+        if threads is not None and threads < 1:
+            raise CapaError(f"threads={threads} must be >= 1")
+        from .folders import confined_directory, load_local_processor
 
         self.dir = Path(engine_dir)
-        self.manifest = read_manifest(self.dir, verify=verify, require_complete=require_complete)
-        backend = backends.BACKENDS[self.manifest["backend"]]
-        backend_dir = self.dir / self.manifest["backend_dir"]
-        self.runners = {graph: backend.runner(backend_dir, graph) for graph in GRAPHS}
-        for runner in self.runners.values():
-            runner.activate()
-        from transformers import AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(str(self.dir / "processor"))
-        self.adapter_class = adapter_class(self.manifest["model"]["family"])
-        self.model_info = self.manifest["model"]
-        self.layer_segment = self.manifest["layer_segment"]
-        self.num_layers = len(self.layer_segment)
+        self.graphs = {}
+        self.manifest = read_manifest(self.dir, verify=verify, require_complete=require_complete, trust=trust)
+        self.family, self.contract = engine_family(self.manifest, self.dir)
+        self.float_type = float_type(self.manifest["dtype"])
+        backend, backend_dir, files = engine_backend(self.dir, self.manifest)
+        self.processor = load_local_processor(confined_directory(self.dir, "processor", source=str(self.dir)),
+                                              loader=self.family.load_processor)
         shapes = self.manifest["profile"]["shapes"]
         self.max_sequence, self.max_past, self.max_batch = shapes["sequence"][2], shapes["past"][2], shapes["batch"][2]
         self.queries = self.manifest["capa_config"]["queries"]
-        self._input_types: dict[str, dict] = {}
+        backend.require()
+        try:  # sessions made before a failure are released, not left to the garbage collector
+            for graph in GRAPHS:
+                self.graphs[graph] = backend.graph(backend_dir, graph, spec=self.contract[graph],
+                                                   dtype=self.manifest["dtype"], files=files, provider=provider,
+                                                   threads=threads, plugin_library=plugin_library,
+                                                   allow_engine_code=allow_engine_code)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self):
-        for runner in self.runners.values():
-            if runner.is_active:
-                runner.deactivate()
+        for graph in self.graphs.values():
+            graph.close()
+        self.graphs = {}
 
     def __enter__(self):
         return self
@@ -66,24 +129,29 @@ class CapaEngine:
         self.close()
 
     # ------------------------------------------------------------------------------------------
-    def prepare(self, image, question: str) -> dict:
-        prompt = self.adapter_class.prompt_with_image(self.processor, question)
-        batch = self.processor(images=image, text=prompt, return_tensors="np")
-        return {"input_ids": batch["input_ids"].astype(np.int64),
-                "attention_mask": batch["attention_mask"].astype(np.int64),
-                "pixel_values": batch["pixel_values"]}
+    def prepare(self, images, questions) -> dict:
+        """The processor outputs of images and questions (one image per question; lists, or one
+        of each), left-padded into one batch (torch tensors)."""
+        from .folders import chat_template_errors
 
-    def _infer(self, graph: str, feed: dict) -> dict:
-        runner = self.runners[graph]
-        if graph not in self._input_types:
-            metadata = runner.get_input_metadata(use_numpy_dtypes=False)
-            self._input_types[graph] = {name: meta.dtype.numpy() for name, meta in metadata.items()}
-        types = self._input_types[graph]
-        feed = {name: np.asarray(value, dtype=types[name]) for name, value in feed.items()}
-        # copies: runners may reuse their output buffers between calls
-        return {k: np.array(v, copy=True) for k, v in runner.infer(feed).items()}
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        if len(images) != len(questions):
+            raise CapaError(f"{len(images)} images and {len(questions)} prompts: give one image per prompt")
+        if len(questions) > self.max_batch:
+            raise CapaError(f"{len(questions)} prompts exceed the engine's batch maximum {self.max_batch} "
+                            f"(shapes.batch); run fewer at once or rebuild with a larger profile")
+        # the family renders the folder's chat template: its failures are the folder's fault
+        with chat_template_errors(f"the chat template of {self.dir}/processor"):
+            return self.family.encode(self.processor, images, questions)
 
-    def check_inputs(self, input_ids, mask, max_new_tokens: int) -> None:
+    def _run(self, graph: str, inputs: dict) -> dict:
+        return self.graphs[graph].run(inputs)
+
+    def _tensor(self, graph: str, handle):
+        return self.graphs[graph].tensor(handle)
+
+    def check_inputs(self, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
         """What the engine cannot serve, refused with one line before anything runs."""
         batch, length = input_ids.shape
         if max_new_tokens < 1:
@@ -96,73 +164,85 @@ class CapaEngine:
                             f"{self.max_past} (shapes.past); ask for fewer tokens or rebuild with a larger profile")
         if batch > self.max_batch:
             raise CapaError(f"batch {batch} exceeds the engine's profile maximum {self.max_batch} (shapes.batch)")
-        if (mask[:, -1] == 0).any():
+        if bool((mask[:, -1] == 0).any()):
             raise CapaError("attention_mask has padding at the end of a row (right padding): pad on the left")
-        slots = input_ids == self.model_info["image_token_id"]
-        counts = slots.sum(axis=1)
-        if (counts != counts[0]).any():
-            raise CapaError(f"every batch row must hold the same number of image tokens; got {counts.tolist()}")
-        if self.queries == "text" and counts[0] and (np.argwhere(slots)[:, 1].max() >= length - 1):
+        slots = self.family.visual_positions(input_ids)  # refuses rows with different image-token counts
+        if self.queries == "text" and slots.shape[1] and int(slots.max()) >= length - 1:
             raise CapaError("the prompt has no text after the image to score visual tokens with")
 
-    def generate_ids(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
-                     eos_token_id: int | None = None, stream: Callable[[int], None] | None = None,
-                     forced_tokens=None):
-        """Greedy generation from model inputs. Returns (tokens [B, T], keep_indices [B, k], timings).
+    def check_images(self, batch: dict) -> None:
+        """Images the engine cannot serve (videos, more images than its profile, sizes outside its
+        pixel range), refused with one line before anything runs."""
+        self.family.check_inputs(batch)
+        images, most = self.family.image_count(batch), self.manifest["profile"]["shapes"]["images"][2]
+        rows = int(torch.as_tensor(batch["input_ids"]).shape[0])
+        if images != rows:  # the engine's graphs take one image per prompt
+            raise CapaError(f"the input holds {images} images for {rows} prompt(s); this engine takes one image per "
+                            f"prompt")
+        if images > most:
+            raise CapaError(f"the input holds {images} images but this engine takes at most {most} per batch "
+                            f"(profile shapes.images); give one image per prompt, or rebuild with a larger images range")
+        self.family.check_image_sizes(batch, self.manifest.get("vision_dims", {}))
+
+    def generate_ids(self, batch: dict, max_new_tokens: int = 16, eos_token_id: int | None = None,
+                     stream: Callable[[int], None] | None = None, forced_tokens=None):
+        """Greedy generation from processor outputs (torch tensors or numpy arrays). Returns
+        (tokens [B, T], keep_indices [B, k], timings) as numpy arrays and a dict of seconds.
+        `stream` is called with each new token of row 0.
 
         forced_tokens [B, T]: teacher forcing (validation): each step is fed the given token, and the
         returned tokens are the engine's argmax predictions at each step."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        batch, length = input_ids.shape
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+        input_ids = batch["input_ids"].to(torch.int64)
+        rows, length = input_ids.shape
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(torch.int64)
+        batch.update(input_ids=input_ids, attention_mask=mask)
         self.check_inputs(input_ids, mask, max_new_tokens)
+        self.check_images(batch)
+        family = self.family
         timings = {}
         start = time.perf_counter()
-        features = self._infer("vision", {"pixel_values": pixel_values})
+        vision = self._run("vision", {k: batch[k] for k in family.vision_keys})
+        features = self._tensor("vision", vision["image_features"])
         timings["vision"] = time.perf_counter() - start
         start = time.perf_counter()
-        embeds = self._infer("embed", {"input_ids": input_ids})["inputs_embeds"]
-        slots = input_ids == self.model_info["image_token_id"]
-        image_features = features["image_features"]
-        if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
-            raise CapaError(f"the prompt has {int(slots.sum())} image-token slots but the images give "
-                            f"{image_features.shape[0] * image_features.shape[1]} features")
-        embeds[slots] = image_features.reshape(-1, embeds.shape[-1])
-        counts = slots.sum(axis=1)
-        visual_positions = np.stack([np.nonzero(row)[0] for row in slots]).astype(np.int64).reshape(batch, int(counts[0]))
-        positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
+        embeds = self._tensor("embed", self._run("embed", {"input_ids": input_ids})["inputs_embeds"])
+        embeds = family.merge_image_features(input_ids, embeds, features)
+        positions = family.prefill_positions(batch)
         timings["embed"] = time.perf_counter() - start
         start = time.perf_counter()
-        out = self._infer("prefill", {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
-                                      "visual_positions": visual_positions})
+        out = self._run("prefill", {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                                    "visual_positions": family.visual_positions(input_ids)})
+        token = self._tensor("prefill", out["logits"]).argmax(-1)[:, None].cpu()
         timings["prefill"] = time.perf_counter() - start
         timings["time_to_first_token"] = timings["vision"] + timings["embed"] + timings["prefill"]
-        keep = out["keep_indices"]
-        segments = max(self.layer_segment) + 1
-        masks = [out[f"segment_mask.{s}"] for s in range(segments)]
-        past = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")}
-        token = out["logits"].argmax(-1)[:, None].astype(np.int64)
+        keep = self._tensor("prefill", out["keep_indices"]).cpu().clone()
+        # the KV cache stays as the backend's handles; the small segment masks grow on the host
+        cache = self.contract.cache_from_prefill(out)
+        masks = {name: self._tensor("prefill", handle).cpu().clone() for name, handle in cache.items()
+                 if name.startswith("past_segment_mask.")}
+        cache.update(masks)
         tokens = [token]
         if stream:
             stream(int(token[0, 0]))
-        next_position = np.full((batch, 1), length, dtype=np.int64)
-        finished = np.zeros(batch, dtype=bool)
+        next_position = family.next_position(positions)
+        finished = torch.zeros(rows, dtype=torch.bool)
+        grow = lambda m: torch.cat([m, torch.ones(rows, 1, dtype=m.dtype)], dim=1)  # noqa: E731
         start = time.perf_counter()
         for step_index in range(max_new_tokens - 1):
             if forced_tokens is not None:
-                token = np.asarray(forced_tokens, dtype=np.int64)[:, step_index:step_index + 1]
+                token = torch.as_tensor(np.asarray(forced_tokens), dtype=torch.int64)[:, step_index:step_index + 1]
             elif eos_token_id is not None:
                 finished |= token[:, 0] == eos_token_id
-                if finished.all():
+                if bool(finished.all()):
                     break
-            new_embeds = self._infer("embed", {"input_ids": token})["inputs_embeds"]
-            feed = {"inputs_embeds": new_embeds, "position_ids": next_position, **past}
-            feed.update({f"past_segment_mask.{s}": masks[s] for s in range(segments)})
-            step = self._infer("decode", feed)
-            past = {f"past.{i}.{kv}": step[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")}
-            masks = [np.concatenate([m, np.ones((batch, 1), dtype=m.dtype)], axis=1) for m in masks]
+            new_embeds = self._tensor("embed", self._run("embed", {"input_ids": token})["inputs_embeds"])
+            step = self._run("decode", {"inputs_embeds": new_embeds,
+                                        "position_ids": family.decode_positions(next_position, 1), **cache})
+            cache = self.contract.next_cache(cache, step, grow)
             next_position = next_position + 1
-            token = step["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+            token = self._tensor("decode", step["logits"])[:, -1].argmax(-1)[:, None].cpu()  # the step's one sync
             if eos_token_id is not None and forced_tokens is None:
                 token[finished] = eos_token_id  # finished rows stay finished
             tokens.append(token)
@@ -171,14 +251,56 @@ class CapaEngine:
         steps = len(tokens) - 1
         timings["decode_total"] = time.perf_counter() - start
         timings["decode_per_token"] = timings["decode_total"] / steps if steps else 0.0
-        return np.concatenate(tokens, axis=1), keep, timings
+        return torch.cat(tokens, dim=1).numpy(), keep.numpy(), timings
+
+    def generate_batch(self, images, questions, max_new_tokens: int = 32,
+                       stream: Callable[[str], None] | None = None) -> list[Generation]:
+        """Answers for several images and questions (one image each), run as one left-padded batch.
+        `stream` receives row 0's text as it grows (decoded incrementally)."""
+        inputs = self.prepare(images, questions)
+        tokenizer = self.processor.tokenizer
+        streamer = IncrementalText(tokenizer, stream) if stream else None
+        tokens, keep, timings = self.generate_ids(inputs, max_new_tokens, tokenizer.eos_token_id,
+                                                  streamer.add if streamer else None)
+        if streamer:
+            streamer.end()
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for row in range(tokens.shape[0]):
+            answer = tokens[row].tolist()
+            if tokenizer.eos_token_id in answer:  # a finished row is padded with end-of-sequence
+                answer = answer[:answer.index(tokenizer.eos_token_id) + 1]
+            results.append(Generation(tokenizer.decode(answer, skip_special_tokens=True), answer, keep[row].tolist(),
+                                      int(prompt_tokens[row]), timings))
+        return results
 
     def generate(self, image, question: str, max_new_tokens: int = 32,
                  stream: Callable[[str], None] | None = None) -> Generation:
-        inputs = self.prepare(image, question)
-        tokenizer = self.processor.tokenizer
-        on_token = (lambda t: stream(tokenizer.decode([t], skip_special_tokens=True))) if stream else None
-        tokens, keep, timings = self.generate_ids(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                                  max_new_tokens, tokenizer.eos_token_id, on_token)
-        text = tokenizer.decode(tokens[0], skip_special_tokens=True)
-        return Generation(text, tokens[0].tolist(), keep[0].tolist(), int(inputs["input_ids"].shape[1]), timings)
+        return self.generate_batch([image], [question], max_new_tokens, stream)[0]
+
+
+class IncrementalText:
+    """Streams text as tokens arrive, the way transformers' TextStreamer does: decode the growing
+    sequence and emit the new suffix, holding it back while it ends in an incomplete character (a
+    byte-fallback piece decodes to U+FFFD until its last byte arrives), so word boundaries that
+    depend on neighbouring tokens (SentencePiece's leading spaces) come out right."""
+
+    def __init__(self, tokenizer, emit: Callable[[str], None]):
+        self.tokenizer, self.emit = tokenizer, emit
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.printed:
+            self.emit(text[self.printed:])
+            self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.emit(text[self.printed:])
+            self.printed = len(text)

@@ -17,97 +17,96 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from .capa.model import CapaModel
-from .export.graphs import DecodeGraph, EmbedGraph, PrefillGraph, VisionGraph
+from .contract import GraphContract, GraphSpec, to_feed_array
+from .export.graphs import graph_inputs, graph_modules
+from .method.capa_model import CapaModel
 
-# (rtol, atol) per engine dtype; CAPA.md / the issue: fp32 ~1e-4, fp16/bf16 ~1e-2 relative
+# (rtol, atol) per engine dtype, on the output's scale (see compare_graphs): fp32 ~1e-4, reduced
+# precision ~1e-2 relative (docs/method.md, "Validation")
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (1e-2, 2e-2), "bf16": (2e-2, 5e-2)}
-NUMPY_FLOAT = {"fp32": np.float32, "fp16": np.float16}
 
 
 class CapaModelRunner(BaseRunner):
     """A Polygraphy runner over one graph module of the PyTorch reference (fp32, CPU)."""
 
-    def __init__(self, graph: str, module, input_names, output_names, input_metadata: TensorMetadata):
-        super().__init__(name=f"capa-pytorch:{graph}")
-        self.graph, self.module = graph, module
-        self.input_names, self.output_names, self.metadata = input_names, output_names, input_metadata
+    def __init__(self, spec: GraphSpec, module, input_metadata: TensorMetadata):
+        super().__init__(name=f"capa-pytorch:{spec.name}")
+        self.spec, self.module, self.metadata = spec, module, input_metadata
 
     def get_input_metadata_impl(self):
         return self.metadata
 
-    def _arguments(self, feed):
-        tensors = {}
-        for name in self.input_names:
-            array = np.asarray(feed[name])
-            tensor = torch.from_numpy(array.astype(np.float32) if array.dtype.kind == "f" else array)
-            tensors[name] = tensor
-        if self.graph != "decode":
-            return [tensors[n] for n in self.input_names]
-        masks = [tensors[n] for n in self.input_names if n.startswith("past_segment_mask")]
-        past = [tensors[n] for n in self.input_names if n.startswith("past.")]
-        return [tensors["inputs_embeds"], tensors["position_ids"], masks, past]
-
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
+        tensors = {name: torch.from_numpy(np.asarray(value, dtype=np.float32) if np.asarray(value).dtype.kind == "f"
+                                          else np.asarray(value))
+                   for name, value in feed_dict.items()}
         with torch.no_grad():
-            outputs = self.module(*self._arguments(feed_dict))
+            outputs = self.module(*self.spec.forward_arguments(tensors))
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         self.inference_time = time.perf_counter() - start
         return OrderedDict((name, out.detach().float().numpy() if out.is_floating_point() else out.numpy())
-                           for name, out in zip(self.output_names, outputs))
+                           for name, out in zip(self.spec.output_names, outputs))
 
 
-def reference_modules(capa: CapaModel) -> dict:
-    return {"vision": VisionGraph(capa), "embed": EmbedGraph(capa), "prefill": PrefillGraph(capa, "reference"),
-            "decode": DecodeGraph(capa)}
+class EngineGraphRunner(BaseRunner):
+    """A Polygraphy runner over one of the engine's graphs (`Backend.graph`): the same objects the
+    runtime runs, for every backend and dtype (bf16 outputs come back as fp32 arrays)."""
+
+    def __init__(self, graph, dtype: str):
+        super().__init__(name=f"engine:{graph.spec.name}")
+        self.graph, self.dtype = graph, dtype
+
+    def get_input_metadata_impl(self):
+        from polygraphy.datatype import DataType
+
+        metadata = TensorMetadata()
+        for tensor in self.graph.spec.inputs:
+            array = to_feed_array(tensor, torch.zeros(0), self.dtype)  # the numpy type this runner takes
+            metadata.add(tensor.name, DataType.from_dtype(array.dtype),
+                         [d if isinstance(d, int) else d.name for d in tensor.shape])
+        return metadata
+
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        outputs = self.graph.run({name: torch.from_numpy(np.asarray(value)) for name, value in feed_dict.items()})
+        result = OrderedDict()
+        for name, handle in outputs.items():
+            tensor = self.graph.tensor(handle).cpu()
+            result[name] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+        self.inference_time = time.perf_counter() - start
+        return result
+
+    def deactivate_impl(self):
+        pass
+
+    def activate_impl(self):
+        pass
 
 
-def graph_feeds(capa: CapaModel, batch: dict, dtype: str) -> dict[str, dict]:
-    """The same real inputs for both runners, in the engine's input dtypes."""
-    float_type = NUMPY_FLOAT[dtype]
-    ids, pixels, mask = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
-    with torch.no_grad():
-        embeds = capa.embed(ids, pixels)
-        prefill = capa(ids, pixel_values=pixels, attention_mask=mask, use_cache=True, last_logits_only=True)
-    cache = prefill.past_key_values
-    next_token = prefill.logits[:, -1].argmax(-1, keepdim=True)
-    with torch.no_grad():
-        next_embeds = capa.adapter.embed_tokens(next_token)
-    to_np = lambda t: t.detach().numpy()  # noqa: E731
-    flt = lambda t: t.detach().float().numpy().astype(float_type)  # noqa: E731
-    decode = {"inputs_embeds": flt(next_embeds), "position_ids": to_np(cache.next_position[:, None])}
-    for s, m in enumerate(cache.segment_masks):
-        decode[f"past_segment_mask.{s}"] = to_np(m).astype(np.int64)
-    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-        decode[f"past.{i}.key"], decode[f"past.{i}.value"] = flt(k), flt(v)
-    return {
-        "vision": {"pixel_values": flt(pixels)},
-        "embed": {"input_ids": to_np(ids)},
-        "prefill": {"inputs_embeds": flt(embeds), "attention_mask": to_np(mask).astype(np.int64),
-                    "position_ids": to_np(capa.adapter.default_position_ids(ids, mask)).astype(np.int64),
-                    "visual_positions": to_np(capa.visual_slots(ids)).astype(np.int64)},
-        "decode": decode,
-    }
+def to_feed(spec: GraphSpec, values: dict, dtype: str) -> dict:
+    """Tensors keyed by input name -> numpy arrays of the types the engine's graph takes."""
+    return {tensor.name: to_feed_array(tensor, values[tensor.name], dtype) for tensor in spec.inputs}
 
 
-def compare_graphs(engine_runners: dict, capa: CapaModel, batches: list[dict], dtype: str, output_names: dict) -> dict:
+def compare_graphs(engine_runners: dict, capa: CapaModel, batches: list[dict], dtype: str,
+                   contract: GraphContract) -> dict:
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # the table below says what matters
     rtol, atol = TOLERANCES[dtype]
-    modules = reference_modules(capa)
-    feeds = [graph_feeds(capa, b, dtype) for b in batches]
+    modules = graph_modules(capa, "reference")
+    values = [graph_inputs(capa, b) for b in batches]
     report = {}
     for graph, runner in engine_runners.items():
         with runner:
             metadata = runner.get_input_metadata(use_numpy_dtypes=False)
-        inputs = list(metadata.keys())
-        reference = CapaModelRunner(graph, modules[graph], inputs, output_names[graph], metadata)
-        results = Comparator.run([runner, reference], data_loader=[f[graph] for f in feeds])
+        spec = contract[graph]
+        reference = CapaModelRunner(spec, modules[graph], metadata)
+        results = Comparator.run([runner, reference], data_loader=[to_feed(spec, v[graph], dtype) for v in values])
         with np.errstate(all="ignore"):  # relative errors of exact zeros
             accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(check_error_stat="max"))
         reference_outputs = results[1][1]
@@ -131,15 +130,11 @@ def compare_graphs(engine_runners: dict, capa: CapaModel, batches: list[dict], d
 
 
 def token_agreement(engine, capa: CapaModel, unpruned: CapaModel, batch: dict, max_new_tokens: int) -> dict:
-    tokens, keep, timings = engine.generate_ids(batch["input_ids"].numpy(), batch["pixel_values"].numpy(),
-                                                batch["attention_mask"].numpy(), max_new_tokens)
-    reference, prefill = capa.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                       max_new_tokens=max_new_tokens)
-    plain, _ = unpruned.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens)
+    tokens, keep, timings = engine.generate_ids(batch, max_new_tokens)
+    reference, prefill = capa.generate(**batch, max_new_tokens=max_new_tokens)
+    plain, _ = unpruned.generate(**batch, max_new_tokens=max_new_tokens)
     reference, plain = reference.numpy(), plain.numpy()
-    forced, _, _ = engine.generate_ids(batch["input_ids"].numpy(), batch["pixel_values"].numpy(),
-                                       batch["attention_mask"].numpy(), reference.shape[1], forced_tokens=reference)
+    forced, _, _ = engine.generate_ids(batch, reference.shape[1], forced_tokens=reference)
     keep_ref = prefill.keep_indices.numpy()
     return {
         "engine_tokens": tokens[0].tolist(), "reference_tokens": reference[0].tolist(),

@@ -6,32 +6,58 @@ from PIL import Image
 from capa_export.models import adapter_for, load_model
 
 
+#: the embedded models every model test runs on: one per family (a new family's tiny model joins
+#: the table by being registered with @embedded_model)
+TEST_MODELS = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+
+
+def eager_attention(model):
+    """HF's eager attention everywhere, so its own forward exposes attention probabilities (the
+    independent reference of the scoring tests)."""
+    for config in (model.config, adapter_for(model).text_model.config):
+        config._attn_implementation = "eager"
+    return model
+
+
+@pytest.fixture(scope="session", params=TEST_MODELS)
+def tiny(request):
+    """(model, processor) of an embedded model, with eager attention."""
+    model, processor = load_model(request.param)
+    return eager_attention(model), processor
+
+
 @pytest.fixture(scope="session")
-def tiny():
-    """(model, processor) of the embedded default, with HF's eager attention so its own forward
-    exposes attention probabilities (used as the independent reference)."""
+def llava():
+    """tiny-llava, with eager attention: the model of `cpu_engine` (tests of that engine use it)."""
     model, processor = load_model("tiny-llava")
-    model.config._attn_implementation = "eager"
-    model.model.language_model.config._attn_implementation = "eager"
-    return model, processor
+    return eager_attention(model), processor
 
 
 @pytest.fixture(scope="session")
 def tiny_batch(tiny):
+    """Processor outputs for one picture that is not square and a question."""
     model, processor = tiny
-    adapter = adapter_for(model)
+    family = adapter_for(model).family
     image = Image.fromarray((np.random.RandomState(0).rand(300, 400, 3) * 255).astype("uint8"))
-    prompt = adapter.prompt_with_image(processor, "What is in the picture? Answer in detail.")
-    return dict(processor(images=image, text=prompt, return_tensors="pt"))
+    return family.encode(processor, [image], ["What is in the picture? Answer in detail."])
 
 
 @pytest.fixture(scope="session")
-def cpu_engine(tmp_path_factory):
-    """The default engine (tiny-llava, cpu profile), built and validated once per session."""
-    from capa_export.build import build_engine
+def signing_keys(tmp_path_factory):
+    """(private key path, public key path): an Ed25519 pair made for this session."""
+    from capa_export.signing import generate_keypair
 
-    path, report = build_engine("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
-                                log=lambda *_: None)
+    return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(tmp_path_factory, signing_keys):
+    """The default engine (tiny-llava, cpu profile), built, validated and signed (manifest.sig, with
+    signing_keys) once per session."""
+    from capa_export.pipeline import build
+
+    path, report = build("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
+                         log=lambda *_: None, sign_key=signing_keys[0])
     return path, report
 
 

@@ -33,7 +33,7 @@ def test_analyze_writes_report_and_plots(tmp_path, capsys):
 def test_calibrate_then_generate(tmp_path, capsys):
     code, out, _ = run(capsys, "calibrate", "--out", str(tmp_path / "c"), "--calibration-count", "4")
     assert code == 0
-    for name in ("capa_config.json", "ffn_approx.safetensors", "ffn_approx.json", "manifest.json"):
+    for name in ("capa_config.json", "ffn_approx.safetensors", "ffn_approx.json", "calibration.json"):
         assert (tmp_path / "c" / name).is_file()
     config = json.loads((tmp_path / "c" / "capa_config.json").read_text())
     assert isinstance(config["ffn_layers"], list)  # "auto" is frozen into the chosen layers
@@ -46,7 +46,7 @@ def test_calibrate_then_generate(tmp_path, capsys):
 
 
 def test_calibration_folder(tmp_path, capsys):
-    from capa_export.capa.calibration import synthetic_image
+    from capa_export.inputs import synthetic_image
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -55,7 +55,7 @@ def test_calibration_folder(tmp_path, capsys):
     (folder / "prompts.txt").write_text("What is this?\n")
     code, _, _ = run(capsys, "calibrate", "--calibration", str(folder), "--out", str(tmp_path / "c"))
     assert code == 0
-    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "c" / "calibration.json").read_text())
     assert len(manifest["calibration_inputs"]) == 3
 
 

@@ -1,7 +1,7 @@
 """CapaContribTopK on every implementation against a float64 brute force (test-backend-ops style).
 
 One table of cases (shapes x variants x dtypes) times one list of implementations. The reference
-is written here, independent of capa_export/capa/scoring.py: it materialises every v_j^h W_O^h
+is written here, independent of capa_export/method/scoring.py: it materialises every v_j^h W_O^h
 with explicit per-head matmuls in float64 and takes the direct norm of sum_h a v W_O (no Gram
 form), from the same dtype-rounded inputs the implementations see.
 """
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from capa_export.capa import scoring
+from capa_export.method import scoring
 from capa_export.ops import native
+from tests.adversarial_topk import ADVERSARIAL, stable_topk
 
 import capa_export.ops  # noqa: F401  (registers torch.ops.capa.contrib_topk)
 
@@ -111,32 +112,22 @@ def run_torch_op_cpu(p, v, w, k, variant):
     return torch.ops.capa.contrib_topk(p, v, w, k, variant), None
 
 
-def run_onnxruntime(p, v, w, k, variant):
-    if p.dtype != torch.float32:
-        pytest.skip("onnxruntime-extensions Python ops have no float16/bfloat16 (see capa_export/ops/ort_op.py)")
+def run_onnx_function(p, v, w, k, variant):
+    """The CapaContribTopK node with its ONNX local function, run by ONNX Runtime (fp32 and fp16 graphs)."""
+    if p.dtype == torch.bfloat16:
+        pytest.skip("ONNX Runtime has no bfloat16 CPU kernels (MatMul, Mul, ReduceSum)")
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    from capa_export.ops import ort_op
+    from capa_export.ops.onnx_function import single_op_model
 
-    node = ort_op.make_contrib_topk_node(["probs", "values", "o_weight"], "keep", k=k, variant=variant)
-    graph = helper.make_graph(
-        [node],
-        "capa_contrib_topk",
-        [
-            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["B", p.shape[1], p.shape[2], "N"]),
-            helper.make_tensor_value_info("values", TensorProto.FLOAT, ["B", v.shape[1], "N", v.shape[3]]),
-            helper.make_tensor_value_info("o_weight", TensorProto.FLOAT, list(w.shape)),
-        ],
-        [helper.make_tensor_value_info("keep", TensorProto.INT32, ["B", k])],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_op.DOMAIN, 1)]
-    )
-    session = ort.InferenceSession(
-        model.SerializeToString(), ort_op.session_options_with_capa_ops(), providers=["CPUExecutionProvider"]
-    )
-    (keep,) = session.run(None, {"probs": p.numpy(), "values": v.numpy(), "o_weight": w.numpy()})
+    onnx_type, numpy_type = {torch.float32: (TensorProto.FLOAT, np.float32),
+                             torch.float16: (TensorProto.FLOAT16, np.float16)}[p.dtype]
+    session = ort.InferenceSession(single_op_model(k, variant, onnx_type).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    feed = {"probs": p.float().numpy().astype(numpy_type), "values": v.float().numpy().astype(numpy_type),
+            "o_weight": w.float().numpy().astype(numpy_type)}
+    (keep,) = session.run(None, feed)
     return torch.from_numpy(keep), None
 
 
@@ -153,7 +144,7 @@ def run_cuda(p, v, w, k, variant):
 def run_tensorrt(p, v, w, k, variant):
     if importlib.util.find_spec("tensorrt") is None:
         pytest.skip("tensorrt not installed")
-    from test_trt_plugin_build import run_plugin_engine  # noqa: PLC0415  (needs tensorrt)
+    from tests.test_trt_plugin_build import run_plugin_engine  # noqa: PLC0415  (needs tensorrt)
 
     return torch.from_numpy(run_plugin_engine(p, v, w, k, variant)), None
 
@@ -162,7 +153,7 @@ IMPLEMENTATIONS = {
     "python": run_python,
     "native_cpu": run_native_cpu,
     "torch_op_cpu": run_torch_op_cpu,
-    "onnxruntime": run_onnxruntime,
+    "onnxruntime": run_onnx_function,
     "cuda": run_cuda,
     "tensorrt": run_tensorrt,
 }
@@ -212,6 +203,36 @@ def test_contrib_topk(shape: Shape, variant: str, dtype_name: str, impl: str) ->
                     assert j in kept, f"tie between keys {j} and {j + half} must keep {j}"
 
 
+# ---- adversarial top-k: ties, N not a multiple of the block, N > 8192, +-0, +-inf, NaN ----------
+# The attention variant with H = Q = 1 makes the score of key j exactly probs[b, 0, 0, j], so each
+# implementation's top-k runs on the chosen scores; the reference is Python's stable sort
+# (tests/adversarial_topk.py): NaN above +inf, NaNs tie, -0 == +0, ties to the lower index.
+
+ADVERSARIAL_IMPLEMENTATIONS = ["python", "native_cpu", "torch_op_cpu", "onnxruntime", "cuda", "tensorrt"]
+
+
+@pytest.mark.parametrize("impl", ADVERSARIAL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", list(ADVERSARIAL))
+def test_topk_adversarial(case: str, impl: str) -> None:
+    scores, k = ADVERSARIAL[case]
+    b, n = scores.shape
+    probs = torch.from_numpy(scores.copy()).reshape(b, 1, 1, n)
+    values = torch.ones(b, 1, n, 1)
+    o_weight = torch.ones(1, 1)
+    keep, _ = IMPLEMENTATIONS[impl](probs, values, o_weight, k, "attention")
+    assert keep.dtype == torch.int32 and tuple(keep.shape) == (b, k)
+    np.testing.assert_array_equal(keep.numpy().astype(np.int64), stable_topk(scores, k))
+
+
+@pytest.mark.parametrize("impl", ["python", "native_cpu", "torch_op_cpu", "cuda"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_batch_gives_empty_result(impl: str, variant: str) -> None:
+    # B = 0 (an empty batch of a dynamic-shape engine) is a no-op, not an error.
+    probs, values, o_weight = make_inputs(Shape("empty", B=1, H=4, H_kv=2, Q=3, N=10, d=4, D=8, k=3), torch.float32)
+    keep, _ = IMPLEMENTATIONS[impl](probs[:0], values[:0], o_weight, 3, variant)
+    assert keep.dtype == torch.int32 and tuple(keep.shape) == (0, 3)
+
+
 # ---- bad inputs: every implementation raises ValueError naming the argument --------------------
 
 
@@ -252,22 +273,13 @@ def _call_native(args):
     return native.module().contrib_topk_cpu(p, v, w, k, variant)
 
 
-def _call_ort_function(args):
-    from capa_export.ops import ort_op
-
-    p, v, w, k, variant = args
-    return ort_op.contrib_topk_numpy(p.numpy(), v.numpy(), w.numpy(), k, variant)
-
-
-BAD_CALLERS = {"python": _call_python, "torch_op": _call_torch_op, "native_cpu": _call_native, "ort_fn": _call_ort_function}
+BAD_CALLERS = {"python": _call_python, "torch_op": _call_torch_op, "native_cpu": _call_native}
 
 
 @pytest.mark.parametrize("caller", list(BAD_CALLERS))
 @pytest.mark.parametrize("case", range(len(_bad_cases())), ids=[c[0] for c in _bad_cases()])
 def test_bad_inputs_raise_value_error(case: int, caller: str) -> None:
     name, args, match = _bad_cases()[case]
-    if caller == "ort_fn" and name == "mixed_dtypes":
-        pytest.skip("the ONNX Runtime op receives one dtype by construction (fp32 graph)")
     with pytest.raises(ValueError, match=match):
         BAD_CALLERS[caller](args)
 
@@ -281,29 +293,27 @@ def test_fake_tensor_shape() -> None:
     assert tuple(out.shape) == (2, 5) and out.dtype == torch.int32
 
 
-def test_ort_graph_matches_python_reference() -> None:
-    # The same hand-made graph through Polygraphy's ONNX Runtime runner (what the exporter uses).
-    pytest.importorskip("polygraphy")
+def test_function_through_polygraphy_reference_evaluator_and_inliner() -> None:
+    """The op's ONNX local function: passes the full checker, runs through Polygraphy's ONNX Runtime
+    runner, onnx's ReferenceEvaluator, and inlined, each equal to the Python reference."""
+    import onnx
+    import onnx.inliner
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from capa_export.ops import ort_op
+    from capa_export.ops.onnx_function import single_op_model
 
     p, v, w = _good()
-    graph = helper.make_graph(
-        [ort_op.make_contrib_topk_node(["probs", "values", "o_weight"], "keep", k=3, variant=0)],
-        "g",
-        [
-            helper.make_tensor_value_info("probs", TensorProto.FLOAT, list(p.shape)),
-            helper.make_tensor_value_info("values", TensorProto.FLOAT, list(v.shape)),
-            helper.make_tensor_value_info("o_weight", TensorProto.FLOAT, list(w.shape)),
-        ],
-        [helper.make_tensor_value_info("keep", TensorProto.INT32, [2, 3])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_op.DOMAIN, 1)])
-    session = ort.InferenceSession(model.SerializeToString(), ort_op.session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
+    feed = {"probs": p.numpy(), "values": v.numpy(), "o_weight": w.numpy()}
+    expected = scoring.contrib_topk(p, v, w, 3).numpy()
+    model = single_op_model(3, "contrib")
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     with OnnxrtRunner(session) as runner:
-        out = runner.infer({"probs": p.numpy(), "values": v.numpy(), "o_weight": w.numpy()})["keep"]
-    np.testing.assert_array_equal(out, scoring.contrib_topk(p, v, w, 3).numpy())
+        np.testing.assert_array_equal(runner.infer(feed)["keep_indices"], expected)
+    np.testing.assert_array_equal(ReferenceEvaluator(model).run(None, feed)[0], expected)
+    inlined = onnx.inliner.inline_local_functions(model)
+    assert not inlined.functions and "TopK" in {n.op_type for n in inlined.graph.node}
+    np.testing.assert_array_equal(
+        ort.InferenceSession(inlined.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0], expected)

@@ -4,6 +4,7 @@ Independent references: the CapaModel (itself tested against HF), HF `generate`,
 files read back with `onnx` (not through our exporter's own bookkeeping)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,13 +14,15 @@ import torch
 from onnx import numpy_helper
 
 from capa_export import CapaConfig, apply_capa
-from capa_export.build import build_engine
-from capa_export.capa.calibration import builtin_samples, encode, synthetic_image
-from capa_export.capa.ffn import FfnApproximation
+from capa_export.pipeline import build
+from capa_export.inputs import builtin_samples, encode, synthetic_image
+from capa_export.method.ffn import FfnApproximation
 from capa_export.export.exporter import export_model
 from capa_export.models import adapter_for
-from capa_export.ops.ort_op import session_options_with_capa_ops
+from capa_export.ops.spec import SPEC
 from capa_export.runtime import CapaEngine
+from capa_export.export.graphs import graph_inputs
+from capa_export.validate import to_feed
 
 
 def fresh_batch(processor, adapter):
@@ -30,11 +33,8 @@ def fresh_batch(processor, adapter):
 
 
 def prefill_feed(capa, batch):
-    with torch.no_grad():
-        embeds = capa.embed(batch["input_ids"], batch["pixel_values"])
-    return {"inputs_embeds": embeds.numpy(), "attention_mask": batch["attention_mask"].numpy().astype(np.int64),
-            "position_ids": np.broadcast_to(np.arange(batch["input_ids"].shape[1]), batch["input_ids"].shape).astype(np.int64),
-            "visual_positions": capa.visual_slots(batch["input_ids"]).numpy()}
+    contract = capa.family.graph_contract(capa.layer_segments())
+    return to_feed(contract["prefill"], graph_inputs(capa, batch)["prefill"], "fp32")
 
 
 def test_build_validates_and_marks_complete(cpu_engine):
@@ -47,46 +47,69 @@ def test_build_validates_and_marks_complete(cpu_engine):
         assert (path / name).stat().st_size == entry["bytes"]
 
 
-def test_plugin_node_carries_the_tensorrt_attributes(cpu_engine):
+def test_one_graph_holds_the_op_as_a_local_function(cpu_engine):
+    """One CapaContribTopK node whose op_type, domain and attributes are the plugin creator's
+    (the creator's fields are checked against the same YAML manifest in test_op_spec.py), and the
+    local function it calls."""
     path, _ = cpu_engine
-    graph = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False).graph
-    nodes = [n for n in graph.node if n.op_type == "CapaContribTopK"]
-    assert len(nodes) == 1
+    model = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "CapaContribTopK"]
+    assert len(nodes) == 1 and nodes[0].domain == "capa" == SPEC.onnx_domain == SPEC.namespace
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert set(attrs) == set(SPEC.attributes) == {"k", "variant", "plugin_version", "plugin_namespace"}
     assert attrs["k"] == 64 and attrs["variant"] == 0
-    assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"capa"
-    assert nodes[0].domain == "ai.onnx.contrib" and len(nodes[0].input) == 3
+    assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"capa" and len(nodes[0].input) == 3
+    (function,) = model.functions
+    assert (function.domain, function.name) == ("capa", "CapaContribTopK")
+    assert set(function.attribute) == set(attrs) and "TopK" in {n.op_type for n in function.node}
+    # the weights reach the node in the graph's dtype (no fp32 copy of W_O): one o_proj initializer, used
+    # by the layer's projection and by the node
+    assert nodes[0].input[2].endswith("o_proj.weight")
+    onnx.checker.check_model(str(path / "onnx" / "prefill.onnx"), full_check=True)
 
 
-@pytest.mark.parametrize("lowering", ["plugin", "onnx"])
-def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowering):
-    model, processor = tiny
+def test_polygraphy_inspect_shows_the_op_node_and_its_opset(cpu_engine):
+    import subprocess
+    import sys
+
     path, _ = cpu_engine
-    config = CapaConfig.load(path / "capa")
-    approx = FfnApproximation.load(path / "capa", model)
-    if lowering == "plugin":
+    polygraphy = Path(sys.executable).with_name("polygraphy")  # the console script installed beside python
+    result = subprocess.run([str(polygraphy), "inspect", "model", str(path / "onnx" / "prefill.onnx"), "--show", "layers"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]
+    # Polygraphy 0.53 lists the node and the function's opset (it does not print function bodies)
+    assert "[Op: CapaContribTopK]" in result.stdout and "Other Opsets: {'capa': 1}" in result.stdout
+
+
+@pytest.mark.parametrize("lowering", ["function", "inline"])
+def test_both_lowerings_match_the_capa_model(llava, cpu_engine, tmp_path, lowering):
+    model, processor = llava
+    path, _ = cpu_engine
+    config = CapaConfig.load(path / "calibration")
+    approx = FfnApproximation.load(path / "calibration", model)
+    if lowering == "function":
         prefill = path / "onnx" / "prefill.onnx"
     else:
-        export_model(model, processor, config, approx, tmp_path / "onnx", pruning="onnx", progress=False,
+        export_model(model, processor, config, approx, tmp_path / "onnx", pruning="inline", progress=False,
                      graphs=("prefill",))
         prefill = tmp_path / "onnx" / "prefill.onnx"
-        ops = {n.op_type for n in onnx.load(str(prefill), load_external_data=False).graph.node}
-        assert "CapaContribTopK" not in ops and "TopK" in ops
+        inlined = onnx.load(str(prefill), load_external_data=False)
+        ops = {n.op_type for n in inlined.graph.node}
+        assert "CapaContribTopK" not in ops and "TopK" in ops and not inlined.functions
     capa = apply_capa(model, config, approx)
     batch = fresh_batch(processor, capa.adapter)
-    session = ort.InferenceSession(str(prefill), session_options_with_capa_ops(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(prefill), providers=["CPUExecutionProvider"])
     logits, keep = session.run(["logits", "keep_indices"], prefill_feed(capa, batch))
-    expected = capa(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-                    last_logits_only=True)
+    expected = capa(**batch, last_logits_only=True)
     assert keep.tolist() == expected.keep_indices.tolist()
     np.testing.assert_allclose(logits, expected.logits[:, -1].numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_folded_ffn_weights_are_in_the_prefill_graph(tiny, cpu_engine):
-    model, _ = tiny
+def test_folded_ffn_weights_are_in_the_prefill_graph(llava, cpu_engine):
+    model, _ = llava
     path, _ = cpu_engine
-    approx = FfnApproximation.load(path / "capa", model)
-    layers = json.loads((path / "capa" / "capa_config.json").read_text())["ffn_layers"]
+    approx = FfnApproximation.load(path / "calibration", model)
+    layers = json.loads((path / "calibration" / "capa_config.json").read_text())["ffn_layers"]
     assert layers, "the default calibration approximates some layers"
     graph = onnx.load(str(path / "onnx" / "prefill.onnx"))
     arrays = [numpy_helper.to_array(t) for t in graph.graph.initializer]
@@ -115,10 +138,10 @@ def test_weights_are_stored_once(cpu_engine):
         onnx.checker.check_model(str(directory / f"{name}.onnx"), full_check=True)
 
 
-def test_engine_decoding_equals_hf_generate_without_pruning(tiny, tmp_path):
-    model, processor = tiny
+def test_engine_decoding_equals_hf_generate_without_pruning(llava, tmp_path):
+    model, processor = llava
     CapaConfig(prune=[], ffn_layers=[]).save(tmp_path)
-    path, report = build_engine("tiny-llava", "cpu", out=tmp_path / "plain", capa_dir=str(tmp_path), progress=False,
+    path, report = build("tiny-llava", "cpu", out=tmp_path / "plain", calibration_dir=str(tmp_path), progress=False,
                                 log=lambda *_: None)
     assert report["passed"]
     adapter = adapter_for(model)
@@ -126,14 +149,13 @@ def test_engine_decoding_equals_hf_generate_without_pruning(tiny, tmp_path):
     with torch.no_grad():
         expected = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
     with CapaEngine(path) as engine:
-        tokens, keep, _ = engine.generate_ids(batch["input_ids"].numpy(), batch["pixel_values"].numpy(),
-                                              batch["attention_mask"].numpy(), max_new_tokens=6)
+        tokens, keep, _ = engine.generate_ids(batch, max_new_tokens=6)
     assert tokens.tolist() == expected.tolist()
     assert keep.shape == (1, 576)
 
 
 def test_fp16_edge_engine_validates(tmp_path):
-    path, report = build_engine("tiny-llava", "edge", out=tmp_path / "edge", progress=False, log=lambda *_: None)
+    path, report = build("tiny-llava", "edge", out=tmp_path / "edge", progress=False, log=lambda *_: None)
     assert report["passed"] and report["dtype"] == "fp16"
     graph = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False).graph
     assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["inputs_embeds"] == onnx.TensorProto.FLOAT16
@@ -147,3 +169,25 @@ def test_runtime_generate_streams_and_times(cpu_engine):
     assert len(result.tokens) == 5 and len(pieces) == 5  # one streamed piece per token
     assert len(result.keep_indices) == 64 and result.keep_indices == sorted(result.keep_indices)
     assert {"vision", "prefill", "decode_per_token", "time_to_first_token"} <= set(result.timings)
+
+
+def test_a_batch_answers_as_each_input_alone(cpu_engine):
+    """Left-padded batch of prompts of different lengths and images: every row's tokens and kept
+    visual tokens equal the same input run alone (the KV cache kept in ONNX Runtime between steps)."""
+    path, _ = cpu_engine
+    images = [synthetic_image(1, seed=5), synthetic_image(2, seed=6), synthetic_image(3, seed=7)]
+    questions = ["What?", "What is in the picture? Answer in detail, please.", "Colours?"]
+    with CapaEngine(path) as engine:
+        together = engine.generate_batch(images, questions, max_new_tokens=6)
+        alone = [engine.generate(image, question, max_new_tokens=6) for image, question in zip(images, questions)]
+    for row, single in zip(together, alone):
+        assert row.tokens == single.tokens and row.keep_indices == single.keep_indices and row.text == single.text
+        assert row.prompt_tokens == single.prompt_tokens
+
+
+def test_streamed_text_is_the_answer(cpu_engine):
+    path, _ = cpu_engine
+    pieces = []
+    with CapaEngine(path) as engine:
+        result = engine.generate(synthetic_image(4), "Describe it.", max_new_tokens=8, stream=pieces.append)
+    assert "".join(pieces) == result.text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from capa_export import CapaError, FfnApproximation, fit_ffn_approximation
-from capa_export.capa.calibration import builtin_samples, encode
+from capa_export.inputs import builtin_samples, encode
 from capa_export.models import adapter_for, load_model
 
 

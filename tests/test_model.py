@@ -6,8 +6,13 @@ import torch
 
 from capa_export import CapaConfig, apply_capa
 from capa_export.errors import CapaError
+from capa_export.models import adapter_for
 
 from .conftest import brute_force_scores
+
+
+def visual_count(model, batch) -> int:
+    return int((batch["input_ids"][0] == adapter_for(model).image_token_id).sum())
 
 
 def hf_layer_outputs(model, batch):
@@ -32,19 +37,43 @@ class VisualRowsAffine(torch.nn.Module):
         return torch.where(self.is_visual[..., None], affine, self.original(normed))
 
 
+def hf_decoder_inputs(model, batch):
+    """The merged embeddings and rotary positions the HF model's own forward hands its decoder
+    (captured by a hook on the decoder module: HF's merge and position code, not ours)."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = adapter_for(model).text_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    embeds, positions = captured["inputs_embeds"], captured.get("position_ids")
+    if positions is None:  # the decoder makes 0..L-1 itself
+        positions = torch.arange(embeds.shape[1])[None]
+    return embeds, positions
+
+
 def hf_reference(model, batch, stages, ffn=None, extra_ids=None):
     """Logits from HF's own layers. `stages` maps a layer K to the original visual-token indices
     kept from K on: before K the layers see every token; at K the others are dropped (positions
     gathered, not renumbered). `ffn` = (approximation, layers): those MLPs use the affine map on
     visual rows. `extra_ids` are appended tokens (decoding, recomputed in full)."""
-    lm = model.model.language_model
-    ids = batch["input_ids"] if extra_ids is None else torch.cat([batch["input_ids"], extra_ids], dim=1)
+    adapter = adapter_for(model)
+    lm = adapter.text_model
+    if extra_ids is not None:
+        # generated tokens are real text tokens: ids appended, mask 1, any other per-token processor
+        # output (e.g. Qwen-VL's mm_token_type_ids) 0 = text
+        appended = {"input_ids": extra_ids, "attention_mask": torch.ones_like(extra_ids)}
+        batch = {**batch, **{key: torch.cat([batch[key], appended.get(key, torch.zeros_like(extra_ids))], dim=1)
+                             for key in adapter.family.text_keys if key in batch}}
+    ids = batch["input_ids"]
+    embeds, all_positions = hf_decoder_inputs(model, batch)
     with torch.no_grad():
-        embeds = model.model.get_input_embeddings()(ids)
-        feats = model.model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-2,
-                                               vision_feature_select_strategy="default").pooler_output
-        is_visual = ids[0] == model.config.image_token_id
-        embeds = embeds.masked_scatter(is_visual[None, :, None].expand_as(embeds), torch.cat(list(feats)))
+        is_visual = ids[0] == adapter.image_token_id
         visual_number = torch.cumsum(is_visual.long(), 0) - 1  # which visual token each slot holds
         current = torch.arange(ids.shape[1])  # original index of each position still present
         hidden = embeds
@@ -53,7 +82,7 @@ def hf_reference(model, batch, stages, ffn=None, extra_ids=None):
                 kept = set(int(x) for x in stages[index])
                 keep = torch.tensor([not is_visual[p] or int(visual_number[p]) in kept for p in current.tolist()])
                 hidden, current = hidden[:, keep], current[keep]
-            positions = current[None]
+            positions = all_positions[..., current]
             cos_sin = lm.rotary_emb(hidden, positions)
             original_mlp = layer.mlp
             if ffn is not None and index in ffn[1]:
@@ -65,7 +94,7 @@ def hf_reference(model, batch, stages, ffn=None, extra_ids=None):
             finally:
                 layer.mlp = original_mlp
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return model.lm_head(lm.norm(hidden))
+        return adapter.lm_head(lm.norm(hidden))
 
 
 def test_unpruned_equals_hf_forward(tiny, tiny_batch):
@@ -74,15 +103,14 @@ def test_unpruned_equals_hf_forward(tiny, tiny_batch):
         expected = model(**tiny_batch).logits
     out = apply_capa(model, CapaConfig(prune=[]))(**tiny_batch)
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
-    assert out.keep_indices.shape == (1, 576)
+    assert out.keep_indices.shape == (1, int((tiny_batch["input_ids"] == adapter_for(model).image_token_id).sum()))
 
 
 def test_unpruned_greedy_decoding_equals_hf_generate(tiny, tiny_batch):
     model, _ = tiny
     with torch.no_grad():
         expected = model.generate(**tiny_batch, max_new_tokens=6, do_sample=False)[:, tiny_batch["input_ids"].shape[1]:]
-    tokens, _ = apply_capa(model, CapaConfig(prune=[])).generate(
-        tiny_batch["input_ids"], tiny_batch["pixel_values"], tiny_batch["attention_mask"], max_new_tokens=6)
+    tokens, _ = apply_capa(model, CapaConfig(prune=[])).generate(**tiny_batch, max_new_tokens=6)
     assert tokens.tolist() == expected.tolist()
 
 
@@ -95,15 +123,13 @@ def test_pruned_keep_set_equals_brute_force_on_hf_attention(tiny, tiny_batch, va
     hf = hf_layer_outputs(model, tiny_batch)
     probs = hf.attentions[prune_layer - 1]  # [1, H, L, L]
     ids = tiny_batch["input_ids"][0]
-    visual = (ids == model.config.image_token_id).nonzero()[:, 0]
+    visual = (ids == adapter_for(model).image_token_id).nonzero()[:, 0]
     queries = torch.arange(int(visual[-1]) + 1, ids.shape[0])
-    layer = model.model.language_model.layers[prune_layer - 1]
+    layer = adapter_for(model).layer(prune_layer - 1)
     with torch.no_grad():
-        normed = layer.input_layernorm(hf.hidden_states[prune_layer - 1])
-        cfg = model.config.text_config
-        d = cfg.hidden_size // cfg.num_attention_heads
-        values = layer.self_attn.v_proj(normed).view(1, -1, cfg.num_key_value_heads, d).transpose(1, 2)
-    scores = brute_force_scores(probs[:, :, queries][..., visual], values[:, :, visual], layer.self_attn.o_proj.weight, variant)
+        normed = layer.input_norm(hf.hidden_states[prune_layer - 1])
+        values = layer.v_proj(normed).view(1, -1, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
+    scores = brute_force_scores(probs[:, :, queries][..., visual], values[:, :, visual], layer.o_proj.weight, variant)
     expected = torch.sort(torch.topk(scores[0], keep).indices).values
     out = apply_capa(model, CapaConfig(prune=[(prune_layer, keep)], variant=variant))(**tiny_batch)
     assert out.keep_indices[0].tolist() == expected.tolist()
@@ -115,7 +141,8 @@ def test_pruned_logits_equal_hf_layers_on_the_reduced_sequence(tiny, tiny_batch,
     out = apply_capa(model, CapaConfig(prune=prune))(**tiny_batch)
     stages = {layer: kept[0] for (layer, _), kept in zip(prune, out.stage_keep_indices)}
     expected = hf_reference(model, tiny_batch, stages)
-    assert out.logits.shape == expected.shape == (1, tiny_batch["input_ids"].shape[1] - 576 + prune[-1][1], 32064)
+    n, vocab = visual_count(model, tiny_batch), adapter_for(model).vocab_size
+    assert out.logits.shape == expected.shape == (1, tiny_batch["input_ids"].shape[1] - n + prune[-1][1], vocab)
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
     # a later stage keeps a subset of an earlier one
     if len(prune) == 2:
@@ -127,10 +154,10 @@ def test_pruned_decoding_matches_recomputation(tiny, tiny_batch):
     full recomputation (same kept tokens, generated tokens appended) gives."""
     model, _ = tiny
     capa = apply_capa(model, CapaConfig(prune=[(2, 64)]))
-    tokens, prefill = capa.generate(tiny_batch["input_ids"], tiny_batch["pixel_values"], max_new_tokens=5)
+    tokens, prefill = capa.generate(**tiny_batch, max_new_tokens=5)
     cache = prefill.past_key_values
     assert cache.length(0) == cache.length(1) == tiny_batch["input_ids"].shape[1] + 4
-    assert cache.length(2) == tiny_batch["input_ids"].shape[1] - 576 + 64 + 4
+    assert cache.length(2) == tiny_batch["input_ids"].shape[1] - visual_count(model, tiny_batch) + 64 + 4
     logits = hf_reference(model, tiny_batch, {2: prefill.keep_indices[0]}, extra_ids=tokens[:, :-1])
     assert logits[0, -5:].argmax(-1).tolist() == tokens[0].tolist()
 
@@ -149,14 +176,16 @@ def test_ffn_approximation_applies_to_visual_rows_only(tiny, tiny_batch):
 
 def test_k_larger_than_visual_tokens_is_refused_when_applied(tiny, tiny_batch):
     model, _ = tiny
-    with pytest.raises(CapaError, match="k=600.*576"):
-        apply_capa(model, CapaConfig(prune=[(2, 600)]))(**tiny_batch)
+    n = visual_count(model, tiny_batch)
+    with pytest.raises(CapaError, match=f"k={n + 24}.*{n}"):
+        apply_capa(model, CapaConfig(prune=[(2, n + 24)]))(**tiny_batch)
 
 
 def test_prune_layer_outside_decoder_is_refused(tiny):
     model, _ = tiny
-    with pytest.raises(CapaError, match="K=8 is outside the decoder"):
-        apply_capa(model, CapaConfig(prune=[(8, 64)]))
+    layers = adapter_for(model).num_layers
+    with pytest.raises(CapaError, match=f"K={layers} is outside the decoder"):
+        apply_capa(model, CapaConfig(prune=[(layers, 64)]))
 
 
 def test_right_padding_is_refused(tiny, tiny_batch):
@@ -164,26 +193,22 @@ def test_right_padding_is_refused(tiny, tiny_batch):
     mask = tiny_batch["attention_mask"].clone()
     mask[:, -2:] = 0
     with pytest.raises(CapaError, match="right padding"):
-        apply_capa(model, CapaConfig())(tiny_batch["input_ids"], pixel_values=tiny_batch["pixel_values"],
-                                        attention_mask=mask)
+        apply_capa(model, CapaConfig())(**{**tiny_batch, "attention_mask": mask})
 
 
 def test_batch_of_two_images_with_left_padding_matches_rows_run_alone(tiny, tiny_batch):
     """Per-row bookkeeping: each row keeps its own tokens; a left-padded row gives the same
     last-token logits and kept set as the same prompt alone."""
-    from capa_export.capa.calibration import synthetic_image
+    from capa_export.inputs import synthetic_image
 
     model, processor = tiny
     capa = apply_capa(model, CapaConfig(prune=[(2, 64)]))
-    short = capa.adapter.prompt_with_image(processor, "What?")
-    long = capa.adapter.prompt_with_image(processor, "What is in the picture? Answer in detail.")
+    questions = ["What?", "What is in the picture? Answer in detail."]
     images = [synthetic_image(1), synthetic_image(3)]
-    batch = processor(images=images, text=[short, long], return_tensors="pt", padding=True)
+    batch = capa.family.encode(processor, images, questions)
     assert batch["attention_mask"][0, 0] == 0  # the short prompt is left-padded
-    out = capa(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-               last_logits_only=True)
-    for row, (image, prompt) in enumerate(zip(images, [short, long])):
-        alone = processor(images=image, text=prompt, return_tensors="pt")
-        single = capa(alone["input_ids"], pixel_values=alone["pixel_values"], last_logits_only=True)
+    out = capa(**batch, last_logits_only=True)
+    for row, (image, question) in enumerate(zip(images, questions)):
+        single = capa(**capa.family.encode(processor, [image], [question]), last_logits_only=True)
         assert out.keep_indices[row].tolist() == single.keep_indices[0].tolist()
         torch.testing.assert_close(out.logits[row, -1], single.logits[0, -1], rtol=1e-4, atol=1e-4)

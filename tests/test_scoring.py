@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import capa_export.capa.scoring as scoring
+import capa_export.method.scoring as scoring
 from capa_export import contribution_scores
-from capa_export.capa.scoring import top_k_indices
+from capa_export.method.scoring import top_k_indices
 
 from .conftest import brute_force_scores
 
@@ -75,7 +75,7 @@ def test_bad_inputs_name_the_argument(kwargs, message):
 @pytest.mark.parametrize("variant", ["contrib", "value_norm", "attention"])
 @pytest.mark.parametrize("shape", CASES)
 def test_dense_form_for_onnx_matches_brute_force(shape, variant):
-    from capa_export.capa.scoring import contribution_scores_dense
+    from capa_export.method.scoring import contribution_scores_dense
 
     b, h, h_kv, q, n, d, big_d = shape
     gen = torch.Generator().manual_seed(11)

@@ -1,8 +1,10 @@
-"""The TensorRT plugin library: load it, build a one-node network through Polygraphy, compare.
+"""The TensorRT plugin libraries in a real TensorRT: load them both ways, build a one-node network, compare.
 
-Skipped unless `tensorrt` is importable, the plugin library has been built (CMake target
-capa_contrib_topk_plugin, see plugins/contrib_topk/README.md) and a GPU is present. Never run in
-this repository's CI (no TensorRT there): this file is for a developer machine with TensorRT.
+Skipped unless `tensorrt` is importable and the plugin libraries have been built (CMake targets
+capa_contrib_topk_plugin / capa_contrib_topk_plugin_autoreg, see plugins/contrib_topk/README.md);
+the engine tests also need a GPU. Never run in this repository's CI (no TensorRT there): this file
+is for a developer machine with TensorRT. tests/test_plugin_glue.py covers what can be checked
+without a TensorRT runtime.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,41 +21,69 @@ import numpy as np
 import pytest
 import torch
 
+from capa_export.ops import native, spec
+
 REPO = Path(__file__).resolve().parent.parent
 TORCH_TO_ONNX = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}  # onnx.TensorProto codes
+VC_LIBRARY = "libcapa_contrib_topk_plugin.so"  # getCreators: loadLibrary, plugins_to_serialize
+AUTOREG_LIBRARY = "libcapa_contrib_topk_plugin_autoreg.so"  # registers itself under ctypes.CDLL
 
 
-def plugin_library_path() -> Path | None:
-    """$CAPA_TRT_PLUGIN, else a built libcapa_contrib_topk_plugin.so under the package or build/."""
-    if os.environ.get("CAPA_TRT_PLUGIN"):
+def plugin_library_path(name: str = VC_LIBRARY) -> Path | None:
+    """$CAPA_TRT_PLUGIN (the loadLibrary one), else a built library under the package or build/."""
+    if name == VC_LIBRARY and os.environ.get("CAPA_TRT_PLUGIN"):
         return Path(os.environ["CAPA_TRT_PLUGIN"])
-    candidates = [REPO / "capa_export" / "libcapa_contrib_topk_plugin.so"]
-    candidates += [Path(p) for p in sorted(glob.glob(str(REPO / "build" / "**" / "libcapa_contrib_topk_plugin.so"), recursive=True))]
+    candidates = [REPO / "capa_export" / name]
+    candidates += [Path(p) for p in sorted(glob.glob(str(REPO / "build" / "**" / name), recursive=True))]
     return next((p for p in candidates if p.is_file()), None)
 
 
-def _require_trt() -> Path:
+def _require_tensorrt(name: str = VC_LIBRARY) -> Path:
     if importlib.util.find_spec("tensorrt") is None:
         pytest.skip("tensorrt not installed")
+    lib = plugin_library_path(name)
+    if lib is None:
+        pytest.skip(f"{name} not built (configure with -DTensorRT_ROOT=..., or set CAPA_TRT_PLUGIN)")
+    return lib
+
+
+def _require_trt() -> Path:
+    lib = _require_tensorrt()
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU (torch.cuda.is_available() is False)")
-    lib = plugin_library_path()
-    if lib is None:
-        pytest.skip("libcapa_contrib_topk_plugin.so not built (configure with -DTensorRT_ROOT=..., or set CAPA_TRT_PLUGIN)")
     return lib
+
+
+def register_plugin(lib: Path) -> None:
+    """IPluginRegistry::loadLibrary, once per process (a second load of a registered creator fails)."""
+    import tensorrt as trt
+
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(spec.OP_NAME, spec.PLUGIN_VERSION, spec.PLUGIN_NAMESPACE) is None:
+        assert registry.load_library(str(lib)) is not None, f"load_library({lib}) failed"
+    assert registry.get_creator(spec.OP_NAME, spec.PLUGIN_VERSION, spec.PLUGIN_NAMESPACE) is not None
+
+
+def make_plugin_node(inputs: list[str], output: str, k: int, variant: str):
+    """The plugin node as the exporter emits it: op_type and domain from the op's manifest."""
+    from onnx import helper
+
+    return helper.make_node(
+        spec.OP_NAME, inputs, [output], name=spec.OP_NAME, domain=spec.ONNX_DOMAIN, k=int(k),
+        variant=native.variant_code(variant), plugin_version=spec.PLUGIN_VERSION, plugin_namespace=spec.PLUGIN_NAMESPACE,
+    )
 
 
 def run_plugin_engine(probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, k: int, variant: str) -> np.ndarray:
     """Build a one-node CapaContribTopK engine from ONNX with Polygraphy and run it. int32 [B, k]."""
     lib = _require_trt()
     from onnx import helper
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, LoadPlugins, NetworkFromOnnxPath, Profile, TrtRunner
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
 
-    from capa_export.ops import ort_op
-
+    register_plugin(lib)
     elem = TORCH_TO_ONNX[probs.dtype]
     graph = helper.make_graph(
-        [ort_op.make_contrib_topk_node(["probs", "values", "o_weight"], "keep", k=k, variant=variant)],
+        [make_plugin_node(["probs", "values", "o_weight"], "keep", k=k, variant=variant)],
         "capa_contrib_topk",
         [
             helper.make_tensor_value_info("probs", elem, ["B", probs.shape[1], probs.shape[2], "N"]),
@@ -60,7 +92,7 @@ def run_plugin_engine(probs: torch.Tensor, values: torch.Tensor, o_weight: torch
         ],
         [helper.make_tensor_value_info("keep", 6, ["B", k])],  # INT32
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_op.DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(spec.ONNX_DOMAIN, 1)])
     profile = Profile()
     profile.add("probs", min=tuple(probs.shape), opt=tuple(probs.shape), max=tuple(probs.shape))
     profile.add("values", min=tuple(values.shape), opt=tuple(values.shape), max=tuple(values.shape))
@@ -68,19 +100,35 @@ def run_plugin_engine(probs: torch.Tensor, values: torch.Tensor, o_weight: torch
         path = os.path.join(tmp, "contrib_topk.onnx")
         with open(path, "wb") as f:
             f.write(model.SerializeToString())
-        network = LoadPlugins(plugins=[str(lib)], obj=NetworkFromOnnxPath(path))
-        engine = EngineFromNetwork(network, config=CreateConfig(profiles=[profile]))
+        engine = EngineFromNetwork(NetworkFromOnnxPath(path), config=CreateConfig(profiles=[profile]))
         with TrtRunner(engine) as runner:
             feed = {"probs": probs.cuda(), "values": values.cuda(), "o_weight": o_weight.cuda()}
             out = runner.infer(feed)["keep"]
     return out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
 
 
+@pytest.mark.parametrize("how", ["load_library", "ctypes_autoreg"])
+def test_each_library_registers_the_creator_once(how: str) -> None:
+    # A fresh interpreter per path: a registered creator stays registered for the process.
+    lib = _require_tensorrt(VC_LIBRARY if how == "load_library" else AUTOREG_LIBRARY)
+    load = (f"assert registry.load_library({str(lib)!r}) is not None" if how == "load_library"
+            else f"import ctypes; ctypes.CDLL({str(lib)!r})")
+    code = (
+        "import tensorrt as trt\n"
+        "registry = trt.get_plugin_registry()\n"
+        f"{load}\n"
+        f"assert registry.get_creator({spec.OP_NAME!r}, {spec.PLUGIN_VERSION!r}, {spec.PLUGIN_NAMESPACE!r}) is not None\n"
+        "print('registered')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "registered" in done.stdout, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("variant", ["contrib", "value_norm", "attention"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_plugin_engine_matches_reference(variant: str, dtype: torch.dtype) -> None:
     _require_trt()
-    from capa_export.capa.scoring import contrib_topk
+    from capa_export.method.scoring import contrib_topk
 
     gen = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(1, 8, 4, 96, generator=gen), dim=-1).to(dtype)
@@ -90,7 +138,7 @@ def test_plugin_engine_matches_reference(variant: str, dtype: torch.dtype) -> No
     expected = contrib_topk(probs, values, o_weight, 16, variant).numpy()
     # Same set unless a near-tie at the boundary: compare the kept scores then.
     if not np.array_equal(kept, expected):
-        from capa_export.capa.scoring import contribution_scores
+        from capa_export.method.scoring import contribution_scores
 
         scores = contribution_scores(probs, values, o_weight, variant=variant)[0]
         np.testing.assert_allclose(

@@ -1,5 +1,5 @@
 """`capa-export analyze`: sinks (Probability Dumps vs Structural Anchors), attention vs
-contribution rankings, FFN linearity per layer, and suggested CAPA settings (CAPA.md section 2).
+contribution rankings, FFN linearity per layer, and suggested CAPA settings (docs/method.md, "Sinks").
 
 Definitions (our choices, all parameters of `analyze`):
 - a visual token is a *sink* at a layer when the attention it receives from the scoring queries
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import spearmanr
 
-from ..capa.calibration import encode
-from ..capa.ffn import fit_ffn_approximation
-from ..capa.model import CapaModel
-from ..capa.scoring import contribution_scores
+from ..inputs import encode
+from ..method.ffn import fit_ffn_approximation
+from ..method.capa_model import CapaModel
+from ..method.scoring import contribution_scores
 from ..config import CapaConfig
 from ..models import adapter_for
 

@@ -1,25 +1,41 @@
-"""Engine backends. Each answers `build(onnx_dir, profile, out_dir, ...)` and
-`runner(engine_dir, graph)` (a Polygraphy runner), so validation and the runtime do not know which
-backend they drive. `tensorrt` is imported lazily, only by the TensorRT backend."""
+"""Engine backends, each a module with a `@register_backend` class (see base.py); found by name."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from pathlib import Path
+
 from ..errors import CapaError
-from . import ort, trt
+from .base import BACKENDS, Backend, register_backend
 
-BACKENDS = {ort.NAME: ort, trt.NAME: trt}
+_discovered = False
 
 
-def resolve(name: str) -> str:
-    """'auto' -> TensorRT where installed, else ONNX Runtime."""
+def _discover() -> None:
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+            if module.name != "base":
+                importlib.import_module(f"{__package__}.{module.name}")
+
+
+def names() -> list[str]:
+    _discover()
+    return sorted(BACKENDS, key=lambda n: -BACKENDS[n].auto_priority)
+
+
+def get(name: str) -> Backend:
+    """The backend called `name`; "auto" -> the available one with the highest priority."""
+    _discover()
     if name == "auto":
-        return trt.NAME if trt.unavailable_reason() is None else ort.NAME
+        return next(BACKENDS[n] for n in names() if BACKENDS[n].unavailable_reason() is None)
     if name not in BACKENDS:
-        raise CapaError(f"backend {name!r} is unknown; expected auto, {', '.join(BACKENDS)}")
-    if name == trt.NAME:
-        trt.require()
-    return name
+        raise CapaError(f"backend {name!r} is unknown; expected auto, {', '.join(names())}")
+    backend = BACKENDS[name]
+    backend.require()
+    return backend
 
 
-def get(name: str):
-    return BACKENDS[resolve(name)]
+__all__ = ["Backend", "get", "names", "register_backend"]

@@ -1,6 +1,14 @@
 """TensorRT backend: a thin adapter over Polygraphy's TensorRT loaders.
 
-    LoadPlugins(libcapa_contrib_topk_plugin.so)      the CapaContribTopK plugin, before parsing
+    load_plugin_library()                            the CapaContribTopK plugin, before parsing or
+                                                     deserialising: IPluginRegistry.load_library on the
+                                                     library installed with capa-export (or one named
+                                                     with --plugin-library), never one from an engine
+                                                     folder, loaded from bytes checked against the
+                                                     sha256 recorded at build time
+    runner()                                         the plan's bytes read once and checked, deserialised
+                                                     with engine_host_code_allowed off (unless the user
+                                                     passes --allow-engine-code)
     NetworkFromOnnxPath(graph, strongly_typed=True)  TensorRT 11: precision comes from the ONNX dtypes
     CreateConfig(profiles, memory pool, timing cache, builder level, version compatibility)
     PostprocessConfig(...)                           plugins_to_serialize for version-compatible engines
@@ -13,18 +21,23 @@ its GPU machine (TensorRT cannot be installed there); see the README.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import json
-import shutil
 from pathlib import Path
 
 from ..artifacts import write_json
+from ..contract import profile_ranges
 from ..errors import CapaError
+from ..folders import confined_file, read_json
+from ..ops.spec import SPEC
+from ..schemas import TENSORRT_ENGINE
+from .base import Backend, register_backend
 
-NAME = "tensorrt"
 PLAN_SUFFIX = ".plan"
 ENGINE_FILE = "tensorrt.json"
 PLUGIN_LIBRARY = "libcapa_contrib_topk_plugin.so"
+#: TensorRT's TopK accepts k <= 3840 (the standard-op lowering uses TopK)
+TOPK_MAX = 3840
 
 
 def unavailable_reason() -> str | None:
@@ -41,11 +54,14 @@ def require() -> None:
 
 
 def find_plugin_library(explicit: str | None = None) -> Path:
-    """The plugin library: an explicit path, $CAPA_TRT_PLUGIN, or the CMake build tree."""
+    """The plugin library (the one exporting getCreators, see plugins/contrib_topk/README.md): an
+    explicit path, $CAPA_TRT_PLUGIN, the copy installed with the package, or the CMake build tree."""
     import os
 
     candidates = [explicit] if explicit else [os.environ.get("CAPA_TRT_PLUGIN")]
-    candidates += [str(p) for p in Path(__file__).resolve().parents[2].glob(f"build/**/{PLUGIN_LIBRARY}")]
+    package = Path(__file__).resolve().parents[1]
+    candidates += [str(package / PLUGIN_LIBRARY)]
+    candidates += [str(p) for p in package.parent.glob(f"build/**/{PLUGIN_LIBRARY}")]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
@@ -56,55 +72,79 @@ def find_plugin_library(explicit: str | None = None) -> Path:
                     f"capa_contrib_topk_plugin), or pass --plugin-library / set CAPA_TRT_PLUGIN")
 
 
-def shape_ranges(graph_inputs: dict[str, list], profile, fixed: dict[str, int]) -> dict[str, tuple]:
-    """(min, opt, max) shapes per input from the profile: each symbolic dim of the exported graph
-    (batch, sequence, past_segment*, images, new_tokens, visual_tokens) maps to a profile range."""
-    ranges = {}
-    for name, dims in graph_inputs.items():
-        lo, opt, hi = [], [], []
-        for dim in dims:
-            if isinstance(dim, int):
-                triple = (dim, dim, dim)
-            elif dim in fixed:
-                triple = (fixed[dim],) * 3
-            elif dim.startswith("past_segment"):
-                triple = profile.shapes["past"]
-            elif dim in ("batch", "sequence", "images"):
-                triple = profile.shapes[dim]
-            elif dim == "new_tokens":
-                triple = (1, 1, 1)
-            elif dim == "tokens":  # embed: prompts and single decode tokens
-                triple = (1, profile.shapes["sequence"][1], profile.shapes["sequence"][2])
-            else:
-                raise CapaError(f"graph input {name} has a dimension {dim!r} the profile does not cover")
-            lo.append(triple[0]), opt.append(triple[1]), hi.append(triple[2])
-        ranges[name] = (tuple(lo), tuple(opt), tuple(hi))
-    return ranges
+def load_plugin_library(path: Path, sha256: str | None = None) -> str:
+    """Register the plugin's creator once per process and return the sha256 of the library loaded.
+
+    The library is loaded from bytes read once and checked against sha256 (the one the engine
+    recorded at build time; None at build: the hash of what is read now), never reopened by path:
+    the dynamic loader maps a sealed in-memory copy (folders.load_library_verified), and TensorRT's
+    IPluginRegistry.load_library, given that copy's name, calls getCreators on the library already
+    loaded. Loading it a second time would register the creator twice."""
+    import tensorrt as trt
+
+    from ..folders import load_library_verified, read_bytes
+
+    if sha256 is None:
+        sha256 = hashlib.sha256(read_bytes(path, max_bytes=1 << 30, name=f"plugin library {path}")).hexdigest()
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(SPEC.name, SPEC.version, SPEC.namespace) is None:
+        try:
+            library = load_library_verified(path, sha256, name=f"plugin library {path}")
+        except CapaError as exc:
+            raise CapaError(f"{exc}; the engine was built with another plugin library: pass the one it was built "
+                            f"with (--plugin-library), or rebuild the engine") from None
+        if registry.load_library(library.path) is None:
+            raise CapaError(f"TensorRT could not load the plugin library {path}")
+    return sha256
 
 
-def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fixed_dims: dict,
-          plugin_library: str | None = None) -> dict:
+def check_topk_limit(config, pruning: str, plugin_loaded: bool) -> None:
+    """TensorRT's TopK takes k <= 3840. The plugin has no such limit; the function body (imported
+    when the plugin is not loaded) and the inlined lowering use TopK."""
+    for _, keep in config.prune:
+        if keep <= TOPK_MAX:
+            continue
+        if pruning == "inline":
+            raise CapaError(f"k={keep} exceeds TensorRT's TopK limit of {TOPK_MAX}, which --pruning inline uses; "
+                            f"use --pruning function with the plugin library, or keep at most {TOPK_MAX} tokens")
+        if not plugin_loaded:
+            raise CapaError(f"k={keep} exceeds TensorRT's TopK limit of {TOPK_MAX}, which the CapaContribTopK "
+                            f"function body uses when the plugin is not loaded; build {PLUGIN_LIBRARY} "
+                            f"(target capa_contrib_topk_plugin) or pass --plugin-library, or keep at most "
+                            f"{TOPK_MAX} tokens")
+
+
+def plugin_library_or_none(explicit: str | None) -> Path | None:
+    """The plugin library when one is found (an explicit path must exist), else None: TensorRT then
+    imports the CapaContribTopK function's body."""
+    try:
+        return find_plugin_library(explicit)
+    except CapaError:
+        if explicit:
+            raise
+        return None
+
+
+def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, plugin_library: str | None = None) -> dict:
     require()
-    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, LoadPlugins, NetworkFromOnnxPath,
-                                        PostprocessConfig, Profile, SaveEngine)
+    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, PostprocessConfig,
+                                        Profile, SaveEngine)
     import tensorrt as trt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    library = None
-    if profile.pruning == "plugin":
-        # the engine folder carries its plugin: it loads on another host, and is checksummed
-        library = out_dir / PLUGIN_LIBRARY
-        shutil.copy2(find_plugin_library(plugin_library), library)
+    library = library_sha256 = None
+    if profile.pruning == "function":
+        library = plugin_library_or_none(plugin_library)
+        if library is not None:
+            library_sha256 = load_plugin_library(library)
     settings = profile.tensorrt
     cache = out_dir / settings.get("timing_cache", "timing.cache")
     plans = {}
-    for graph in graphs:
+    for graph, spec in contract.graphs.items():
         shapes = Profile()
-        for name, (lo, opt, hi) in shape_ranges(graph_inputs[graph], profile, fixed_dims).items():
+        for name, (lo, opt, hi) in profile_ranges(spec, profile.shapes, fixed_dims).items():
             shapes.add(name, min=lo, opt=opt, max=hi)
         network = NetworkFromOnnxPath(str(onnx_dir / f"{graph}.onnx"), strongly_typed=True)
-        if library is not None:
-            network = LoadPlugins(plugins=[str(library)], obj=network)
         config = CreateConfig(
             profiles=[shapes],
             memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(profile.workspace_mib) << 20},
@@ -113,7 +153,8 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fi
             version_compatible=settings.get("version_compatible", False),
         )
         if settings.get("version_compatible") and library is not None:
-            # a version-compatible engine embeds only the plugin libraries listed here
+            # a version-compatible engine embeds only the plugin libraries listed here (the
+            # getCreators library: the lean runtime loads it as IPluginRegistry.loadLibrary does)
             def serialize_plugin(builder, network, cfg, library=str(library)):
                 cfg.plugins_to_serialize = [library]  # a property in TensorRT's Python API
 
@@ -122,20 +163,104 @@ def build(onnx_dir: Path, profile, out_dir: Path, graphs, graph_inputs: dict, fi
         plan = out_dir / f"{graph}{PLAN_SUFFIX}"
         SaveEngine(engine, str(plan))()
         plans[graph] = plan.name
-    description = {"backend": NAME, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
-                   "plugin_library": library.name if library is not None else None}
+    description = {"backend": TensorRTBackend.name, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
+                   "plugin": {"name": SPEC.name, "version": SPEC.version, "namespace": SPEC.namespace,
+                              "library_sha256": library_sha256} if library is not None else None,
+                   # a version-compatible plan carries the plugin library's code inside it
+                   "embedded_plugins": bool(settings.get("version_compatible") and library is not None)}
     write_json(out_dir / ENGINE_FILE, description)
     return description
 
 
-def runner(engine_dir: Path, graph: str):
-    require()
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
+def check_folder(engine_dir: Path, files: dict | None = None) -> dict:
+    """tensorrt.json of an engine's tensorrt/ folder, schema-checked (it names no library: the
+    plugin library is never taken from an engine folder), with every file it names a regular file
+    inside engine_dir (and, given the engine's file table relative to engine_dir, one it lists)."""
+    name = f"{engine_dir}/{ENGINE_FILE}"
+    description = read_json(confined_file(engine_dir, ENGINE_FILE, source=str(engine_dir)), schema=TENSORRT_ENGINE,
+                            name=name)
+    named = [(f"graphs.{graph}", file) for graph, file in description["graphs"].items()]
+    if description.get("timing_cache"):
+        named.append(("timing_cache", description["timing_cache"]))
+    for key, file in named:
+        if files is not None and file not in files:
+            raise CapaError(f"{name}: {key} names {file!r}, which manifest.json does not list; rebuild the engine")
+        confined_file(engine_dir, file, source=f"{name}: {key}")
+    return description
 
-    description = json.loads((engine_dir / ENGINE_FILE).read_text())
-    plan = BytesFromPath(str(engine_dir / description["graphs"][graph]))
-    if description.get("plugin_library"):
-        plan = LoadPlugins(plugins=[str(engine_dir / description["plugin_library"])], obj=plan)
-    engine = EngineFromBytes(plan)
+
+def _deserialize(plan: bytes, allow_engine_code: bool, source: str):
+    """An ICudaEngine from plan bytes. Polygraphy's EngineFromBytes always sets
+    engine_host_code_allowed (so that version-compatible plans load): code carried inside a plan
+    would run. Here it is allowed only on the user's explicit request."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import util as trt_util
+
+    runtime = trt.Runtime(trt_util.get_trt_logger())
+    runtime.engine_host_code_allowed = bool(allow_engine_code)
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise CapaError(f"TensorRT cannot deserialise {source} (built by another TensorRT version or for another "
+                        f"GPU, or it carries code and --allow-engine-code was not given); rebuild the engine")
+    return engine
+
+
+def runner(engine_dir: Path, graph: str, *, spec=None, dtype: str = "fp32", files: dict | None = None,
+           plugin_library: str | None = None, allow_engine_code: bool = False):
+    """A Polygraphy runner for one graph of a built engine: the plan's bytes read once (checked
+    against the engine's table when given), the installed plugin library (or the user's) checked
+    against the sha256 recorded at build time, the plan's inputs and outputs against spec."""
+    require()
+    from polygraphy.backend.trt import TrtRunner
+
+    from ..folders import read_bytes, read_verified_bytes
+    from .base import check_graph_io
+
+    description = check_folder(engine_dir, files)
+    if description["embedded_plugins"] and not allow_engine_code:
+        raise CapaError(f"{engine_dir}/{ENGINE_FILE}: the engine's plans carry plugin code (a version-compatible "
+                        f"engine); run it only if you trust its builder, with --allow-engine-code")
+    plugin = description["plugin"]
+    if plugin is not None:
+        load_plugin_library(find_plugin_library(plugin_library), plugin["library_sha256"])
+    file = description["graphs"][graph]
+    source = f"{engine_dir}/{file}"
+    if files is not None:
+        plan = read_verified_bytes(engine_dir / file, files[file]["sha256"], expected_bytes=files[file]["bytes"],
+                                   max_bytes=16 << 30, name=source)
+    else:
+        plan = read_bytes(engine_dir / file, max_bytes=16 << 30, name=source)
+    engine = _deserialize(plan, allow_engine_code, source)
+    if spec is not None:
+        import tensorrt as trt
+
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        check_graph_io(spec, {n: None for n in names if is_input[n]}, {n: None for n in names if not is_input[n]},
+                       dtype, source)
     return TrtRunner(engine, name=f"tensorrt:{graph}")
+
+
+@register_backend
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    auto_priority = 10  # preferred where installed
+
+    def unavailable_reason(self):
+        return unavailable_reason()
+
+    def check(self, profile, config, *, plugin_library=None) -> None:
+        # before minutes of export, not after
+        plugin = plugin_library_or_none(plugin_library) if profile.pruning == "function" else None
+        check_topk_limit(config, profile.pruning, plugin is not None)
+
+    def build(self, onnx_dir, profile, out_dir, contract, *, fixed_dims, plugin_library=None) -> dict:
+        return build(onnx_dir, profile, out_dir, contract, fixed_dims, plugin_library)
+
+    def check_folder(self, backend_dir, files) -> dict:
+        return check_folder(backend_dir, files)
+
+    def runner(self, engine_dir, graph, *, spec=None, dtype="fp32", files=None, plugin_library=None,
+               allow_engine_code=False):
+        return runner(engine_dir, graph, spec=spec, dtype=dtype, files=files, plugin_library=plugin_library,
+                      allow_engine_code=allow_engine_code)

@@ -19,52 +19,40 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
+import onnx.inliner
 import torch
 
-from .. import __version__
-from ..artifacts import replace_directory, sha256_file, write_json
-from ..capa.calibration import builtin_samples, encode
-from ..capa.model import CapaModel, apply_capa
+from ..artifacts import replace_directory, sha256_file
+from ..contract import GRAPHS, GraphContract
+from ..dtypes import float_type
 from ..errors import CapaError
-from ..models import adapter_for, cast_model, parse_dtype
-from .graphs import PRUNING_LOWERINGS, DecodeGraph, EmbedGraph, PrefillGraph, VisionGraph
+from ..inputs import builtin_samples
+from ..manifest import ONNX, write_manifest
+from ..method.capa_model import CapaModel, apply_capa
+from ..models import adapter_for, cast_model
+from ..ops.onnx_function import attach_function
+from ..ops.spec import SPEC
+from .graphs import graph_inputs, graph_modules, pruning_lowering
 
-GRAPHS = ("vision", "embed", "prefill", "decode")
 WEIGHTS_FILE = "weights.data"
-MANIFEST = "export.json"
-OPSET = 18
+#: 23: the standard Attention op (GQA, past/present KV, post-softmax probabilities)
+OPSET = 23
+ATTENTION_FORMS = ("fused", "explicit")
 # Tensors smaller than this stay inline in their graph (scalars, shapes): not worth an offset.
 INLINE_BYTES = 1024
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: example batch size: 2, so that no dimension is specialised to 1 when tracing
+EXAMPLE_BATCH = 2
+EXAMPLE_DECODE_STEPS = 2
 
 
-def graph_io_names(num_layers: int, num_segments: int) -> dict[str, tuple[list[str], list[str]]]:
-    kv = lambda prefix: [f"{prefix}.{i}.{t}" for i in range(num_layers) for t in ("key", "value")]  # noqa: E731
-    masks = [f"segment_mask.{s}" for s in range(num_segments)]
-    return {
-        "vision": (["pixel_values"], ["image_features"]),
-        "embed": (["input_ids"], ["inputs_embeds"]),
-        "prefill": (["inputs_embeds", "attention_mask", "position_ids", "visual_positions"],
-                    ["logits", "keep_indices", *masks, *kv("present")]),
-        "decode": (["inputs_embeds", "position_ids", *[f"past_{m}" for m in masks], *kv("past")],
-                   ["logits", *kv("present")]),
-    }
-
-
-def example_inputs(capa: CapaModel, processor, batch: int = 2):
-    """Real inputs from a built-in picture (batch 2, so no dimension is specialised to 1)."""
-    adapter = capa.adapter
+def example_inputs(capa: CapaModel, processor) -> dict[str, dict]:
+    """Every graph's example inputs, from a built-in picture (batch 2, a decode step of 2 tokens)."""
     sample = builtin_samples(1, seed=3)[0]
-    enc = encode(adapter, processor, sample)
-    ids = enc["input_ids"].repeat(batch, 1)
-    pixels = enc["pixel_values"].repeat(batch, 1, 1, 1)
-    mask = enc["attention_mask"].repeat(batch, 1)
-    with torch.no_grad():
-        embeds = capa.embed(ids, pixels)
-        prefill = capa(ids, pixel_values=pixels, attention_mask=mask, use_cache=True, last_logits_only=True)
-    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "inputs_embeds": embeds,
-            "visual_positions": capa.visual_slots(ids), "position_ids": capa.adapter.default_position_ids(ids, mask),
-            "cache": prefill.past_key_values}
+    batch = capa.family.encode(processor, [sample.image] * EXAMPLE_BATCH, [sample.question] * EXAMPLE_BATCH)
+    device = capa.device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    tokens = torch.full((EXAMPLE_BATCH, EXAMPLE_DECODE_STEPS), 5, dtype=torch.long, device=device)
+    return graph_inputs(capa, batch, decode_tokens=tokens)
 
 
 def _export_one(module, args, path: Path, input_names, output_names, dynamic_shapes, quiet: bool):
@@ -87,60 +75,62 @@ def _export_one(module, args, path: Path, input_names, output_names, dynamic_sha
 
 
 def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, progress: bool = True,
-                  graphs=GRAPHS) -> None:
-    adapter = capa.adapter
-    ex = example_inputs(capa, processor)
-    cache = ex["cache"]
-    segments = len(cache.segment_masks)
-    names = graph_io_names(adapter.num_layers, segments)
-    dim = torch.export.Dim
-    batch = dim("batch", min=1, max=256)
-    images = dim("images", min=1, max=64)
-    seq = dim("sequence", min=8, max=16384)
-    tokens = dim("tokens", min=1, max=16384)  # embed serves prompts and single decode tokens
-    visual = dim("visual_tokens", min=1, max=16384)
-    new = dim("new_tokens", min=1, max=4096)
-    past = [dim(f"past_segment{s}", min=1, max=16384) for s in range(segments)]
-    layer_segment = capa.layer_segments()
-    steps = 2
-    device = ex["input_ids"].device
-    new_embeds = adapter.embed_tokens(torch.full((ex["input_ids"].shape[0], steps), 5, dtype=torch.long,
-                                                 device=device)).detach()
-    new_positions = cache.next_position[:, None] + torch.arange(steps, device=device)[None, :]
-    kv_shapes = [{0: batch, 2: past[layer_segment[i // 2]]} for i in range(2 * adapter.num_layers)]
-    jobs = {
-        "vision": (VisionGraph(capa), (ex["pixel_values"],), ({0: images},)),
-        "embed": (EmbedGraph(capa), (ex["input_ids"],), ({0: batch, 1: tokens},)),
-        "prefill": (PrefillGraph(capa, pruning),
-                    (ex["inputs_embeds"], ex["attention_mask"], ex["position_ids"], ex["visual_positions"]),
-                    ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: visual})),
-        "decode": (DecodeGraph(capa),
-                   (new_embeds, new_positions, list(cache.segment_masks),
-                    [t for pair in zip(cache.keys, cache.values) for t in pair]),
-                   ({0: batch, 1: new}, {0: batch, 1: new}, [{0: batch, 1: p} for p in past], kv_shapes)),
-    }
+                  graphs=GRAPHS) -> GraphContract:
+    """Trace each graph module with example inputs into directory/<graph>.onnx; names and dynamic
+    dimensions come from the family's graph contract, which is returned."""
+    contract = capa.family.graph_contract(capa.layer_segments())
+    examples = example_inputs(capa, processor)
+    modules = graph_modules(capa, pruning)
     from tqdm import tqdm
 
     for name in tqdm(graphs, desc="exporting", unit="graph", disable=not progress):
-        module, args, shapes = jobs[name]
-        inputs, outputs = names[name]
-        _export_one(module, args, directory / f"{name}.onnx", inputs, outputs, shapes, quiet=True)
+        spec = contract[name]
+        path = directory / f"{name}.onnx"
+        _export_one(modules[name], spec.forward_arguments(examples[name]), path, spec.input_names,
+                    spec.output_names, spec.dynamic_shapes(), quiet=True)
+        if name == "prefill":
+            place_selection(path, pruning)
+    return contract
+
+
+def place_selection(path: Path, pruning: str) -> None:
+    """Give the prefill graph's CapaContribTopK node its local function, or inline it."""
+    model = attach_function(onnx.load(str(path), load_external_data=False))
+    if pruning == "inline":
+        model = onnx.inliner.inline_local_functions(model)
+    onnx.save(model, str(path))
+
+
+def _tensor_bytes(tensor: onnx.TensorProto, directory: Path) -> bytes:
+    """One initializer's raw bytes: inline, or read from its external-data file (only this tensor)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    with open(directory / info["location"], "rb") as source:
+        source.seek(int(info.get("offset", 0)))
+        return source.read(int(info["length"])) if "length" in info else source.read()
 
 
 def share_weights(directory: Path, graphs=GRAPHS) -> dict:
     """Move every initializer of every graph into one `weights.data`, each distinct tensor once.
 
-    Returns statistics: bytes referenced by the graphs vs bytes stored."""
+    Streams one tensor at a time (the graphs are read without their external data), so memory stays
+    at the largest tensor, not a graph's weights. Returns statistics: bytes referenced by the graphs
+    vs bytes stored."""
     stored: dict[str, tuple[int, int]] = {}
     referenced = 0
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     with open(tmp, "wb") as data:
         for name in graphs:
             path = directory / f"{name}.onnx"
-            model = onnx.load(str(path), load_external_data=True)
+            model = onnx.load(str(path), load_external_data=False)
             for tensor in model.graph.initializer:
-                raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+                raw = _tensor_bytes(tensor, directory)
                 if len(raw) < INLINE_BYTES:
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:  # small: back inline
+                        del tensor.external_data[:]
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+                        tensor.raw_data = raw
                     continue
                 key = hashlib.sha256(raw).hexdigest() + f":{tensor.data_type}"
                 if key not in stored:
@@ -149,6 +139,7 @@ def share_weights(directory: Path, graphs=GRAPHS) -> dict:
                     data.write(b"\0" * pad)
                     stored[key] = (offset + pad, len(raw))
                     data.write(raw)
+                del raw
                 offset, length = stored[key]
                 referenced += length
                 tensor.ClearField("raw_data")
@@ -188,46 +179,48 @@ def check_graphs(directory: Path, graphs=GRAPHS) -> dict:
             "parameters": parameters,
             "inputs": [i.name for i in model.graph.input],
             "outputs": [o.name for o in model.graph.output],
+            "functions": [f"{f.domain}::{f.name}" for f in model.functions],
         }
     return summary
 
 
-def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="fp32", pruning: str = "plugin",
-                 model_name: str = "", progress: bool = True, graphs=GRAPHS) -> Path:
-    """Export the CAPA model to `out_dir` (written under a temporary name, renamed when complete)."""
-    if pruning not in PRUNING_LOWERINGS:
-        raise CapaError(f"pruning lowering {pruning!r} is unknown; expected one of {', '.join(PRUNING_LOWERINGS)}")
-    torch_dtype = parse_dtype(dtype)
-    if torch_dtype not in DTYPE_NAMES:
-        raise CapaError(f"dtype {dtype!r} cannot be exported; expected fp32, fp16 or bf16")
-    if next(model.parameters()).dtype != torch_dtype:
-        model = cast_model(copy.deepcopy(model), torch_dtype)  # the caller's model stays as it was
+def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="fp32", pruning: str = "function",
+                 attention: str = "fused", model_name: str = "", progress: bool = True, graphs=GRAPHS) -> Path:
+    """Export the CAPA model to `out_dir` (written under a temporary name, renamed when complete).
+
+    attention: "fused" writes each layer's attention as one ONNX Attention op (opset 23: ONNX
+    Runtime >= 1.23, TensorRT >= 10.14 run it with their own kernels); "explicit" writes the
+    MatMul / Softmax / MatMul of the reference, for runtimes without it."""
+    pruning = pruning_lowering(pruning)
+    if attention not in ATTENTION_FORMS:
+        raise CapaError(f"attention {attention!r} is unknown; expected one of {', '.join(ATTENTION_FORMS)}")
+    graph_type = float_type(dtype)
+    if next(model.parameters()).dtype != graph_type.torch:
+        model = cast_model(copy.deepcopy(model), graph_type.torch)  # the caller's model stays as it was
     if ffn is not None:
-        ffn = ffn.cast(torch_dtype)  # folded weights in the graph's dtype: plain MatMul + Add, no Cast
+        ffn = ffn.cast(graph_type.torch)  # folded weights in the graph's dtype: plain MatMul + Add, no Cast
     capa = apply_capa(model, config, ffn)
+    capa.fused_attention = attention == "fused"
     adapter = adapter_for(model)
     start = time.perf_counter()
 
     def write(tmp: Path):
-        export_graphs(capa, processor, tmp, pruning, progress, graphs)
+        contract = export_graphs(capa, processor, tmp, pruning, progress, graphs)
         sharing = share_weights(tmp, graphs)
         summary = check_graphs(tmp, graphs)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
                  if p.is_file()}
         fingerprint = {k: v for k, v in adapter.fingerprint().items() if k != "weight_sample"}
-        write_json(tmp / MANIFEST, {
-            "artifact": "capa-onnx",
-            "tool": {"name": "capa-export", "version": __version__},
-            "libraries": library_versions(),
-            "model": {"name": model_name or fingerprint["name_or_path"], **fingerprint,
-                      "image_token_id": adapter.image_token_id, "vocab_size": adapter.vocab_size,
-                      "num_visual_tokens_per_image": adapter.num_visual_tokens_per_image()},
+        write_manifest(tmp, ONNX, {
+            "model": {"name": model_name or fingerprint["name_or_path"], **fingerprint, **adapter.describe()},
             "capa_config": config.to_dict(),
             "ffn_layers": capa.ffn_layers,
-            "dtype": DTYPE_NAMES[torch_dtype],
+            "dtype": graph_type.name,
             "pruning": pruning,
+            "attention": attention,
             "k": config.prune[-1][1] if config.prune else None,
             "layer_segment": capa.layer_segments(),
+            "graph_contract": contract.to_dict(),
             "opset": OPSET,
             "graphs": summary,
             "weights": sharing,
@@ -238,21 +231,13 @@ def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="f
     return replace_directory(out_dir, write)
 
 
-def library_versions() -> dict:
-    import onnxruntime
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
-
-
 def format_summary(manifest: dict) -> str:
     rows = [f"{'graph':<8} {'nodes':>6} {'parameters':>12}  main ops"]
     for name, info in manifest["graphs"].items():
         ops = ", ".join(f"{op} {n}" for op, n in list(info["ops"].items())[:6])
         rows.append(f"{name:<8} {info['nodes']:>6} {info['parameters']:>12,}  {ops}")
         if name == "prefill":
-            special = {op: n for op, n in info["ops"].items() if op in ("CapaContribTopK", "TopK")}
+            special = {op: n for op, n in info["ops"].items() if op in (SPEC.name, "TopK")}
             rows.append(f"{'':<8} pruning: {manifest['pruning']} ({special}); k = {manifest['k']}; "
                         f"FFN approximated in layers {manifest['ffn_layers'] or 'none'}")
     weights = manifest["weights"]

@@ -1,14 +1,7 @@
 """The four exported graphs, as nn.Modules over a CapaModel (the reference itself: the prefill
 and decode graphs run `CapaModel.prefill_layers` / `decode_layers`, so graph and reference share
-one implementation and differ only in how the tokens are selected).
-
-    vision.onnx   pixel_values [I, 3, H, W]            -> image_features [I, T, D]
-    embed.onnx    input_ids [B, L]                     -> inputs_embeds [B, L, D]
-    prefill.onnx  inputs_embeds [B, L, D], attention_mask [B, L], position_ids [B, L],
-                  visual_positions [B, N]              -> logits [B, V] (last position), keep_indices [B, k],
-                                                          segment_mask.{s} [B, S_s], present.{i}.key/value
-    decode.onnx   inputs_embeds [B, T, D], position_ids [B, T], segment_mask.{s} [B, S_s + T],
-                  past.{i}.key/value [B, H_kv, S_seg(i), d] -> logits [B, T, V], present.{i}.key/value
+one implementation and differ only in how the tokens are selected). Their inputs and outputs are
+the model family's graph contract (`capa_export/contract.py`).
 """
 
 from __future__ import annotations
@@ -16,42 +9,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capa.model import CapaModel
-from ..capa.scoring import contribution_scores_dense
-from ..ops.native import variant_code
+from ..method.capa_model import CapaModel
+from ..ops.onnx_function import node_attributes
+from ..ops.spec import SPEC
 
-PLUGIN_OP = "CapaContribTopK"
-PLUGIN_DOMAIN = "ai.onnx.contrib"  # TensorRT's parser ignores the domain; onnxruntime-extensions needs this one
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = "capa"
-PRUNING_LOWERINGS = ("plugin", "onnx")  # and "reference": the eager selection, for validation runners
-
-
-def select_with_standard_ops(variant: str):
-    """Scores in MatMul/ReduceSum/Sqrt, then TopK and a sort of the kept indices (standard ONNX)."""
-
-    def select(probs, values, o_weight, keep: int) -> torch.Tensor:
-        scores = contribution_scores_dense(probs, values, o_weight, variant)
-        return torch.sort(torch.topk(scores, keep, dim=-1).indices, dim=-1).values
-
-    return select
+#: How the prefill graph holds the token selection (docs: README "Pruning lowerings"):
+#:   function  one CapaContribTopK node + its ONNX local function (ONNX Runtime runs the body,
+#:             TensorRT with the plugin loaded runs the plugin, TensorRT without it the body)
+#:   inline    the function's body inlined: standard ops only, for runtimes without local functions
+PRUNING_LOWERINGS = ("function", "inline")
+#: the names earlier versions used (plugin node / standard ops), still accepted
+LOWERING_ALIASES = {"plugin": "function", "onnx": "inline"}
 
 
-def select_with_plugin(variant: str):
-    """One CapaContribTopK node (the TensorRT plugin; onnxruntime-extensions runs it on CPU).
+def pruning_lowering(name: str) -> str:
+    from ..errors import CapaError
 
-    Its inputs are cast to fp32 whatever the graph's dtype: the plugin accumulates in fp32 anyway,
-    the probabilities come from an fp32 softmax, and one input type keeps every runtime able to run
-    it (onnxruntime-extensions' Python ops have no fp16/bf16)."""
+    name = LOWERING_ALIASES.get(name, name)
+    if name not in PRUNING_LOWERINGS:
+        raise CapaError(f"pruning lowering {name!r} is unknown; expected one of {', '.join(PRUNING_LOWERINGS)}")
+    return name
+
+
+def select_with_function(variant: str):
+    """Eager: the capa::contrib_topk op. Exported: one CapaContribTopK node, inputs in the graph's
+    dtype (the function body accumulates in fp32; no fp32 copy of W_O), int32 [B, k] output."""
 
     def select(probs, values, o_weight, keep: int) -> torch.Tensor:
-        args = (probs.float(), values.float(), o_weight.float())
         if torch.onnx.is_in_onnx_export():
+            dtype = values.dtype
             indices = torch.onnx.ops.symbolic(
-                f"{PLUGIN_DOMAIN}::{PLUGIN_OP}",
-                args,
-                attrs={"k": int(keep), "variant": variant_code(variant), "plugin_version": PLUGIN_VERSION,
-                       "plugin_namespace": PLUGIN_NAMESPACE},
+                f"{SPEC.onnx_domain}::{SPEC.name}",
+                (probs.to(dtype), values, o_weight.to(dtype)),
+                attrs=node_attributes(keep, variant),
                 dtype=torch.int32,
                 shape=(probs.shape[0], keep),
                 version=1,
@@ -59,7 +49,7 @@ def select_with_plugin(variant: str):
         else:
             from ..ops import contrib_topk
 
-            indices = contrib_topk(*args, keep, variant)
+            indices = contrib_topk(probs, values, o_weight, keep, variant)
         return indices.to(torch.int64)
 
     return select
@@ -70,8 +60,8 @@ class VisionGraph(nn.Module):
         super().__init__()
         self.capa = capa
 
-    def forward(self, pixel_values):
-        return self.capa.adapter.image_features(pixel_values)
+    def forward(self, vision_inputs: list[torch.Tensor]):  # the family's vision inputs, in its order
+        return self.capa.adapter.image_features(**dict(zip(self.capa.family.vision_keys, vision_inputs)))
 
 
 class EmbedGraph(nn.Module):
@@ -88,8 +78,9 @@ class PrefillGraph(nn.Module):
         super().__init__()
         self.capa = capa
         variant = capa.config.variant
-        selectors = {"plugin": select_with_plugin, "onnx": select_with_standard_ops}
-        self.select = selectors[pruning](variant) if pruning in selectors else capa.select_tokens
+        # exported graphs hold the function node ("inline" is the same node, inlined after export);
+        # "reference" selects as the eager CapaModel does (validation's reference runner)
+        self.select = capa.select_tokens if pruning == "reference" else select_with_function(variant)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, visual_positions):
         capa = self.capa
@@ -126,3 +117,34 @@ class DecodeGraph(nn.Module):
         for key, value in zip(new_keys, new_values):
             outputs += [key, value]
         return tuple(outputs)
+
+
+def graph_modules(capa: CapaModel, pruning: str) -> dict[str, nn.Module]:
+    """The four graph modules; pruning "reference" selects tokens as the eager CapaModel does."""
+    return {"vision": VisionGraph(capa), "embed": EmbedGraph(capa), "prefill": PrefillGraph(capa, pruning),
+            "decode": DecodeGraph(capa)}
+
+
+@torch.no_grad()
+def graph_inputs(capa: CapaModel, batch: dict, decode_tokens: torch.Tensor | None = None) -> dict[str, dict]:
+    """Every graph's inputs, keyed by the contract's names, for one processor batch: the vision
+    inputs, the prompt's ids, the prefill's merged embeddings and positions, and a decode step of
+    `decode_tokens` [B, T] (default: the greedy next token) on the reference prefill's cache."""
+    family = capa.family
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prefill = capa(**batch, use_cache=True, last_logits_only=True)
+    cache = prefill.past_key_values
+    if decode_tokens is None:
+        decode_tokens = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    decode = {"inputs_embeds": capa.adapter.embed_tokens(decode_tokens),
+              "position_ids": family.decode_positions(cache.next_position, decode_tokens.shape[1])}
+    decode.update({f"past_segment_mask.{s}": m.to(torch.int64) for s, m in enumerate(cache.segment_masks)})
+    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        decode[f"past.{i}.key"], decode[f"past.{i}.value"] = k, v
+    return {
+        "vision": capa.vision_inputs(batch),
+        "embed": {"input_ids": ids},
+        "prefill": {"inputs_embeds": capa.embed(**batch), "attention_mask": mask.to(torch.int64),
+                    "position_ids": family.prefill_positions(batch), "visual_positions": capa.visual_slots(ids)},
+        "decode": decode,
+    }

@@ -1,7 +1,8 @@
-"""Model families: the only package that knows where a family keeps its parts."""
+"""Model families: the only package that knows where a family keeps its parts (see base.py)."""
 
-from .base import LayerParts, ModelAdapter, cast_model, fingerprints_match
-from .registry import EMBEDDED_MODELS, adapter_class, adapter_for, load_model, parse_dtype, supported_model_types
+from .base import LayerParts, ModelAdapter, ModelFamily, cast_model, fingerprints_match
+from .registry import (adapter_for, embedded_models, families, family_for_model_type, family_from_info, load_model,
+                       supported_model_types)
 
-__all__ = ["LayerParts", "ModelAdapter", "cast_model", "adapter_class", "adapter_for", "fingerprints_match", "load_model", "parse_dtype",
-           "supported_model_types", "EMBEDDED_MODELS"]
+__all__ = ["LayerParts", "ModelAdapter", "ModelFamily", "adapter_for", "cast_model", "embedded_models", "families",
+           "family_for_model_type", "family_from_info", "fingerprints_match", "load_model", "supported_model_types"]

@@ -1,18 +1,32 @@
-"""The model-adapter interface: everything the CAPA model, the analysis and the exporter need to
-know about a model family, and nothing more. Only `capa_export/models/` knows where a family keeps
-its parts; everything else asks an adapter.
+"""The model-family interface: everything the CAPA model, the exporter, validation and the runtime
+need to know about a model family, and nothing more. Only `capa_export/models/` knows where a family
+keeps its parts; everything else asks a family or an adapter.
 
-Positions are handled as tensors whose last dimension is the sequence (so Qwen2-VL's [3, B, L]
-multimodal rotary positions fit the same gathers as Llama's [B, L]).
+- `ModelFamily`: what a family is without its weights (like Optimum's export configs): its graphs'
+  input/output contract, the processor outputs it needs, its chat prompt, how rotary positions are
+  made, how image features are merged into the token embeddings. Made from a small JSON-able
+  description (`info`), so the runtime can use it from an engine manifest alone.
+- `ModelAdapter`: one loaded HF model: where its decoder layers, norms, projections, rotary
+  embedding, vision tower and head are.
+
+A new family is one file in this package defining both (registered with `@register_family`) plus its
+tiny builder (registered with `@embedded_model`); see `llava.py`.
+
+Positions are tensors whose last two dimensions are [batch, sequence], with family-specific leading
+rows (Llama: [B, L]; multimodal rotary such as Qwen2-VL's: [3, B, L]), so the same gathers apply.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from ..contract import FLOAT, FLOAT32, GraphContract, TensorSpec, decoder_contract
+from ..errors import CapaError
 
 
 @dataclass
@@ -32,15 +46,165 @@ class LayerParts:
     attention_scale: float
 
 
-class ModelAdapter(abc.ABC):
-    """Wraps one Hugging Face LVLM instance. Subclasses register themselves in `registry.py`."""
+class ModelFamily(abc.ABC):
+    """A model family without weights. `info` is what `ModelAdapter.describe()` wrote (and what an
+    engine manifest records under "model")."""
 
-    family: str = ""
-    #: HF `config.model_type` values this adapter serves.
-    model_types: tuple[str, ...] = ()
+    name: ClassVar[str] = ""
+    #: HF `config.model_type` values this family serves.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: processor outputs the vision graph takes, in its input order
+    vision_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: every processor output the pipeline keeps (others are dropped)
+    text_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
+    #: leading rows of the rotary position ids (() for [B, L]; (3,) for multimodal rotary)
+    position_rows: ClassVar[tuple[int, ...]] = ()
+    #: the adapter class (set by @register_family from `adapter`)
+    adapter: ClassVar[type["ModelAdapter"]]
+    #: benchmark sizes: name -> what `bench_model` needs to build a random-weight model of that size
+    bench_sizes: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, info: dict):
+        self.info = info
+
+    @property
+    def processor_keys(self) -> tuple[str, ...]:
+        return (*self.text_keys, *self.vision_keys)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.info["image_token_id"])
+
+    # --- the graphs -----------------------------------------------------------------------------
+    def vision_graph_io(self) -> tuple[tuple[TensorSpec, ...], TensorSpec]:
+        """(inputs, output) of the vision graph; the default is LLaVA's fixed-size images."""
+        from ..contract import IMAGES
+
+        size = int(self.info["image_size"])
+        pixels = TensorSpec("pixel_values", FLOAT32, (IMAGES, 3, size, size))  # cast to the model's type inside
+        features = TensorSpec("image_features", FLOAT, (IMAGES, int(self.info["visual_tokens_per_image"]),
+                                                         int(self.info["hidden_size"])))
+        return (pixels,), features
+
+    def graph_contract(self, layer_segment: list[int], keep: int | None = None) -> GraphContract:
+        inputs, features = self.vision_graph_io()
+        return decoder_contract(layer_segment=layer_segment, hidden=int(self.info["hidden_size"]),
+                                vocab=int(self.info["vocab_size"]), kv_heads=int(self.info["num_kv_heads"]),
+                                head_dim=int(self.info["head_dim"]), vision_inputs=inputs, image_features=features,
+                                position_rows=self.position_rows, keep=keep)
+
+    def visual_token_range(self, processor=None) -> tuple[int, int]:
+        """(fewest, most) visual tokens one image gives (with this processor, for families whose
+        processor decides the image size)."""
+        n = int(self.info["visual_tokens_per_image"])
+        return n, n
+
+    def dim_ranges(self, processor, shapes: dict) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of the graph dimensions a build profile does not name but the family
+        derives (visual tokens per image; for dynamic resolution also the patches, from the
+        profile's `pixels` range and the processor's limits). The engine manifest records them."""
+        low, high = self.visual_token_range(processor)
+        return {"visual_tokens": (low, high, high)}
+
+    # --- inputs -----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def prompt(self, processor, question: str) -> str:
+        """The family's chat prompt for one image and one question."""
+
+    def encode(self, processor, images, questions, return_tensors: str = "pt") -> dict:
+        """Processor outputs the pipeline needs for images + questions (one image per prompt;
+        several prompts are left-padded)."""
+        prompts = [self.prompt(processor, q) for q in questions]
+        batch = processor(images=list(images), text=prompts, return_tensors=return_tensors,
+                          padding=len(prompts) > 1)
+        return {k: batch[k] for k in self.processor_keys if k in batch}
+
+    def check_inputs(self, batch: dict) -> None:
+        """Refuse, in one line, processor outputs the family cannot serve (e.g. videos)."""
+
+    def check_image_sizes(self, batch: dict, dims: dict) -> None:
+        """Refuse images outside an engine's ranges (`dims`: the manifest's `vision_dims`); fixed-size
+        images (the default) always fit."""
+
+    def image_count(self, batch: dict) -> int:
+        """How many images the batch holds: runs of image tokens, over all rows."""
+        is_image = torch.as_tensor(batch["input_ids"]) == self.image_token_id
+        starts = is_image[:, 1:] & ~is_image[:, :-1]
+        return int(is_image[:, 0].sum() + starts.sum())
+
+    @classmethod
+    def load_processor(cls, path: str, **kwargs):
+        """The processor saved in `path` (a checkpoint or an engine's processor/ folder)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, **kwargs)
+
+    # --- what happens between the graphs (torch, used by the CapaModel and the engine runtime) ----
+    def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, N] sequence indices of the image tokens; every row must hold the same number."""
+        is_visual = input_ids == self.image_token_id
+        counts = is_visual.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise CapaError(f"every batch row must hold the same number of image tokens; got {counts.tolist()}")
+        return is_visual.nonzero()[:, 1].view(input_ids.shape[0], int(counts[0]))
+
+    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor) -> torch.Tensor:
+        """Write image features into the image-token slots, in order (LLaVA's masked_scatter)."""
+        slots = input_ids == self.image_token_id
+        n_slots = int(slots.sum())
+        n_features = image_features.numel() // inputs_embeds.shape[-1]
+        if n_slots != n_features:
+            raise CapaError(
+                f"input_ids has {n_slots} image-token slots but the images give {n_features} features; "
+                f"the prompt needs one image placeholder per image (the processor expands it)"
+            )
+        mask = slots.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype).reshape(-1))
+
+    def prefill_positions(self, batch: dict) -> torch.Tensor:
+        """Rotary positions of the prompt, as the HF model's forward makes them when given none:
+        0..L-1 for every row (left padding shifts a row's positions uniformly, which rotary
+        attention does not see)."""
+        input_ids = batch["input_ids"]
+        rows, length = input_ids.shape
+        return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(rows, length)
+
+    def next_position(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B] the first decode position: one past the largest prompt position of each row."""
+        batch, length = positions.shape[-2:]
+        return positions.reshape(-1, batch, length).amax(dim=(0, 2)) + 1
+
+    def decode_positions(self, next_position: torch.Tensor, steps: int) -> torch.Tensor:
+        """Positions of `steps` new text tokens from next_position [B]: [*rows, B, steps]."""
+        positions = next_position[:, None] + torch.arange(steps, device=next_position.device)[None, :]
+        return positions.expand(*self.position_rows, *positions.shape) if self.position_rows else positions
+
+
+class ModelAdapter(abc.ABC):
+    """Wraps one loaded Hugging Face LVLM; `family` is its ModelFamily."""
+
+    family_class: ClassVar[type[ModelFamily]]
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.family = self.family_class(self.describe())
+
+    @property
+    def family_name(self) -> str:
+        return self.family_class.name
+
+    def describe(self) -> dict:
+        """What the family needs to know of this model without its weights (JSON-able)."""
+        first = self.layer(0)
+        return {"family": self.family_class.name, "model_type": self.model.config.model_type,
+                "image_token_id": self.image_token_id, "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": first.num_heads,
+                "num_kv_heads": first.num_kv_heads, "head_dim": first.head_dim, **self.describe_vision()}
+
+    @abc.abstractmethod
+    def describe_vision(self) -> dict:
+        """The family's vision geometry (e.g. image_size, visual_tokens_per_image)."""
 
     # --- geometry -------------------------------------------------------------------------
     @property
@@ -62,29 +226,19 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def layer(self, index: int) -> LayerParts: ...
 
+    @property
+    @abc.abstractmethod
+    def text_model(self) -> nn.Module:
+        """The HF decoder module (layers, rotary embedding, final norm): for references and benchmarks."""
+
     # --- embeddings and vision ------------------------------------------------------------
     @abc.abstractmethod
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values -> [num_images, tokens_per_image, hidden] in the decoder's space."""
+    def image_features(self, **vision_inputs) -> torch.Tensor:
+        """The family's vision inputs -> image features in the decoder's space (traced into the
+        vision graph): [images, tokens_per_image, hidden] or [tokens, hidden]."""
 
     @abc.abstractmethod
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
-
-    def merge_image_features(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
-    ) -> torch.Tensor:
-        """Write image features into the image-token slots, in order (LLaVA's masked_scatter)."""
-        slots = input_ids == self.image_token_id
-        n_slots, n_features = int(slots.sum()), image_features.shape[0] * image_features.shape[1]
-        if n_slots != n_features:
-            from ..errors import CapaError
-
-            raise CapaError(
-                f"input_ids has {n_slots} image-token slots but the images give {n_features} features; "
-                f"the prompt needs one image placeholder per image (the processor expands it)"
-            )
-        mask = slots.unsqueeze(-1).expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype).reshape(-1))
 
     # --- decoder pieces -------------------------------------------------------------------
     @abc.abstractmethod
@@ -93,9 +247,6 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def apply_rotary(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @abc.abstractmethod
-    def default_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
 
     @property
     @abc.abstractmethod
@@ -113,14 +264,12 @@ class ModelAdapter(abc.ABC):
     def rms_normalize(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The norm without its gain: norm(x) == rms_normalize(norm, x) * norm_gain(norm)."""
 
-    # --- inputs ---------------------------------------------------------------------------
-    @classmethod
-    @abc.abstractmethod
-    def prompt_with_image(cls, processor, question: str) -> str:
-        """The family's chat prompt for one image and one question."""
+    # --- the family's model-free parts, for callers holding an adapter ----------------------
+    def prompt_with_image(self, processor, question: str) -> str:
+        return self.family.prompt(processor, question)
 
     def num_visual_tokens_per_image(self) -> int:
-        return int(self.model.config.image_seq_length)
+        return self.family.visual_token_range()[1]
 
     # --- identity -------------------------------------------------------------------------
     def fingerprint(self) -> dict:

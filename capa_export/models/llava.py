@@ -8,19 +8,21 @@ import sys
 
 import torch
 
-from .base import LayerParts, ModelAdapter
+from .base import LayerParts, ModelAdapter, ModelFamily
+from .registry import register_family
 
 
 class LlavaAdapter(ModelAdapter):
-    family = "llava"
-    model_types = ("llava",)
-
     def __init__(self, model):
-        super().__init__(model)
         self._decoder = model.model.language_model
         self._text_config = model.config.text_config
         attention = self._decoder.layers[0].self_attn
         self._rotary_module = sys.modules[type(attention).__module__]
+        super().__init__(model)
+
+    def describe_vision(self) -> dict:
+        return {"image_size": int(self.model.config.vision_config.image_size),
+                "visual_tokens_per_image": int(self.model.config.image_seq_length)}
 
     @property
     def image_token_id(self) -> int:
@@ -37,6 +39,10 @@ class LlavaAdapter(ModelAdapter):
     @property
     def vocab_size(self) -> int:
         return int(self._text_config.vocab_size)
+
+    @property
+    def text_model(self):
+        return self._decoder
 
     def layer(self, index: int) -> LayerParts:
         layer = self._decoder.layers[index]
@@ -79,11 +85,6 @@ class LlavaAdapter(ModelAdapter):
     def apply_rotary(self, q, k, cos, sin):
         return self._rotary_module.apply_rotary_pos_emb(q, k, cos, sin)
 
-    def default_position_ids(self, input_ids, attention_mask):
-        # As the HF decoder's forward does when given no position_ids: 0..L-1 for every row.
-        batch, length = input_ids.shape
-        return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length)
-
     @property
     def final_norm(self):
         return self._decoder.norm
@@ -101,9 +102,46 @@ class LlavaAdapter(ModelAdapter):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return x32.to(x.dtype)
 
-    @classmethod
-    def prompt_with_image(cls, processor, question: str) -> str:
+
+@register_family
+class LlavaFamily(ModelFamily):
+    name = "llava"
+    model_types = ("llava",)
+    adapter = LlavaAdapter
+    #: random-weight models of real sizes for `capa-export bench` (decoder dims; the vision tower is
+    #: CLIP-L/336). "visual" is the number of visual tokens fed: 2,880 is a LLaVA-NeXT-sized prompt
+    #: given to a LLaVA-1.5 decoder (the LLaVA-NeXT family itself is not supported yet).
+    bench_sizes = {
+        # LLaVA-1.5 token geometry with a small decoder: what a CPU can time in seconds
+        "mid": dict(hidden=1024, layers=16, heads=16, kv_heads=16, intermediate=2816, vocab=32064,
+                    vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, visual=576),
+        "llava-1.5-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
+                             vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, visual=576),
+        "llava-next-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
+                              vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
+                              visual=2880),
+    }
+
+    def prompt(self, processor, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         if getattr(processor, "chat_template", None):
             return processor.apply_chat_template(messages, add_generation_prompt=True)
         return f"USER: <image>\n{question} ASSISTANT:"
+
+    @classmethod
+    def bench_model(cls, size: str, device: str):
+        """(random-weight fp32 model, visual tokens to feed) of a benchmark size."""
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        spec = cls.bench_sizes[size]
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_intermediate"],
+                                           num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
+                                           image_size=336, patch_size=14),
+            text_config=LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+                                    num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                                    num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"]),
+            image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+        return model, spec["visual"]

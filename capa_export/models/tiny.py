@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .registry import embedded_model
+
 TINY_NAME = "tiny-llava"
 IMAGE_TOKEN_ID = 32000
 PAD_TOKEN_ID = 32001
@@ -155,6 +157,7 @@ def tiny_llava_processor():
     )
 
 
+@embedded_model(TINY_NAME, family="llava")
 def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), dtype: torch.dtype = torch.float32):
     """(model, processor) with deterministic weights; no file is read or downloaded."""
     from transformers import LlavaForConditionalGeneration

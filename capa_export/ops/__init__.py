@@ -1,7 +1,7 @@
 """CapaContribTopK as a runnable op: PyTorch custom op, native (C++/CUDA) bindings, ONNX Runtime op.
 
-Importing this package registers `torch.ops.capa.contrib_topk`. The ONNX Runtime op is
-registered only when `capa_export.ops.ort_op` is imported (it needs onnxruntime-extensions).
+Importing this package registers `torch.ops.capa.contrib_topk`. In ONNX graphs the op is a node with
+an ONNX local function (`onnx_function.py`) that every ONNX runtime can run.
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ from types import ModuleType
 
 import torch
 
-from capa_export.capa.scoring import VARIANTS
+from capa_export.method.scoring import VARIANTS
+from capa_export.ops.spec import SPEC
 
 # Integer encodings shared with the ONNX / TensorRT INT attribute `variant` and the C API.
-VARIANT_CODES: dict[str, int] = {name: code for code, name in enumerate(VARIANTS)}  # contrib=0, value_norm=1, attention=2
-DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+VARIANT_CODES: dict[str, int] = dict(SPEC.variants)  # contrib=0, value_norm=1, attention=2
+DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, name): code for name, code in SPEC.dtypes.items()}
 
 _module: ModuleType | None = None
 _reason: str | None = None

@@ -1,3 +1,6 @@
+// SPDX-FileCopyrightText: Copyright (c) 2026 The capa-export authors
+// SPDX-License-Identifier: Apache-2.0
+//
 // Python extension `capa_export._native`: the C++ CPU reference on host arrays and, when built
 // with CUDA, the CUDA launch on raw device pointers (the caller owns the memory and the stream).
 #include "contrib_topk.h"
@@ -73,7 +76,8 @@ Prepared prepare(const HostArray& probs, const HostArray& values, const HostArra
     if (dim(values, 2) != N) throw nb::value_error("values has a different number of keys N than probs");
     if (H_kv <= 0 || H % H_kv != 0) throw nb::value_error("probs heads H must be a multiple of values heads H_kv");
     if (dim(o_weight, 1) != H * d) throw nb::value_error("o_weight must have H*d input columns");
-    if (B <= 0 || H <= 0 || Q <= 0 || N <= 0 || d <= 0 || D <= 0) throw nb::value_error("probs/values/o_weight have an empty dimension");
+    // B == 0 is an empty batch (an empty result); every other dimension must be positive.
+    if (B < 0 || H <= 0 || Q <= 0 || N <= 0 || d <= 0 || D <= 0) throw nb::value_error("probs/values/o_weight have an empty dimension other than the batch");
     if (check_k && (k <= 0 || k > N))
         throw nb::value_error(("k=" + std::to_string(k) + " must be in [1, " + std::to_string(N) + "] (the number of visual keys)").c_str());
     const int dp = dtype_code(probs, "probs", bf16_as_uint16);
@@ -97,6 +101,17 @@ nb::ndarray<nb::numpy, T, nb::ndim<2>> owned_2d(std::vector<T>&& data, size_t ro
 void raise_status(int status, const char* what) {
     if (status != CAPA_OK) throw nb::value_error((std::string(what) + ": " + capa_status_string(status)).c_str());
 }
+
+#ifdef CAPA_WITH_CUDA
+// The launcher consumed the CUDA error (cudaGetLastError would now say "no error"); it recorded
+// which call failed and why.
+[[noreturn]] void raise_launch_failure(int status, const char* what) {
+    const std::string detail = capa_last_error_message();
+    const std::string message = std::string(what) + ": " + capa_status_string(status) + (detail.empty() ? "" : ": " + detail);
+    if (status == CAPA_ERR_UNSUPPORTED) throw nb::value_error(message.c_str());
+    throw std::runtime_error(message);
+}
+#endif
 
 }  // namespace
 
@@ -165,9 +180,11 @@ NB_MODULE(_native, m) {
             void* st = reinterpret_cast<void*>(stream);
             void* ws = reinterpret_cast<void*>(workspace);
             bool owned = false;
-            if (ws == nullptr) {  // no caller workspace: stream-ordered allocation, freed after the launch
-                if (cudaMallocAsync(&ws, need, static_cast<cudaStream_t>(st)) != cudaSuccess)
-                    throw std::runtime_error("contrib_topk_cuda: cudaMallocAsync of the workspace failed");
+            if (ws == nullptr && need > 0) {  // no caller workspace: stream-ordered allocation, freed after the launch
+                const cudaError_t err = cudaMallocAsync(&ws, need, static_cast<cudaStream_t>(st));
+                if (err != cudaSuccess)
+                    throw std::runtime_error(std::string("contrib_topk_cuda: cudaMallocAsync of the workspace failed: ") +
+                        cudaGetErrorString(err));
                 workspace_bytes = need;
                 owned = true;
             }
@@ -175,8 +192,7 @@ NB_MODULE(_native, m) {
                 reinterpret_cast<const void*>(values), reinterpret_cast<const void*>(o_weight),
                 reinterpret_cast<int32_t*>(out), &s, v, dtype, ws, workspace_bytes, st);
             if (owned) cudaFreeAsync(ws, static_cast<cudaStream_t>(st));
-            if (rc == CAPA_ERR_CUDA)
-                throw std::runtime_error(std::string("contrib_topk_cuda: ") + cudaGetErrorString(cudaGetLastError()));
+            if (rc == CAPA_ERR_CUDA || rc == CAPA_ERR_UNSUPPORTED) raise_launch_failure(rc, "contrib_topk_cuda");
             raise_status(rc, "contrib_topk_cuda");
         },
         nb::arg("probs_ptr"), nb::arg("values_ptr"), nb::arg("o_weight_ptr"), nb::arg("out_ptr"), nb::arg("B"),

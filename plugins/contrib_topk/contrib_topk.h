@@ -1,4 +1,9 @@
+// SPDX-FileCopyrightText: Copyright (c) 2026 The capa-export authors
+// SPDX-License-Identifier: Apache-2.0
+//
 // CapaContribTopK: C-style API of the CPU reference and of the CUDA launch functions.
+// Name, version, namespace, attributes and codes: CapaContribTopK_PluginConfig.yaml (checked
+// against this header by tests/test_op_spec.py).
 //
 // keep_indices[b, :] = the k visual keys with the largest CAPA contribution score, ascending,
 // ties to the lower index. Semantics: capa_export/capa/scoring.py (the one definition).
@@ -9,6 +14,9 @@
 //   out      [B, k]           int32
 //
 // All three inputs share one element type (fp32, fp16, bf16); accumulation is fp32.
+// B = 0 is valid: nothing is computed or launched (an empty batch of a dynamic-shape engine).
+// Ranking: NaN scores rank above +inf (all NaNs equal), -0 equals +0, equal scores keep the lower
+// index -- torch.sort(descending=True, stable=True)'s order.
 // This header needs no CUDA header: streams are passed as void* (a cudaStream_t).
 #ifndef CAPA_CONTRIB_TOPK_H
 #define CAPA_CONTRIB_TOPK_H
@@ -35,12 +43,12 @@ typedef enum capa_dtype {
 
 typedef enum capa_status {
     CAPA_OK = 0,
-    CAPA_ERR_SHAPE = 1,      // a dimension is <= 0, H % H_kv != 0, or k not in [1, N]
+    CAPA_ERR_SHAPE = 1,      // B < 0, another dimension <= 0, H % H_kv != 0, or k not in [1, N]
     CAPA_ERR_VARIANT = 2,    // variant not 0/1/2
     CAPA_ERR_DTYPE = 3,      // dtype not 0/1/2
     CAPA_ERR_WORKSPACE = 4,  // workspace null or smaller than capa_contrib_topk_workspace_size
-    CAPA_ERR_UNSUPPORTED = 5, // shape beyond the kernels' limits (see README: H, d)
-    CAPA_ERR_CUDA = 6        // a CUDA call failed (launch error)
+    CAPA_ERR_UNSUPPORTED = 5, // shape beyond the kernels' limits on this GPU (contrib: H, see README)
+    CAPA_ERR_CUDA = 6        // a CUDA call failed; capa_last_error_message() says which and why
 } capa_status;
 
 typedef struct capa_contrib_topk_shape {
@@ -67,6 +75,22 @@ int capa_contrib_topk_cpu(const void* probs, const void* values, const void* o_w
     const capa_contrib_topk_shape* shape, int variant, int dtype, int32_t* out);
 
 // ---- CUDA (contrib_topk_kernels.cu; present only when built with CUDA) ---------------------
+// Every function below that returns CAPA_ERR_CUDA or CAPA_ERR_UNSUPPORTED first records, for the
+// calling thread, which call failed and cudaGetErrorString's text (the CUDA error itself is
+// consumed by the launcher, so cudaGetLastError() afterwards says "no error").
+// Empty string after a call that succeeded.
+const char* capa_last_error_message(void);
+
+// Largest H (attention heads) the contrib scores kernel runs with `smem_optin_bytes` of shared
+// memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin); 0 when none. Host-only arithmetic.
+int32_t capa_contrib_max_heads(size_t smem_optin_bytes);
+
+// Whether the kernels can run `shape` with `variant` on CUDA device `device`: CAPA_OK,
+// CAPA_ERR_UNSUPPORTED (contrib: H above capa_contrib_max_heads for this device) or CAPA_ERR_CUDA
+// (the device could not be queried). Shape/variant errors as capa_contrib_topk_check (dtype
+// is not checked). For build time (TensorRT's configurePlugin), before any launch.
+int capa_contrib_topk_check_device(const capa_contrib_topk_shape* shape, int variant, int device);
+
 // Bytes of device workspace the launch needs (scores, and per-key norms for value_norm).
 size_t capa_contrib_topk_workspace_size(const capa_contrib_topk_shape* shape, int variant);
 

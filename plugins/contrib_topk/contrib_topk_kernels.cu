@@ -1,3 +1,6 @@
+// SPDX-FileCopyrightText: Copyright (c) 2026 The capa-export authors
+// SPDX-License-Identifier: Apache-2.0
+//
 // CUDA kernels of CapaContribTopK (launch API: contrib_topk.h).
 //
 // Scores, one of three kernels by variant, written to the workspace as fp32 [B, N]:
@@ -9,23 +12,48 @@
 //   attention   one thread per key sums a over heads and queries.
 // Top-k: one block per batch row, any N: a 4-pass radix select (8 bits per pass) finds the k-th
 // largest score; a block-wide scan then writes the kept indices in ascending order, taking the
-// lowest-index elements among those equal to the threshold (torch's stable-sort tie rule).
+// lowest-index elements among those equal to the threshold (torch's stable-sort tie rule). The
+// key order and the per-pass bin choice live in contrib_topk_select.h, shared with the host
+// emulation that tests the algorithm without a GPU.
 //
 // Every per-key reduction runs in an order that does not depend on the key's position, so two
 // identical keys get bit-identical scores and ties break by index, as in the reference.
 #include "contrib_topk.h"
+#include "contrib_topk_select.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <mutex>
+
 namespace {
+
+// The calling thread's description of its last failure (see capa_last_error_message).
+thread_local char t_last_error[512];
+
+void clear_error() { t_last_error[0] = '\0'; }
+
+int cuda_failure(const char* what, cudaError_t err) {
+    std::snprintf(t_last_error, sizeof t_last_error, "%s failed: %s (%s)", what, cudaGetErrorString(err),
+        cudaGetErrorName(err));
+    return CAPA_ERR_CUDA;
+}
+
+// A launch's error: the launch configuration's, or a sticky error of earlier work on the device.
+int check_launch(const char* kernel) {
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? CAPA_OK : cuda_failure(kernel, err);
+}
 
 constexpr int kThreads = 256;                  // contrib kernel block size
 constexpr int kTileD = 64;                     // output columns (of D) per step
 constexpr int kTileK = 32;                     // inner-dimension (of d) chunk
 constexpr int kHeadGroups = kThreads / kTileD; // heads computed concurrently
-constexpr int kTopkThreads = 1024;
+constexpr int kTopkThreads = capa_select::kTopkThreads;
 constexpr int kRowThreads = 256;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -43,8 +71,12 @@ size_t contrib_smem_floats(int jt, int heads) {
         + static_cast<size_t>(kHeadGroups) * jt * kTileK; // v tile
 }
 
+// minBlocksPerSM = 1: shared memory (JT * H * (H + kTileD) floats) already limits residency to one
+// or two blocks per SM, so registers are not the constraint. With __launch_bounds__(kThreads) alone
+// ptxas aims at more resident blocks, caps the kernel at 64 registers and spills acc[] (ptxas -v,
+// sm_90); `make cuda-check` fails on any spill here.
 template <typename T, int JT>
-__global__ void __launch_bounds__(kThreads) contrib_scores_kernel(const T* __restrict__ probs,
+__global__ void __launch_bounds__(kThreads, 1) contrib_scores_kernel(const T* __restrict__ probs,
     const T* __restrict__ values, const T* __restrict__ o_weight, float* __restrict__ scores, int H, int H_kv,
     int Q, int N, int d, int D) {
     extern __shared__ float smem[];
@@ -194,13 +226,6 @@ __global__ void weighted_attention_kernel(const T* __restrict__ probs, const flo
     scores[static_cast<size_t>(b) * N + j] = score;
 }
 
-// Order-preserving map float -> uint32 (larger float, larger key); -0 and +0 map together.
-__device__ __forceinline__ unsigned ordered_key(float f) {
-    if (f == 0.0f) f = 0.0f;
-    const unsigned bits = __float_as_uint(f);
-    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
 // Exclusive block scan of one int per thread; *total receives the block sum. All threads call.
 __device__ int block_exclusive_scan(int value, int* warp_sums /* 33 */, int* total) {
     const int lane = threadIdx.x % 32;
@@ -232,8 +257,8 @@ __device__ int block_exclusive_scan(int value, int* warp_sums /* 33 */, int* tot
 
 __global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float* __restrict__ scores, int N, int k,
     int32_t* __restrict__ out) {
-    __shared__ unsigned hist[256];
-    __shared__ unsigned s_bin;
+    __shared__ uint32_t hist[capa_select::kBins];
+    __shared__ uint32_t s_bin;
     __shared__ int s_remaining;
     __shared__ int warp_sums[33];
     const int b = blockIdx.x;
@@ -241,40 +266,33 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float* __restr
     const float* row = scores + static_cast<size_t>(b) * N;
 
     // Radix select of the k-th largest key, most significant byte first.
-    unsigned prefix = 0, mask = 0;
+    uint32_t prefix = 0, mask = 0;
     int remaining = k; // rank of the target among the keys matching prefix under mask
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    for (int shift = capa_select::kFirstShift; shift >= 0; shift -= capa_select::kRadixBits) {
+        for (int i = tid; i < capa_select::kBins; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         for (int j = tid; j < N; j += blockDim.x) {
-            const unsigned key = ordered_key(row[j]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
+            const uint32_t key = capa_select::ordered_key(row[j]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & (capa_select::kBins - 1)], 1u);
         }
         __syncthreads();
         if (tid == 0) {
-            int cum = 0;
-            for (int bin = 255; bin >= 0; --bin) {
-                const int c = static_cast<int>(hist[bin]);
-                if (cum + c >= remaining) {
-                    s_bin = static_cast<unsigned>(bin);
-                    s_remaining = remaining - cum;
-                    break;
-                }
-                cum += c;
-            }
+            int in_bin = 0;
+            s_bin = capa_select::select_bin(hist, remaining, &in_bin);
+            s_remaining = in_bin;
         }
         __syncthreads();
         prefix |= s_bin << shift;
-        mask |= 0xffu << shift;
+        mask |= static_cast<uint32_t>(capa_select::kBins - 1) << shift;
         remaining = s_remaining;
         __syncthreads();
     }
     // Now: #keys > prefix == k - remaining, and #keys == prefix >= remaining.
-    const unsigned threshold = prefix;
+    const uint32_t threshold = prefix;
     int eq_base = 0, out_base = 0;
     for (int base = 0; base < N; base += blockDim.x) {
         const int j = base + tid;
-        const unsigned key = j < N ? ordered_key(row[j]) : 0u;
+        const uint32_t key = j < N ? capa_select::ordered_key(row[j]) : 0u;
         const int gt = (j < N && key > threshold) ? 1 : 0;
         const int eq = (j < N && key == threshold) ? 1 : 0;
         int eq_total = 0;
@@ -288,16 +306,63 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float* __restr
     }
 }
 
+// Keys per block (8, 4, 2 or 1) of the contrib kernel for H heads under `limit` bytes of shared
+// memory; 0 when even one key does not fit. More keys per block, fewer re-reads of W_O.
+int contrib_keys_per_block(int heads, size_t limit) {
+    for (int jt = 8; jt >= 1; jt /= 2)
+        if (contrib_smem_floats(jt, heads) * sizeof(float) <= limit) return jt;
+    return 0;
+}
+
+// The device's opt-in shared memory per block: what the contrib kernel may use (it declares no
+// static shared memory, so the whole opt-in amount is available to the dynamic allocation).
+int device_smem_limit(int device, int* smem_limit) {
+    const cudaError_t err = cudaDeviceGetAttribute(smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return err == cudaSuccess ? CAPA_OK : cuda_failure("cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)", err);
+}
+
+int unsupported_heads(int heads, int device, int smem_limit) {
+    std::snprintf(t_last_error, sizeof t_last_error,
+        "contrib with H=%d heads needs %zu bytes of shared memory per block; device %d allows %d, so H <= %d",
+        heads, contrib_smem_floats(1, heads) * sizeof(float), device, smem_limit,
+        static_cast<int>(capa_contrib_max_heads(static_cast<size_t>(smem_limit))));
+    return CAPA_ERR_UNSUPPORTED;
+}
+
+// cudaFuncSetAttribute is per (function, device): done once per device for each kernel
+// instantiation, under a lock, always with the device's full opt-in amount. Every caller asks for
+// the same value, so two plugin instances with different H (or two threads) cannot undo each
+// other's setting between the attribute call and the launch, and no enqueue pays for it twice.
+struct SmemOptIn {
+    static constexpr int kTrackedDevices = 64; // devices beyond: set under the lock every launch
+    std::mutex mutex;
+    std::atomic<uint64_t> done{0};
+};
+
+template <typename Kernel>
+int allow_opt_in_smem(Kernel kernel, SmemOptIn& state, int device, int smem_limit) {
+    const uint64_t bit = device < SmemOptIn::kTrackedDevices ? (uint64_t{1} << device) : 0;
+    if (bit != 0 && (state.done.load(std::memory_order_acquire) & bit) != 0) return CAPA_OK;
+    std::lock_guard<std::mutex> lock(state.mutex);
+    if (bit != 0 && (state.done.load(std::memory_order_relaxed) & bit) != 0) return CAPA_OK;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit);
+    if (err != cudaSuccess) return cuda_failure("cudaFuncSetAttribute(contrib_scores_kernel, MaxDynamicSharedMemorySize)", err);
+    state.done.fetch_or(bit, std::memory_order_release);
+    return CAPA_OK;
+}
+
 template <typename T, int JT>
 int launch_contrib(const void* probs, const void* values, const void* o_weight, float* scores,
-    const capa_contrib_topk_shape& s, size_t smem, cudaStream_t stream) {
+    const capa_contrib_topk_shape& s, int device, int smem_limit, cudaStream_t stream) {
+    static SmemOptIn opt_in; // one per instantiation, i.e. per kernel
     auto kernel = contrib_scores_kernel<T, JT>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
-        return CAPA_ERR_CUDA;
+    const int rc = allow_opt_in_smem(kernel, opt_in, device, smem_limit);
+    if (rc != CAPA_OK) return rc;
+    const size_t smem = contrib_smem_floats(JT, s.H) * sizeof(float);
     const dim3 grid((s.N + JT - 1) / JT, s.B);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(probs), static_cast<const T*>(values),
         static_cast<const T*>(o_weight), scores, s.H, s.H_kv, s.Q, s.N, s.d, s.D);
-    return cudaGetLastError() == cudaSuccess ? CAPA_OK : CAPA_ERR_CUDA;
+    return check_launch("contrib_scores_kernel launch");
 }
 
 template <typename T>
@@ -305,32 +370,30 @@ int launch_scores_typed(const void* probs, const void* values, const void* o_wei
     const capa_contrib_topk_shape& s, int variant, float* norms, cudaStream_t stream) {
     if (variant == CAPA_VARIANT_CONTRIB) {
         int device = 0, smem_limit = 0;
-        if (cudaGetDevice(&device) != cudaSuccess) return CAPA_ERR_CUDA;
-        if (cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-            return CAPA_ERR_CUDA;
-        // Most keys per block that fit: more keys per block, fewer re-reads of W_O.
-        const size_t limit = static_cast<size_t>(smem_limit);
-        size_t smem = contrib_smem_floats(8, s.H) * sizeof(float);
-        if (smem <= limit) return launch_contrib<T, 8>(probs, values, o_weight, scores, s, smem, stream);
-        smem = contrib_smem_floats(4, s.H) * sizeof(float);
-        if (smem <= limit) return launch_contrib<T, 4>(probs, values, o_weight, scores, s, smem, stream);
-        smem = contrib_smem_floats(2, s.H) * sizeof(float);
-        if (smem <= limit) return launch_contrib<T, 2>(probs, values, o_weight, scores, s, smem, stream);
-        smem = contrib_smem_floats(1, s.H) * sizeof(float);
-        if (smem <= limit) return launch_contrib<T, 1>(probs, values, o_weight, scores, s, smem, stream);
-        return CAPA_ERR_UNSUPPORTED;
+        const cudaError_t err = cudaGetDevice(&device);
+        if (err != cudaSuccess) return cuda_failure("cudaGetDevice", err);
+        const int rc = device_smem_limit(device, &smem_limit);
+        if (rc != CAPA_OK) return rc;
+        switch (contrib_keys_per_block(s.H, static_cast<size_t>(smem_limit))) {
+        case 8: return launch_contrib<T, 8>(probs, values, o_weight, scores, s, device, smem_limit, stream);
+        case 4: return launch_contrib<T, 4>(probs, values, o_weight, scores, s, device, smem_limit, stream);
+        case 2: return launch_contrib<T, 2>(probs, values, o_weight, scores, s, device, smem_limit, stream);
+        case 1: return launch_contrib<T, 1>(probs, values, o_weight, scores, s, device, smem_limit, stream);
+        default: return unsupported_heads(s.H, device, smem_limit);
+        }
     }
     if (variant == CAPA_VARIANT_VALUE_NORM) {
         const long long rows = static_cast<long long>(s.B) * s.H_kv * s.N;
         const long long blocks = (rows * 32 + kRowThreads - 1) / kRowThreads;
         value_norms_kernel<T><<<static_cast<unsigned>(blocks), kRowThreads, 0, stream>>>(
             static_cast<const T*>(values), norms, rows, s.d);
-        if (cudaGetLastError() != cudaSuccess) return CAPA_ERR_CUDA;
+        const int rc = check_launch("value_norms_kernel launch");
+        if (rc != CAPA_OK) return rc;
     }
     const dim3 grid((s.N + kRowThreads - 1) / kRowThreads, s.B);
     weighted_attention_kernel<T><<<grid, kRowThreads, 0, stream>>>(static_cast<const T*>(probs),
         variant == CAPA_VARIANT_VALUE_NORM ? norms : nullptr, scores, s.H, s.H_kv, s.Q, s.N);
-    return cudaGetLastError() == cudaSuccess ? CAPA_OK : CAPA_ERR_CUDA;
+    return check_launch("weighted_attention_kernel launch");
 }
 
 size_t scores_bytes(const capa_contrib_topk_shape& s) {
@@ -345,6 +408,26 @@ size_t scratch_bytes(const capa_contrib_topk_shape& s, int variant) {
 
 extern "C" {
 
+const char* capa_last_error_message(void) { return t_last_error; }
+
+int32_t capa_contrib_max_heads(size_t smem_optin_bytes) {
+    int32_t heads = 0;
+    while (contrib_keys_per_block(heads + 1, smem_optin_bytes) > 0) ++heads;
+    return heads;
+}
+
+int capa_contrib_topk_check_device(const capa_contrib_topk_shape* shape, int variant, int device) {
+    clear_error();
+    const int status = capa_contrib_topk_check(shape, variant, CAPA_DTYPE_FP32);
+    if (status != CAPA_OK || variant != CAPA_VARIANT_CONTRIB) return status;
+    int smem_limit = 0;
+    const int rc = device_smem_limit(device, &smem_limit);
+    if (rc != CAPA_OK) return rc;
+    if (contrib_keys_per_block(shape->H, static_cast<size_t>(smem_limit)) == 0)
+        return unsupported_heads(shape->H, device, smem_limit);
+    return CAPA_OK;
+}
+
 size_t capa_contrib_topk_workspace_size(const capa_contrib_topk_shape* shape, int variant) {
     if (shape == nullptr) return 0;
     return scores_bytes(*shape) + scratch_bytes(*shape, variant);
@@ -354,11 +437,13 @@ int capa_contribution_scores_launch(const void* probs, const void* values, const
     float* scores_out, const capa_contrib_topk_shape* shape, int variant, int dtype, void* workspace,
     size_t workspace_size, void* stream) {
     // k is not used by the scores: validate the rest with k = 1.
+    clear_error();
     if (shape == nullptr) return CAPA_ERR_SHAPE;
     capa_contrib_topk_shape s = *shape;
     s.k = 1;
     const int status = capa_contrib_topk_check(&s, variant, dtype);
     if (status != CAPA_OK) return status;
+    if (s.B == 0) return CAPA_OK; // empty batch: a zero-block grid would be a launch error
     const size_t scratch = scratch_bytes(s, variant);
     if (scratch > 0 && (workspace == nullptr || workspace_size < scratch)) return CAPA_ERR_WORKSPACE;
     float* norms = static_cast<float*>(workspace);
@@ -372,16 +457,20 @@ int capa_contribution_scores_launch(const void* probs, const void* values, const
 }
 
 int capa_topk_indices_launch(const float* scores, int32_t B, int32_t N, int32_t k, int32_t* out, void* stream) {
-    if (B <= 0 || N <= 0 || k <= 0 || k > N) return CAPA_ERR_SHAPE;
+    clear_error();
+    if (B < 0 || N <= 0 || k <= 0 || k > N) return CAPA_ERR_SHAPE;
+    if (B == 0) return CAPA_OK;
     topk_kernel<<<B, kTopkThreads, 0, static_cast<cudaStream_t>(stream)>>>(scores, N, k, out);
-    return cudaGetLastError() == cudaSuccess ? CAPA_OK : CAPA_ERR_CUDA;
+    return check_launch("topk_kernel launch");
 }
 
 int capa_contrib_topk_launch(const void* probs, const void* values, const void* o_weight, int32_t* out,
     const capa_contrib_topk_shape* shape, int variant, int dtype, void* workspace, size_t workspace_size,
     void* stream) {
+    clear_error();
     const int status = capa_contrib_topk_check(shape, variant, dtype);
     if (status != CAPA_OK) return status;
+    if (shape->B == 0) return CAPA_OK; // empty batch: nothing to launch, no workspace needed
     const size_t need = capa_contrib_topk_workspace_size(shape, variant);
     if (workspace == nullptr || workspace_size < need) return CAPA_ERR_WORKSPACE;
     float* scores = static_cast<float*>(workspace);

@@ -1,3 +1,6 @@
+// SPDX-FileCopyrightText: Copyright (c) 2026 The capa-export authors
+// SPDX-License-Identifier: Apache-2.0
+//
 // CPU reference of CapaContribTopK: plain loops, fp32 accumulation, bounded scratch.
 // It is the oracle the CUDA kernel and the TensorRT plugin are compared with on machines that
 // have no PyTorch; the Python definition (capa_export/capa/scoring.py) remains the spec.
@@ -66,7 +69,8 @@ int capa_contrib_topk_check(const capa_contrib_topk_shape* s, int variant, int d
     if (s == nullptr) return CAPA_ERR_SHAPE;
     if (variant < CAPA_VARIANT_CONTRIB || variant > CAPA_VARIANT_ATTENTION) return CAPA_ERR_VARIANT;
     if (dtype < CAPA_DTYPE_FP32 || dtype > CAPA_DTYPE_BF16) return CAPA_ERR_DTYPE;
-    if (s->B <= 0 || s->H <= 0 || s->H_kv <= 0 || s->Q <= 0 || s->N <= 0 || s->d <= 0 || s->D <= 0)
+    // B == 0 is an empty batch (nothing to do), every other dimension must be positive.
+    if (s->B < 0 || s->H <= 0 || s->H_kv <= 0 || s->Q <= 0 || s->N <= 0 || s->d <= 0 || s->D <= 0)
         return CAPA_ERR_SHAPE;
     if (s->H % s->H_kv != 0) return CAPA_ERR_SHAPE;
     if (s->k <= 0 || s->k > s->N) return CAPA_ERR_SHAPE;
@@ -154,14 +158,22 @@ int capa_contribution_scores_cpu(const void* probs, const void* values, const vo
 }
 
 int capa_topk_indices_cpu(const float* scores, int32_t B, int32_t N, int32_t k, int32_t* out) {
-    if (B <= 0 || N <= 0 || k <= 0 || k > N) return CAPA_ERR_SHAPE;
+    if (B < 0 || N <= 0 || k <= 0 || k > N) return CAPA_ERR_SHAPE;
     std::vector<int32_t> order(static_cast<size_t>(N));
+    // A strict weak order even with NaN (a plain `>` is not one, and std::stable_sort's result is
+    // then undefined): NaN ranks above everything and all NaNs are equal, as in torch.sort;
+    // -0.0 == +0.0 compares equal.
+    auto ranks_above = [](float x, float y) {
+        if (std::isnan(x)) return !std::isnan(y);
+        if (std::isnan(y)) return false;
+        return x > y;
+    };
     for (int32_t b = 0; b < B; ++b) {
         const float* row = scores + static_cast<size_t>(b) * N;
         std::iota(order.begin(), order.end(), 0);
         // Stable descending order: equal scores keep index order, so ties favour the lower index.
-        // (-0.0 == +0.0 compares equal here, as in torch.sort.)
-        std::stable_sort(order.begin(), order.end(), [row](int32_t x, int32_t y) { return row[x] > row[y]; });
+        std::stable_sort(order.begin(), order.end(),
+            [row, &ranks_above](int32_t x, int32_t y) { return ranks_above(row[x], row[y]); });
         std::sort(order.begin(), order.begin() + k);
         std::copy(order.begin(), order.begin() + k, out + static_cast<size_t>(b) * k);
     }

@@ -1,10 +1,17 @@
+// SPDX-FileCopyrightText: Copyright (c) 2026 The capa-export authors
+// SPDX-License-Identifier: Apache-2.0
+//
 // TensorRT IPluginV3 glue of CapaContribTopK; see trt_plugin.h and README.md.
 #include "trt_plugin.h"
 
 #include "contrib_topk.h"
 
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <string>
 
 using namespace nvinfer1;
@@ -12,18 +19,23 @@ using namespace nvinfer1;
 namespace capa {
 namespace {
 
-ILoggerFinder* gLoggerFinder = nullptr;
-
 void log(ILogger::Severity severity, std::string const& message) noexcept {
     try {
-        ILogger* logger = gLoggerFinder != nullptr ? gLoggerFinder->findLogger() : getLogger();
-        if (logger != nullptr) logger->log(severity, (std::string("[capa::CapaContribTopK] ") + message).c_str());
+        std::string const line = std::string("[capa::CapaContribTopK] ") + message;
+        if (ILogger* logger = pluginLogger()) {
+            logger->log(severity, line.c_str());
+        } else if (severity <= ILogger::Severity::kWARNING) {
+            // No logger (a library loaded outside TensorRT): errors must not vanish.
+            std::fprintf(stderr, "%s\n", line.c_str());
+        }
     } catch (...) {
         // Logging must never throw across the TensorRT boundary.
     }
 }
 
 void logError(std::string const& message) noexcept { log(ILogger::Severity::kERROR, message); }
+
+char const* const kIoError = "expects 3 inputs (probs, values, o_weight) and 1 output (keep_indices)";
 
 bool isFloatType(DataType type) { return type == DataType::kFLOAT || type == DataType::kHALF || type == DataType::kBF16; }
 
@@ -35,18 +47,27 @@ int dtypeCode(DataType type) {
     }
 }
 
-// The op's shape from three [B,H,Q,N], [B,H_kv,N,d], [D,H*d] dims; false when ranks are wrong.
+std::string statusText(int status) {
+    std::string text = capa_status_string(status);
+    if (status == CAPA_ERR_CUDA || status == CAPA_ERR_UNSUPPORTED) {
+        char const* detail = capa_last_error_message();
+        if (detail != nullptr && detail[0] != '\0') text += std::string(": ") + detail;
+    }
+    return text;
+}
+
+// A dimension as an int32 of the C API; -1 when unknown or beyond int32.
+int32_t dim32(int64_t d) {
+    return (d < 0 || d > std::numeric_limits<int32_t>::max()) ? -1 : static_cast<int32_t>(d);
+}
+
+// The op's shape from [B,H,Q,N], [B,H_kv,N,d], [D,H*d] dims; false when a rank is wrong or a
+// dimension is unknown or does not fit int32.
 bool shapeFromDims(Dims const& probs, Dims const& values, Dims const& weight, int32_t k, capa_contrib_topk_shape& s) {
     if (probs.nbDims != 4 || values.nbDims != 4 || weight.nbDims != 2) return false;
-    s.B = static_cast<int32_t>(probs.d[0]);
-    s.H = static_cast<int32_t>(probs.d[1]);
-    s.Q = static_cast<int32_t>(probs.d[2]);
-    s.N = static_cast<int32_t>(probs.d[3]);
-    s.H_kv = static_cast<int32_t>(values.d[1]);
-    s.d = static_cast<int32_t>(values.d[3]);
-    s.D = static_cast<int32_t>(weight.d[0]);
-    s.k = k;
-    return true;
+    s = capa_contrib_topk_shape{dim32(probs.d[0]), dim32(probs.d[1]), dim32(values.d[1]), dim32(probs.d[2]),
+        dim32(probs.d[3]), dim32(values.d[3]), dim32(weight.d[0]), k};
+    return s.B >= 0 && s.H >= 0 && s.H_kv >= 0 && s.Q >= 0 && s.N >= 0 && s.d >= 0 && s.D >= 0;
 }
 
 // Checks what is known of the dimensions (-1 = dynamic is skipped). Empty string when valid.
@@ -72,13 +93,6 @@ std::string checkDims(Dims const& probs, Dims const& values, Dims const& weight,
 
 } // namespace
 
-ContribTopKPlugin::ContribTopKPlugin(int32_t k, int32_t variant) : mK(k), mVariant(variant) {
-    mFields.emplace_back("k", &mK, PluginFieldType::kINT32, 1);
-    mFields.emplace_back("variant", &mVariant, PluginFieldType::kINT32, 1);
-    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
-    mFieldCollection.fields = mFields.data();
-}
-
 IPluginCapability* ContribTopKPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
     switch (type) {
     case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
@@ -98,28 +112,62 @@ IPluginV3* ContribTopKPlugin::clone() noexcept {
 }
 
 int32_t ContribTopKPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept {
-    if (nbInputs != 3 || nbOutputs != 1) {
-        logError("expects 3 inputs (probs, values, o_weight) and 1 output");
-        return -1;
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept {
+    try {
+        if (in == nullptr || out == nullptr || nbInputs != 3 || nbOutputs != 1) {
+            logError(kIoError);
+            return -1;
+        }
+        if (in[0].desc.type != in[1].desc.type || in[0].desc.type != in[2].desc.type || !isFloatType(in[0].desc.type)) {
+            logError("probs, values and o_weight must share one type: FP32, FP16 or BF16");
+            return -1;
+        }
+        if (out[0].desc.type != DataType::kINT32) {
+            logError("output 0 (keep_indices) must be INT32");
+            return -1;
+        }
+        // k <= N must hold for every N the profile allows: check the smallest shapes; the largest
+        // ones must be consistent too (and bound H for the device check below).
+        for (bool smallest : {true, false}) {
+            std::string const error = smallest ? checkDims(in[0].min, in[1].min, in[2].min, mK)
+                                               : checkDims(in[0].max, in[1].max, in[2].max, mK);
+            if (!error.empty()) {
+                logError(error + (smallest ? " (smallest shapes of the optimisation profile)"
+                                           : " (largest shapes of the optimisation profile)"));
+                return -1;
+            }
+        }
+        // What the kernels cannot run on this GPU fails here, at build time, not at the first enqueue.
+        capa_contrib_topk_shape s{};
+        if (!shapeFromDims(in[0].max, in[1].max, in[2].max, mK, s)) {
+            logError("the optimisation profile's largest shapes are unknown or beyond int32");
+            return -1;
+        }
+        int device = 0;
+        if (mVariant == CAPA_VARIANT_CONTRIB) { // the only variant with a device-dependent limit
+            cudaError_t const err = cudaGetDevice(&device);
+            if (err != cudaSuccess) {
+                logError(std::string("cannot query the CUDA device for the contrib kernel's limits: cudaGetDevice failed: ") +
+                    cudaGetErrorString(err));
+                return -1;
+            }
+        }
+        int const status = capa_contrib_topk_check_device(&s, mVariant, device);
+        if (status != CAPA_OK) {
+            logError("unsupported configuration: " + statusText(status));
+            return -1;
+        }
+        return 0;
+    } catch (std::exception const& e) {
+        logError(std::string("configurePlugin failed: ") + e.what());
     }
-    // The profile's smallest shapes bound k: k <= N must hold for every allowed N.
-    std::string const error = checkDims(in[0].min, in[1].min, in[2].min, mK);
-    if (!error.empty()) {
-        logError(error + " (for the smallest shapes of the optimisation profile)");
-        return -1;
-    }
-    if (in[0].desc.type != in[1].desc.type || in[0].desc.type != in[2].desc.type || !isFloatType(in[0].desc.type)) {
-        logError("probs, values and o_weight must share one type: FP32, FP16 or BF16");
-        return -1;
-    }
-    return 0;
+    return -1;
 }
 
 int32_t ContribTopKPlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept {
-    if (nbInputs != 3 || nbOutputs != 1) {
-        logError("expects 3 inputs (probs, values, o_weight) and 1 output");
+    if (outputTypes == nullptr || inputTypes == nullptr || nbInputs != 3 || nbOutputs != 1) {
+        logError(kIoError);
         return -1;
     }
     if (!isFloatType(inputTypes[0]) || inputTypes[1] != inputTypes[0] || inputTypes[2] != inputTypes[0]) {
@@ -132,31 +180,45 @@ int32_t ContribTopKPlugin::getOutputDataTypes(
 
 int32_t ContribTopKPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
     int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept {
-    if (nbInputs != 3 || nbOutputs != 1) {
-        logError("expects 3 inputs (probs, values, o_weight) and 1 output");
-        return -1;
+    try {
+        if (inputs == nullptr || outputs == nullptr || nbInputs != 3 || nbOutputs != 1) {
+            logError(kIoError);
+            return -1;
+        }
+        // Validate what is constant at build time; dynamic dimensions are checked in configurePlugin.
+        Dims dims[3];
+        for (int32_t i = 0; i < 3; ++i) {
+            if (inputs[i].nbDims < 0 || inputs[i].nbDims > Dims::MAX_DIMS) {
+                logError("input " + std::to_string(i) + " has an invalid rank " + std::to_string(inputs[i].nbDims));
+                return -1;
+            }
+            dims[i].nbDims = inputs[i].nbDims;
+            for (int32_t j = 0; j < inputs[i].nbDims; ++j)
+                dims[i].d[j] = inputs[i].d[j]->isConstant() ? inputs[i].d[j]->getConstantValue() : -1;
+        }
+        std::string const error = checkDims(dims[0], dims[1], dims[2], mK);
+        if (!error.empty()) {
+            logError(error);
+            return -1;
+        }
+        IDimensionExpr const* k = exprBuilder.constant(mK);
+        if (k == nullptr) {
+            logError("IExprBuilder::constant(k) returned nullptr");
+            return -1;
+        }
+        outputs[0].nbDims = 2;
+        outputs[0].d[0] = inputs[0].d[0];
+        outputs[0].d[1] = k;
+        return 0;
+    } catch (std::exception const& e) {
+        logError(std::string("getOutputShapes failed: ") + e.what());
     }
-    // Validate what is constant at build time; dynamic dimensions are checked in configurePlugin.
-    Dims dims[3];
-    for (int32_t i = 0; i < 3; ++i) {
-        dims[i].nbDims = inputs[i].nbDims;
-        for (int32_t j = 0; j < inputs[i].nbDims && j < Dims::MAX_DIMS; ++j)
-            dims[i].d[j] = inputs[i].d[j]->isConstant() ? inputs[i].d[j]->getConstantValue() : -1;
-    }
-    std::string const error = checkDims(dims[0], dims[1], dims[2], mK);
-    if (!error.empty()) {
-        logError(error);
-        return -1;
-    }
-    outputs[0].nbDims = 2;
-    outputs[0].d[0] = inputs[0].d[0];
-    outputs[0].d[1] = exprBuilder.constant(mK);
-    return 0;
+    return -1;
 }
 
 bool ContribTopKPlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept {
-    if (nbInputs != 3 || nbOutputs != 1 || pos < 0 || pos > 3) return false;
+    if (inOut == nullptr || nbInputs != 3 || nbOutputs != 1 || pos < 0 || pos > 3) return false;
     PluginTensorDesc const& desc = inOut[pos].desc;
     if (desc.format != TensorFormat::kLINEAR) return false;
     if (pos == 0) return isFloatType(desc.type);
@@ -167,63 +229,113 @@ bool ContribTopKPlugin::supportsFormatCombination(
 size_t ContribTopKPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept {
     capa_contrib_topk_shape s{};
-    if (nbInputs != 3 || !shapeFromDims(inputs[0].max, inputs[1].max, inputs[2].max, mK, s)) return 0;
+    if (inputs == nullptr || nbInputs != 3 || !shapeFromDims(inputs[0].max, inputs[1].max, inputs[2].max, mK, s))
+        return 0;
     return capa_contrib_topk_workspace_size(&s, mVariant);
 }
 
 int32_t ContribTopKPlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept {
-    if (nbInputs != 3 || nbOutputs != 1) return -1;
-    std::string const error = checkDims(in[0].dims, in[1].dims, in[2].dims, mK);
-    if (!error.empty()) {
-        logError(error);
-        return -1;
+    try {
+        if (in == nullptr || nbInputs != 3 || nbOutputs != 1) {
+            logError(kIoError);
+            return -1;
+        }
+        std::string const error = checkDims(in[0].dims, in[1].dims, in[2].dims, mK);
+        if (!error.empty()) {
+            logError(error);
+            return -1;
+        }
+        return 0;
+    } catch (std::exception const& e) {
+        logError(std::string("onShapeChange failed: ") + e.what());
     }
-    return 0;
+    return -1;
 }
 
 int32_t ContribTopKPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
-    capa_contrib_topk_shape s{};
-    if (!shapeFromDims(inputDesc[0].dims, inputDesc[1].dims, inputDesc[2].dims, mK, s)) {
-        logError("enqueue: unexpected input ranks");
-        return -1;
+    try {
+        capa_contrib_topk_shape s{};
+        if (inputDesc == nullptr || !shapeFromDims(inputDesc[0].dims, inputDesc[1].dims, inputDesc[2].dims, mK, s)) {
+            logError("enqueue: inputs are not [B, H, Q, N], [B, H_kv, N, d], [D, H*d] with int32 dimensions");
+            return -1;
+        }
+        if (s.B == 0) return 0; // empty batch: the [0, k] output has nothing to write
+        if (inputs == nullptr || outputs == nullptr) {
+            logError("enqueue: null input or output array");
+            return -1;
+        }
+        size_t const workspaceSize = capa_contrib_topk_workspace_size(&s, mVariant);
+        int const status = capa_contrib_topk_launch(inputs[0], inputs[1], inputs[2], static_cast<int32_t*>(outputs[0]),
+            &s, mVariant, dtypeCode(inputDesc[0].type), workspace, workspaceSize, stream);
+        if (status != CAPA_OK) {
+            logError("enqueue failed: " + statusText(status));
+            return -1;
+        }
+        return 0;
+    } catch (std::exception const& e) {
+        logError(std::string("enqueue failed: ") + e.what());
     }
-    size_t const workspaceSize = capa_contrib_topk_workspace_size(&s, mVariant);
-    int const status = capa_contrib_topk_launch(inputs[0], inputs[1], inputs[2], static_cast<int32_t*>(outputs[0]), &s,
-        mVariant, dtypeCode(inputDesc[0].type), workspace, workspaceSize, stream);
-    if (status != CAPA_OK) {
-        logError(std::string("enqueue failed: ") + capa_status_string(status));
-        return -1;
-    }
-    return 0;
+    return -1;
 }
 
 IPluginV3* ContribTopKPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept { return clone(); }
 
-PluginFieldCollection const* ContribTopKPlugin::getFieldsToSerialize() noexcept { return &mFieldCollection; }
+PluginFieldCollection const* ContribTopKPlugin::getFieldsToSerialize() noexcept {
+    try {
+        mSerialFields.clear();
+        mSerialFields.emplace_back(kFieldK, &mK, PluginFieldType::kINT32, 1);
+        mSerialFields.emplace_back(kFieldVariant, &mVariant, PluginFieldType::kINT32, 1);
+        mSerialCollection.nbFields = static_cast<int32_t>(mSerialFields.size());
+        mSerialCollection.fields = mSerialFields.data();
+        return &mSerialCollection;
+    } catch (std::exception const& e) {
+        logError(std::string("getFieldsToSerialize failed: ") + e.what());
+    }
+    return nullptr;
+}
 
 ContribTopKPluginCreator::ContribTopKPluginCreator() {
-    mFields.emplace_back("k", nullptr, PluginFieldType::kINT32, 1);
-    mFields.emplace_back("variant", nullptr, PluginFieldType::kINT32, 1);
+    mFields.emplace_back(kFieldK, nullptr, PluginFieldType::kINT32, 1);
+    mFields.emplace_back(kFieldVariant, nullptr, PluginFieldType::kINT32, 1);
+    mFields.emplace_back(kFieldPluginVersion, nullptr, PluginFieldType::kCHAR, 0);
+    mFields.emplace_back(kFieldPluginNamespace, nullptr, PluginFieldType::kCHAR, 0);
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
 }
 
 namespace {
 
-// An integer field (INT32 as the ONNX parser passes INT attributes; INT64 accepted too).
-bool readInt(PluginField const& field, int32_t& value) {
-    if (field.data == nullptr || field.length < 1) return false;
+// One integer (INT32, or INT64 as some exporters write INT attributes), range-checked before it
+// is narrowed. Empty string when read, else what is wrong.
+std::string readInt(PluginField const& field, int64_t low, int64_t high, int32_t& value) {
+    std::string const name = field.name;
+    if (field.data == nullptr || field.length != 1)
+        return "field " + name + " must hold exactly one integer (got length " + std::to_string(field.length) + ")";
+    int64_t v = 0;
     if (field.type == PluginFieldType::kINT32) {
-        value = *static_cast<int32_t const*>(field.data);
-        return true;
+        v = *static_cast<int32_t const*>(field.data);
+    } else if (field.type == PluginFieldType::kINT64) {
+        v = *static_cast<int64_t const*>(field.data);
+    } else {
+        return "field " + name + " must be INT32 or INT64 (PluginFieldType " +
+            std::to_string(static_cast<int32_t>(field.type)) + " given)";
     }
-    if (field.type == PluginFieldType::kINT64) {
-        value = static_cast<int32_t>(*static_cast<int64_t const*>(field.data));
-        return true;
-    }
-    return false;
+    if (v < low || v > high)
+        return "field " + name + "=" + std::to_string(v) + " is out of range [" + std::to_string(low) + ", " +
+            std::to_string(high) + "]";
+    value = static_cast<int32_t>(v);
+    return {};
+}
+
+// A CHAR field as a string (with or without its NUL terminator). Empty string when read.
+std::string readString(PluginField const& field, std::string& value) {
+    if (field.type != PluginFieldType::kCHAR || field.data == nullptr || field.length < 0)
+        return std::string("field ") + field.name + " must be a CHAR string";
+    char const* chars = static_cast<char const*>(field.data);
+    value.assign(chars, strnlen(chars, static_cast<size_t>(field.length)));
+    return {};
 }
 
 } // namespace
@@ -231,27 +343,55 @@ bool readInt(PluginField const& field, int32_t& value) {
 IPluginV3* ContribTopKPluginCreator::createPlugin(
     char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept {
     try {
-        int32_t k = -1;
-        int32_t variant = CAPA_VARIANT_CONTRIB;
-        for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
-            PluginField const& field = fc->fields[i];
-            if (field.name == nullptr) continue;
-            if (std::strcmp(field.name, "k") == 0 && !readInt(field, k)) {
-                logError("field k must be INT32");
-                return nullptr;
-            }
-            if (std::strcmp(field.name, "variant") == 0 && !readInt(field, variant)) {
-                logError("field variant must be INT32 (0=contrib, 1=value_norm, 2=attention)");
-                return nullptr;
-            }
-            // plugin_version / plugin_namespace and unknown fields are ignored.
-        }
-        if (k <= 0) {
-            logError("field k is missing or <= 0 (k = number of visual tokens kept)");
+        if (fc == nullptr || (fc->nbFields > 0 && fc->fields == nullptr) || fc->nbFields < 0) {
+            logError("createPlugin: no field collection (field k is required)");
             return nullptr;
         }
-        if (variant < CAPA_VARIANT_CONTRIB || variant > CAPA_VARIANT_ATTENTION) {
-            logError("field variant=" + std::to_string(variant) + " is unknown (0=contrib, 1=value_norm, 2=attention)");
+        int32_t k = -1;
+        int32_t variant = CAPA_VARIANT_CONTRIB;
+        bool seen[4] = {false, false, false, false};
+        char const* const names[4] = {kFieldK, kFieldVariant, kFieldPluginVersion, kFieldPluginNamespace};
+        for (int32_t i = 0; i < fc->nbFields; ++i) {
+            PluginField const& field = fc->fields[i];
+            int which = -1;
+            for (int n = 0; n < 4 && field.name != nullptr; ++n)
+                if (std::strcmp(field.name, names[n]) == 0) which = n;
+            if (which < 0) {
+                logError(std::string("unknown field '") + (field.name != nullptr ? field.name : "(null)") +
+                    "'; expected k, variant, plugin_version, plugin_namespace");
+                return nullptr;
+            }
+            if (seen[which]) {
+                logError(std::string("field ") + names[which] + " given twice");
+                return nullptr;
+            }
+            seen[which] = true;
+            std::string error;
+            std::string text;
+            switch (which) {
+            case 0: error = readInt(field, 1, std::numeric_limits<int32_t>::max(), k); break;
+            case 1:
+                error = readInt(field, CAPA_VARIANT_CONTRIB, CAPA_VARIANT_ATTENTION, variant);
+                if (!error.empty()) error += " (0=contrib, 1=value_norm, 2=attention)";
+                break;
+            case 2:
+                error = readString(field, text);
+                if (error.empty() && text != kPluginVersion)
+                    error = "field plugin_version='" + text + "' but this creator is version " + kPluginVersion;
+                break;
+            default:
+                error = readString(field, text);
+                if (error.empty() && text != kPluginNamespace)
+                    error = "field plugin_namespace='" + text + "' but this creator's namespace is " + kPluginNamespace;
+                break;
+            }
+            if (!error.empty()) {
+                logError(error);
+                return nullptr;
+            }
+        }
+        if (!seen[0]) {
+            logError("field k is missing (k = number of visual tokens kept, >= 1)");
             return nullptr;
         }
         return new ContribTopKPlugin(k, variant);
@@ -262,20 +402,3 @@ IPluginV3* ContribTopKPluginCreator::createPlugin(
 }
 
 } // namespace capa
-
-// Static registration: loading the library (ctypes, Polygraphy --plugins) registers the creator.
-using capa::ContribTopKPluginCreator;
-REGISTER_TENSORRT_PLUGIN(ContribTopKPluginCreator);
-
-// Entry points of IPluginRegistry::loadLibrary / trtexec --dynamicPlugins. TENSORRTAPI is empty
-// outside TensorRT's own build, and the library is built with hidden visibility: export explicitly.
-#define CAPA_PLUGIN_EXPORT __attribute__((visibility("default")))
-
-extern "C" CAPA_PLUGIN_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder) { capa::gLoggerFinder = finder; }
-
-extern "C" CAPA_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-    static capa::ContribTopKPluginCreator creator;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
-    nbCreators = 1;
-    return creators;
-}

@@ -1,13 +1,20 @@
-// TensorRT IPluginV3 glue of CapaContribTopK (plugin "CapaContribTopK", version "1", namespace
-// "capa"). The math lives in contrib_topk_kernels.cu behind contrib_topk.h; this file only maps
-// TensorRT's build/runtime interfaces onto that launch API.
+// SPDX-FileCopyrightText: Copyright (c) 2026 The capa-export authors
+// SPDX-License-Identifier: Apache-2.0
+//
+// TensorRT IPluginV3 glue of CapaContribTopK. The math lives in contrib_topk_kernels.cu behind
+// contrib_topk.h; this file only maps TensorRT's build/runtime interfaces onto that launch API.
+//
+// Nothing here registers the creator or calls into libnvinfer: the two shared libraries built from
+// it decide how the creator reaches TensorRT (trt_plugin_vc.cpp: getCreators / setLoggerFinder for
+// IPluginRegistry::loadLibrary, trtexec --dynamicPlugins and version-compatible engines;
+// trt_plugin_autoreg.cpp: self-registration when loaded with ctypes). Name, version, namespace and
+// fields are those of CapaContribTopK_PluginConfig.yaml (tests/test_op_spec.py checks them).
 #ifndef CAPA_TRT_PLUGIN_H
 #define CAPA_TRT_PLUGIN_H
 
 #include <NvInfer.h>
 
 #include <cstdint>
-#include <string>
 #include <vector>
 
 namespace capa {
@@ -16,12 +23,23 @@ constexpr char const* kPluginName = "CapaContribTopK";
 constexpr char const* kPluginVersion = "1";
 constexpr char const* kPluginNamespace = "capa";
 
+// Creator fields: the ONNX node's attributes (the parser passes INT as INT32, STRING as CHAR).
+constexpr char const* kFieldK = "k";
+constexpr char const* kFieldVariant = "variant";
+constexpr char const* kFieldPluginVersion = "plugin_version";
+constexpr char const* kFieldPluginNamespace = "plugin_namespace";
+
+// Where log messages go. Each library variant defines it: the logger TensorRT hands over through
+// setLoggerFinder (trt_plugin_vc.cpp) or the process's getLogger() (trt_plugin_autoreg.cpp).
+// May return nullptr; messages then go to stderr.
+nvinfer1::ILogger* pluginLogger() noexcept;
+
 class ContribTopKPlugin final : public nvinfer1::IPluginV3,
                                 public nvinfer1::IPluginV3OneCore,
                                 public nvinfer1::IPluginV3OneBuild,
                                 public nvinfer1::IPluginV3OneRuntime {
 public:
-    ContribTopKPlugin(int32_t k, int32_t variant);
+    ContribTopKPlugin(int32_t k, int32_t variant) noexcept : mK(k), mVariant(variant) {}
     ~ContribTopKPlugin() override = default;
 
     // IPluginV3
@@ -58,8 +76,10 @@ public:
 private:
     int32_t mK;
     int32_t mVariant;
-    std::vector<nvinfer1::PluginField> mFields;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
+    // Rebuilt by getFieldsToSerialize (never copied: a copied collection would point into the
+    // object it was copied from).
+    std::vector<nvinfer1::PluginField> mSerialFields;
+    nvinfer1::PluginFieldCollection mSerialCollection{};
 };
 
 class ContribTopKPluginCreator final : public nvinfer1::IPluginCreatorV3One {
@@ -71,6 +91,9 @@ public:
     char const* getPluginVersion() const noexcept override { return kPluginVersion; }
     char const* getPluginNamespace() const noexcept override { return kPluginNamespace; }
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override { return &mFieldCollection; }
+    // Accepts exactly the fields k (required, 1..2^31-1, INT32 or INT64), variant (0 contrib,
+    // 1 value_norm, 2 attention; INT32 or INT64), plugin_version ("1") and plugin_namespace
+    // ("capa"); anything else is an error, logged, and nullptr is returned.
     nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
         nvinfer1::TensorRTPhase phase) noexcept override;
 

@@ -1,4 +1,4 @@
-"""Attention contribution: the CAPA pruning criterion (CAPA.md section 1).
+"""Attention contribution: the CAPA pruning criterion (docs/method.md).
 
 This module is the one definition of the op's semantics. Every other implementation (the C++
 reference, the CUDA kernel, the ONNX lowering, the TensorRT plugin) is tested against it and
@@ -85,7 +85,7 @@ def contribution_scores(
     v = expand_kv_heads(values, h).to(acc)  # [B, H, N, d]
     if variant == "value_norm":
         return torch.einsum("bhqn,bhn->bn", a, v.norm(dim=-1))
-    # contrib, in the Gram form of CAPA.md section 1: with U_j^h = v_j^h W_O^h (a D-vector per head),
+    # contrib, in the Gram form (docs/method.md, "Gram form"): with U_j^h = v_j^h W_O^h (a D-vector per head),
     # G_j = U_j U_j^T is H x H per key and c_ij^2 = a_ij^T G_j a_ij. Keys are chunked so the U
     # intermediate stays bounded; the Q x N x D tensor of the direct form is never built.
     d = v.shape[-1]

@@ -125,6 +125,7 @@ class CapaModel(nn.Module):
         super().__init__()
         self.model = model
         self.adapter = adapter_for(model)
+        self.family = self.adapter.family
         self.config = config
         config.check_for_model(self.adapter.num_layers)
         self.ffn = ffn
@@ -136,6 +137,9 @@ class CapaModel(nn.Module):
         self.collect_layers: set[int] = set()
         #: called as probe(layer, probs, values, o_weight, visual_slots, query_weight) (analysis)
         self.attention_probe: Callable | None = None
+        #: exported graphs: attention as one ONNX Attention op (set by the exporter); eager runs
+        #: always use the explicit softmax, the reference every engine is validated against
+        self.fused_attention = False
 
     def _resolve_ffn_layers(self, config, ffn) -> list[int]:
         if config.ffn_layers == "auto":
@@ -166,45 +170,52 @@ class CapaModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: CapaCache | None = None,
         image_features: torch.Tensor | None = None,
         use_cache: bool = False,
         last_logits_only: bool = False,
+        **processor_outputs,
     ) -> CapaOutput:
+        """Prefill from the processor's outputs (`capa(**processor(images=..., text=...))`), or
+        decode new tokens with `past_key_values`."""
         if past_key_values is not None:
             return self._decode(input_ids, past_key_values, attention_mask, last_logits_only)
-        return self._prefill(input_ids, pixel_values, image_features, attention_mask, position_ids, use_cache,
+        return self._prefill(input_ids, processor_outputs, image_features, attention_mask, position_ids, use_cache,
                              last_logits_only)
 
-    def embed(self, input_ids, pixel_values=None, image_features=None):
+    def vision_inputs(self, processor_outputs: dict) -> dict:
+        return {k: processor_outputs[k] for k in self.family.vision_keys if processor_outputs.get(k) is not None}
+
+    def embed(self, input_ids, image_features=None, **processor_outputs):
+        """Token embeddings with the image features merged in (from the family's vision inputs
+        among `processor_outputs`, or given)."""
         embeds = self.adapter.embed_tokens(input_ids)
-        if image_features is None and pixel_values is not None:
-            image_features = self.adapter.image_features(pixel_values)
+        vision = self.vision_inputs(processor_outputs)
+        if image_features is None and vision:
+            image_features = self.adapter.image_features(**vision)
         if image_features is not None:
-            embeds = self.adapter.merge_image_features(input_ids, embeds, image_features)
-        elif bool((input_ids == self.adapter.image_token_id).any()):
-            raise CapaError("input_ids contain image tokens but no pixel_values (or image_features) were given")
+            embeds = self.family.merge_image_features(input_ids, embeds, image_features)
+        elif bool((input_ids == self.family.image_token_id).any()):
+            raise CapaError(f"input_ids contain image tokens but no image inputs ({', '.join(self.family.vision_keys)}) "
+                            f"were given")
         return embeds
 
     def visual_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, N] indices of the image tokens; every row must hold the same number."""
-        is_visual = input_ids == self.adapter.image_token_id
-        counts = is_visual.sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise CapaError(f"every batch row must hold the same number of image tokens; got {counts.tolist()}")
-        return is_visual.nonzero()[:, 1].view(input_ids.shape[0], int(counts[0]))
+        return self.family.visual_positions(input_ids)
 
-    def _prefill(self, input_ids, pixel_values, image_features, attention_mask, position_ids, use_cache,
+    def _prefill(self, input_ids, processor_outputs, image_features, attention_mask, position_ids, use_cache,
                  last_logits_only):
         adapter = self.adapter
-        hidden = self.embed(input_ids, pixel_values, image_features)
+        self.family.check_inputs({"input_ids": input_ids, **processor_outputs})
+        hidden = self.embed(input_ids, image_features=image_features, **processor_outputs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
-            position_ids = adapter.default_position_ids(input_ids, attention_mask)
+            position_ids = self.family.prefill_positions(
+                {"input_ids": input_ids, "attention_mask": attention_mask, **processor_outputs})
         if bool((attention_mask[:, -1] == 0).any()):
             raise CapaError("attention_mask has padding at the end of a row (right padding); CAPA scores with the "
                             "tokens after the image and decodes after the last token: pad on the left "
@@ -227,7 +238,7 @@ class CapaModel(nn.Module):
                         else torch.arange(num_visual, device=hidden.device).expand(batch, num_visual))
         cache = None
         if use_cache:
-            next_position = position_ids.reshape(-1, batch, position_ids.shape[-1])[0].amax(-1) + 1
+            next_position = self.family.next_position(position_ids)
             cache = CapaCache(state.keys, state.values, state.segment_masks, self.layer_segments(), next_position)
         return CapaOutput(logits, keep_indices, cache, state.stage_keep, state.kept_positions)
 
@@ -236,7 +247,7 @@ class CapaModel(nn.Module):
         return [sum(1 for k in stages if k <= layer) for layer in range(self.adapter.num_layers)]
 
     def query_weight(self, visual_slots, padding_mask) -> torch.Tensor:
-        """[B, L] 1.0 for the scoring queries (CAPA.md section 1), 0.0 elsewhere. Traceable."""
+        """[B, L] 1.0 for the scoring queries (docs/method.md, "Scoring queries"), 0.0 elsewhere. Traceable."""
         batch, length = padding_mask.shape
         positions = torch.arange(length, device=padding_mask.device)[None, :]
         if self.config.queries == "last":
@@ -316,7 +327,7 @@ class CapaModel(nn.Module):
         parts = adapter.layer(index)
         residual = hidden
         normed = parts.input_norm(hidden)
-        attn_out, (keys, values), probs = self._attention(parts, normed, cos, sin, mask, past)
+        attn_out, (keys, values), probs = self._attention(parts, normed, cos, sin, mask, past, want_probs)
         hidden = residual + attn_out
         residual = hidden
         normed = parts.post_attention_norm(hidden)
@@ -340,13 +351,24 @@ class CapaModel(nn.Module):
             self.collector(index, normed, full, is_visual.scatter(1, visual_slots, True))
         return residual + ffn_out, (keys, values), (probs if want_probs else None)
 
-    def _attention(self, parts, x, cos, sin, mask, past):
+    def _attention(self, parts, x, cos, sin, mask, past, want_probs: bool = False):
         batch, length, _ = x.shape
         h, h_kv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
         q = parts.q_proj(x).view(batch, length, h, d).transpose(1, 2)
         k = parts.k_proj(x).view(batch, length, h_kv, d).transpose(1, 2)
         v = parts.v_proj(x).view(batch, length, h_kv, d).transpose(1, 2)
         q, k = self.adapter.apply_rotary(q, k, cos, sin)
+        if self.fused_attention and torch.onnx.is_in_onnx_export():
+            # ONNX Attention (opset 23): one fused op for runtimes to run with their own kernel
+            # (TensorRT >= 10.14, ONNX Runtime >= 1.23); it appends the new keys to the past ones and,
+            # in the scoring layer, also outputs the post-softmax probabilities (mode 3).
+            out, k, v, probs = torch.onnx.ops.attention(
+                q, k, v, attn_mask=mask, past_key=None if past is None else past[0],
+                past_value=None if past is None else past[1], kv_num_heads=h_kv, q_num_heads=h,
+                scale=parts.attention_scale, qk_matmul_output_mode=3 if want_probs else 0,
+                softmax_precision=1)  # 1 = FLOAT: softmax in fp32, as the eager path
+            out = out.transpose(1, 2).reshape(batch, length, h * d)
+            return parts.o_proj(out), (k, v), probs.to(q.dtype) if want_probs else None
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
@@ -366,7 +388,7 @@ class CapaModel(nn.Module):
         if new_mask.shape != input_ids.shape:
             raise CapaError(f"when decoding with past_key_values, attention_mask covers the new tokens only: "
                             f"expected shape {tuple(input_ids.shape)}, got {tuple(new_mask.shape)}")
-        positions = cache.next_position[:, None] + torch.arange(steps, device=hidden.device)[None, :]
+        positions = self.family.decode_positions(cache.next_position, steps)
         masks = [torch.cat([m, new_mask.to(m.dtype)], dim=1) for m in cache.segment_masks]
         hidden, keys, values = self.decode_layers(hidden, positions, masks, cache.keys, cache.values,
                                                   cache.layer_segment)
@@ -392,13 +414,13 @@ class CapaModel(nn.Module):
         return hidden, keys_out, values_out
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 16,
-                 eos_token_id: int | None = None, image_features=None) -> tuple[torch.Tensor, CapaOutput]:
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 16, eos_token_id: int | None = None,
+                 image_features=None, **processor_outputs) -> tuple[torch.Tensor, CapaOutput]:
         """Greedy decoding with the CAPA cache. Returns (new tokens [B, T], the prefill output)."""
         if max_new_tokens < 1:
             raise CapaError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        prefill = self(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
-                       last_logits_only=True, image_features=image_features)
+        prefill = self(input_ids, attention_mask=attention_mask, use_cache=True,
+                       last_logits_only=True, image_features=image_features, **processor_outputs)
         cache = prefill.past_key_values
         token = prefill.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [token]

@@ -1,0 +1,424 @@
+"""The pipeline's stages, as the CLI, the Python API and the tests call them:
+
+    analyze    model + an image and question + calibration inputs -> analysis folder (report.json, plots)
+    calibrate  model + calibration inputs -> calibration folder (capa_config.json, ffn_approx.*, calibration.json)
+    generate   model (+ calibration folder) + an image and question -> tokens (the PyTorch reference)
+    export     model + calibration folder -> ONNX folder (four graphs, weights.data, export.json)
+    build      model -> calibration -> ONNX -> engine -> validation, into one engine folder
+    validate   engine folder + the model -> validation.json; the engine marked complete or not
+
+Every stage reads what it is given, refuses bad input in one line (CapaError) before any work,
+and writes its folder under a temporary name, renamed when complete.
+
+An engine folder (`build`; the manifest's format is in manifest.py):
+
+    <engine>/manifest.json      what, from what, settings, graph contract, versions, checksums, validation summary
+             validation.json    Polygraphy comparisons per graph and output, token agreement
+             calibration/       capa_config.json, ffn_approx.safetensors/.json
+             processor/         tokenizer + image processor (save_pretrained)
+             onnx/              vision/embed/prefill/decode.onnx, weights.data, export.json
+             <backend>/         the backend's engine files (onnxruntime: *.opt.onnx + session.json;
+                                tensorrt: *.plan, timing cache)
+
+It is marked complete (manifest.json "complete": true) only when validation passed; a build whose
+validation fails is kept as `<name>.failed/` for inspection, and an interrupted one leaves only a
+hidden temporary folder, never a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backends
+from .artifacts import check_replaceable, commit_directory, make_work_dir, replace_directory, write_json
+from .config import CapaConfig
+from .errors import CapaError
+from .inputs import CalibrationSample, builtin_samples, encode
+from .contract import GRAPHS
+from .folders import read_json
+from .manifest import (ANALYSIS, CALIBRATION, ENGINE, ONNX, SIGNATURE_FILE, VALIDATION_FILE, read_json_manifest,
+                       read_manifest, write_manifest)
+from .method.capa_model import apply_capa
+from .method.ffn import META_FILE, FfnApproximation, fit_ffn_approximation
+from .models import adapter_for, load_model
+from .profiles import BuildProfile
+
+DEFAULT_MODEL = "tiny-llava"
+#: where `build` puts engines by default: engines/<model>-<profile>
+DEFAULT_ENGINE_ROOT = Path("engines")
+#: the engine folder's sub-folder holding the CAPA config and the FFN approximation
+CALIBRATION_DIR = "calibration"
+
+
+# --- CAPA settings ----------------------------------------------------------------------------------
+def load_calibration(model, calibration_dir: str | Path) -> tuple[CapaConfig, FfnApproximation | None]:
+    """(CapaConfig, FfnApproximation | None) from a `calibrate` folder (or an engine's calibration/)."""
+    config = CapaConfig.load(calibration_dir)
+    approx = FfnApproximation.load(calibration_dir, model) if (Path(calibration_dir) / META_FILE).exists() else None
+    return config, approx
+
+
+def fit_calibration(model, processor, config: CapaConfig, samples: list[CalibrationSample],
+                    progress: bool = True) -> tuple[CapaConfig, FfnApproximation | None]:
+    """Fit the FFN approximation `config` asks for on `samples`; "auto" is frozen into the layers
+    the fit selected, so the returned config names them."""
+    adapter = adapter_for(model)
+    config.check_for_model(adapter.num_layers)
+    if not config.ffn_layers:
+        return config, None
+    inputs = [encode(adapter, processor, s) for s in samples]
+    approx = fit_ffn_approximation(model, inputs, config.ffn_layers, ridge=config.ffn_ridge, rank=config.ffn_rank,
+                                   threshold=config.ffn_threshold,
+                                   layer_range=config.resolved_ffn_range(adapter.num_layers), progress=progress)
+    if config.ffn_layers == "auto":
+        config = CapaConfig(**{**config.to_dict(), "ffn_layers": list(approx.selected_layers)})
+    return config, approx
+
+
+def calibrated_config(model, processor, calibration_dir: str | None, calibration_samples=None, progress=True):
+    """From a `calibrate` folder, or calibrated now on the given (default: built-in) inputs with
+    the default CapaConfig and automatic FFN layer selection."""
+    if calibration_dir:
+        return load_calibration(model, calibration_dir)
+    return fit_calibration(model, processor, CapaConfig(ffn_layers="auto"), calibration_samples or builtin_samples(8),
+                           progress)
+
+
+def with_prune(config: CapaConfig, prune) -> CapaConfig:
+    """The config with another pruning schedule (None keeps it)."""
+    return config if prune is None else CapaConfig(**{**config.to_dict(), "prune": prune})
+
+
+# --- stages -----------------------------------------------------------------------------------------
+def analyze(model_name: str = DEFAULT_MODEL, out: str | Path = "out/analysis", *, sample: CalibrationSample,
+            calibration_samples: list[CalibrationSample], settings=None, dtype=None, device=None,
+            progress: bool = True) -> tuple[Path, dict]:
+    from .analysis import AnalysisSettings
+    from .analysis import analyze as analyze_model
+    from .analysis.plots import write_plots
+
+    check_replaceable(out)  # before the work, not after
+    settings = settings or AnalysisSettings()
+    model, processor = load_model(model_name, dtype, device)
+    report, raw = analyze_model(model, processor, sample, calibration_samples, settings, progress=progress)
+
+    def write(tmp: Path):
+        write_manifest(tmp, ANALYSIS, report)
+        write_plots(report, raw["per_layer"], tmp)
+
+    return replace_directory(out, write), report
+
+
+def calibrate(model_name: str = DEFAULT_MODEL, out: str | Path = "out/calibration", *, config: CapaConfig,
+              calibration_samples: list[CalibrationSample], dtype=None, device=None,
+              progress: bool = True) -> tuple[Path, CapaConfig, FfnApproximation | None]:
+    """Fit the FFN approximation and write a calibration folder."""
+    check_replaceable(out)
+    model, processor = load_model(model_name, dtype, device)
+    adapter = adapter_for(model)
+    config.check_for_model(adapter.num_layers)
+    config.check_for_visual_tokens(adapter.family.visual_token_range(processor)[0])  # refused now, not at build time
+    config, approx = fit_calibration(model, processor, config, calibration_samples, progress)
+
+    def write(tmp: Path):
+        config.save(tmp)
+        if approx is not None:
+            approx.save(tmp)
+        write_manifest(tmp, CALIBRATION, {
+            "model": model_name,
+            "calibration_inputs": [s.source for s in calibration_samples],
+            "capa_config": config.to_dict(),
+            "ffn_errors": {str(k): v for k, v in (approx.errors() if approx else {}).items()},
+        })
+
+    return replace_directory(out, write), config, approx
+
+
+@dataclass
+class GenerateResult:
+    tokens: list[int]
+    text: str
+    keep_indices: list[int]
+    agreement_with_unpruned: float
+    prompt_tokens: int
+    visual_tokens: int
+    seconds: float
+    config: CapaConfig
+
+
+def generate(model_name: str = DEFAULT_MODEL, *, sample: CalibrationSample, config: CapaConfig | None = None,
+             calibration_dir: str | None = None, max_new_tokens: int = 16, dtype=None, device=None) -> GenerateResult:
+    """Greedy generation with the CapaModel (the PyTorch reference), and its agreement with the
+    unpruned model on the same input."""
+    if max_new_tokens < 1:
+        raise CapaError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+    model, processor = load_model(model_name, dtype, device)
+    if calibration_dir:
+        config, approx = load_calibration(model, calibration_dir)
+    else:
+        config, approx = config or CapaConfig(), None
+        if config.ffn_layers == "auto":  # nothing fitted: no approximation
+            config = CapaConfig(**{**config.to_dict(), "ffn_layers": []})
+    adapter = adapter_for(model)
+    batch = encode(adapter, processor, sample)
+    capa = apply_capa(model, config, approx)
+    start = time.perf_counter()
+    tokens, prefill = capa.generate(**batch, max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - start
+    baseline, _ = apply_capa(model, CapaConfig(prune=[])).generate(**batch, max_new_tokens=max_new_tokens)
+    agreement = float((tokens == baseline[:, : tokens.shape[1]]).float().mean())
+    return GenerateResult(tokens[0].tolist(), processor.tokenizer.decode(tokens[0], skip_special_tokens=True),
+                          prefill.keep_indices[0].tolist(), agreement, int(batch["input_ids"].shape[1]),
+                          int(capa.visual_slots(batch["input_ids"]).shape[1]), seconds, config)
+
+
+def calibrated_in_fp32(model_name: str, calibration_samples=None, device=None, progress: bool = True):
+    """(CapaConfig, FfnApproximation | None) fitted now on the model loaded in fp32, whose memory is
+    given back before returning: the caller loads the model again in the dtype it needs, so an fp32
+    copy never sits beside an fp16 one."""
+    model, processor = load_model(model_name, "fp32", device)
+    config, approx = calibrated_config(model, processor, None, calibration_samples, progress)
+    del model
+    return config, approx
+
+
+def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, calibration_dir: str | None = None,
+           prune=None, dtype: str = "fp32", pruning: str = "function", attention: str = "fused", device=None,
+           progress: bool = True) -> tuple[Path, dict]:
+    from .export.exporter import export_model
+
+    check_replaceable(out)
+    if calibration_dir:
+        model, processor = load_model(model_name, dtype, device)  # in the graph's dtype: no second copy
+        config, approx = load_calibration(model, calibration_dir)
+    else:
+        config, approx = calibrated_in_fp32(model_name, device=device, progress=progress)
+        model, processor = load_model(model_name, dtype, device)
+    config = with_prune(config, prune)
+    path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, attention=attention,
+                        model_name=model_name, progress=progress)
+    return path, read_json_manifest(path, ONNX, "an ONNX export")
+
+
+def validation_inputs(adapter, processor, samples=None) -> list[dict]:
+    samples = samples or builtin_samples(1, seed=7)
+    return [encode(adapter, processor, s) for s in samples]
+
+
+def check_engine_model(manifest: dict, adapter, engine_dir: Path) -> None:
+    """The reference model must be the one the engine describes (its family's own description)."""
+    recorded = manifest["model"]
+    for key, value in adapter.describe().items():
+        if key in recorded and recorded[key] != value:
+            raise CapaError(f"engine {engine_dir} was built from another model ({key} {str(recorded[key])[:40]} in its "
+                            f"manifest, {value} in the model given); pass --model with the model it was built from")
+
+
+def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_tokens: int = 8,
+                    write: bool = True, sign_key=None, plugin_library: str | None = None,
+                    allow_engine_code: bool = False) -> dict:
+    """Validate an engine directory against the CapaModel (fp32) rebuilt from its own calibration/.
+    Writes validation.json and rewrites manifest.json with complete = passed, holding a lock on the
+    folder (a second writer is refused). A signature the rewrite made stale is removed; with
+    sign_key, a passed engine is signed again."""
+    from . import signing
+    from .folders import confined_directory, folder_lock
+    from .runtime import CapaEngine, engine_backend
+    from .validate import TOLERANCES, EngineGraphRunner, compare_graphs, format_report, token_agreement
+
+    engine_dir = Path(engine_dir)
+    with folder_lock(engine_dir, blocking=False):
+        manifest = read_manifest(engine_dir, verify=True, require_complete=False)
+        dtype = manifest["dtype"]
+        adapter = adapter_for(model)
+        check_engine_model(manifest, adapter, engine_dir)
+        config, approx = load_calibration(model, confined_directory(engine_dir, CALIBRATION_DIR, source=str(engine_dir)))
+        capa = apply_capa(model, config, approx)
+        unpruned = apply_capa(model, CapaConfig(prune=[]))
+        batches = validation_inputs(adapter, processor, samples)
+        contract = adapter.family.graph_contract(manifest["layer_segment"])
+        backend, backend_dir, files = engine_backend(engine_dir, manifest)
+        backend.require()
+        engine_graphs = {g: backend.graph(backend_dir, g, spec=contract[g], dtype=dtype, files=files,
+                                          plugin_library=plugin_library, allow_engine_code=allow_engine_code)
+                         for g in GRAPHS}
+        try:
+            graphs = compare_graphs({g: EngineGraphRunner(eg, dtype) for g, eg in engine_graphs.items()}, capa,
+                                    batches, dtype, contract)
+        finally:  # one set of sessions at a time (the engine below opens its own)
+            for engine_graph in engine_graphs.values():
+                engine_graph.close()
+            del engine_graphs
+        with CapaEngine(engine_dir, verify=False, require_complete=False, plugin_library=plugin_library,
+                        allow_engine_code=allow_engine_code) as engine:
+            end_to_end = [token_agreement(engine, capa, unpruned, b, max_new_tokens) for b in batches]
+        # fp32: free-running greedy tokens must all agree. Reduced precision may flip a near-tie and
+        # then drift, so it is held to the teacher-forced agreement: at each step, fed the reference's
+        # tokens, the engine's argmax must match the reference's next token.
+        measure, required = ("agreement", 1.0) if dtype == "fp32" else ("forced_agreement", 0.9)
+        passed = all(g["passed"] for g in graphs.values()) and all(e[measure] >= required for e in end_to_end)
+        report = {"passed": passed, "dtype": dtype, "backend": manifest["backend"], "tolerances": TOLERANCES[dtype],
+                  "required_agreement": required, "agreement_measure": measure, "max_new_tokens": max_new_tokens,
+                  "graphs": graphs, "end_to_end": end_to_end, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if write:
+            write_json(engine_dir / VALIDATION_FILE, report)
+            fields = {k: v for k, v in manifest.items() if k not in ("complete", "files")}
+            fields["validation"] = {"passed": passed, "agreement": [e["agreement"] for e in end_to_end],
+                                    "graphs": {g: r["passed"] for g, r in graphs.items()}}
+            write_manifest(engine_dir, ENGINE, fields, complete=passed)
+            if signing.signature_is_current(engine_dir) is False:
+                # the rewrite changed the manifest: the old signature would only say "modified"
+                (engine_dir / SIGNATURE_FILE).unlink()
+                report["signature"] = "removed: validation rewrote manifest.json; sign it again with --sign"
+    if write and sign_key is not None and passed:
+        signing.sign_folder(engine_dir, sign_key)
+        report["signature"] = "signed"
+    report["table"] = format_report(report)
+    return report
+
+
+def reference_model(manifest: dict, model_name: str | None, engine_dir) -> str:
+    """The model `validate` compares with: --model, else the embedded model the manifest names.
+    A path or hub id read from the manifest is never loaded on the folder's word (it could name any
+    directory, or a download)."""
+    from .models.registry import embedded_models
+
+    if model_name:
+        return model_name
+    recorded = manifest["model"].get("name")
+    if recorded in embedded_models():
+        return recorded
+    shown = "no model" if recorded is None else f"the model {str(recorded)[:80]!r}"
+    raise CapaError(f"{engine_dir}/manifest.json names {shown}, which validate does not load on the folder's word "
+                    f"(only embedded models are); pass --model with the model this engine was built from")
+
+
+def validate(engine_dir: str | Path, model_name: str | None = None, samples=None, max_new_tokens: int = 8, *,
+             trust=None, sign_key=None, plugin_library: str | None = None, allow_engine_code: bool = False) -> dict:
+    """`capa-export validate`: the engine against `model_name`, or the embedded model its manifest
+    names (see reference_model). trust: the folder's signature must verify with this public key
+    first; sign_key: sign the folder again once it passed."""
+    from .signing import check_private_key
+
+    if sign_key is not None:
+        check_private_key(sign_key)
+    manifest = read_manifest(engine_dir, verify=True, require_complete=False, trust=trust)
+    model, processor = load_model(reference_model(manifest, model_name, engine_dir), "fp32")
+    return validate_engine(Path(engine_dir), model, processor, samples, max_new_tokens, sign_key=sign_key,
+                           plugin_library=plugin_library, allow_engine_code=allow_engine_code)
+
+
+def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str | Path | None = None,
+          calibration_dir: str | None = None, backend: str | None = None, pruning: str | None = None,
+          plugin_library: str | None = None, calibration_samples=None, validation_samples=None,
+          max_new_tokens: int = 8, progress: bool = True, log=print, sign_key=None) -> tuple[Path, dict]:
+    """Model -> CAPA (calibrating unless calibration_dir) -> ONNX -> engine -> validation.
+    sign_key (a PEM private key, bytes or path): a validated engine is signed (manifest.sig)."""
+    from .export.exporter import export_model
+    from .signing import check_private_key, sign_folder
+
+    if sign_key is not None:
+        check_private_key(sign_key)  # before minutes of work, not after
+
+    profile = BuildProfile.load(profile_name)
+    if pruning:
+        profile.pruning = pruning
+    engine_backend = backends.get(backend or profile.backend)
+    engine_backend.check_precision(profile)  # before any work: bf16 where nothing here can run it
+    name = f"{Path(model_name).name}-{profile.name}"
+    final = Path(out) if out else DEFAULT_ENGINE_ROOT / name
+    check_replaceable(final)
+    check_replaceable(final.with_name(final.name + ".failed"))
+    if plugin_library is not None and not Path(plugin_library).is_file():
+        raise CapaError(f"plugin library {plugin_library} does not exist; build it with cmake (target "
+                        f"capa_contrib_topk_plugin) or leave --plugin-library out")
+    if profile.prune is not None:  # a bad override is refused before the minutes of calibration
+        engine_backend.check(profile, CapaConfig(prune=profile.prune), plugin_library=plugin_library)
+
+    start = time.perf_counter()
+    # The model is loaded in the dtype each step needs and given back after it (calibration and the
+    # validation reference in fp32, the export in the engine's precision): one copy at a time.
+    model, processor = load_model(model_name, profile.precision)
+    adapter = adapter_for(model)
+    dims = adapter.family.dim_ranges(processor, profile.shapes)
+    num_layers = adapter.num_layers
+    if profile.prune is not None:
+        override = CapaConfig(prune=profile.prune)
+        override.check_for_model(num_layers)
+        check_keep_for_engine(override, dims)
+    log(f"[1/4] CAPA config for {model_name} "
+        f"({'from ' + calibration_dir if calibration_dir else 'calibrating on built-in inputs'})")
+    if calibration_dir or profile.precision == "fp32":
+        config, approx = calibrated_config(model, processor, calibration_dir, calibration_samples, progress)
+    else:
+        del model, adapter
+        config, approx = calibrated_in_fp32(model_name, calibration_samples, progress=progress)
+        model, processor = load_model(model_name, profile.precision)
+        adapter = adapter_for(model)
+    config = with_prune(config, profile.prune)
+    config.check_for_model(num_layers)
+    check_keep_for_engine(config, dims)
+    engine_backend.check(profile, config, plugin_library=plugin_library)
+
+    work = make_work_dir(final)
+    try:
+        config.save(_mkdir(work / CALIBRATION_DIR))
+        if approx is not None:
+            approx.save(work / CALIBRATION_DIR)
+        processor.save_pretrained(str(work / "processor"))
+        log(f"[2/4] exporting ONNX ({profile.precision}, pruning lowering: {profile.pruning}, "
+            f"attention: {profile.attention}) ...")
+        export_model(model, processor, config, approx, work / "onnx", dtype=profile.precision,
+                     pruning=profile.pruning, attention=profile.attention, model_name=model_name, progress=progress)
+        export_info = read_json_manifest(work / "onnx", ONNX, "an ONNX export")
+        log(f"[3/4] building the {engine_backend.name} engine ...")
+        contract = adapter.family.graph_contract(export_info["layer_segment"])
+        description = engine_backend.build(work / "onnx", profile, work / engine_backend.name, contract,
+                                           fixed_dims=dims, plugin_library=plugin_library)
+        fields = {"model": export_info["model"], "capa_config": config.to_dict(), "ffn_layers": export_info["ffn_layers"],
+                  "profile": profile.to_dict(), "backend": engine_backend.name, "backend_dir": engine_backend.name,
+                  "backend_description": description, "dtype": profile.precision, "pruning": profile.pruning,
+                  "attention": export_info["attention"], "k": export_info["k"],
+                  "layer_segment": export_info["layer_segment"],
+                  "vision_dims": {name: list(value) for name, value in dims.items()},
+                  "graph_contract": export_info["graph_contract"], "build_seconds": None}
+        write_manifest(work, ENGINE, fields, complete=False)
+        if profile.precision != "fp32":  # the reference is fp32
+            del model, adapter
+            model, processor = load_model(model_name, "fp32")
+        log("[4/4] validating against the PyTorch CapaModel (Polygraphy) ...")
+        report = validate_engine(work, model, processor, validation_samples, max_new_tokens,
+                                 plugin_library=plugin_library)
+        manifest = read_json(work / ENGINE.file)
+        manifest["build_seconds"] = round(time.perf_counter() - start, 1)
+        write_json(work / ENGINE.file, manifest)
+        if sign_key is not None and report["passed"]:
+            sign_folder(work, sign_key)  # last: the signature covers the final manifest
+            report["signature"] = "signed"
+        target = final if report["passed"] else final.with_name(final.name + ".failed")
+        commit_directory(work, target)
+        return target, report
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def check_keep_for_engine(config: CapaConfig, dims: dict) -> None:
+    """Every keep count within the fewest visual tokens an image the engine takes can give."""
+    fewest = dims["visual_tokens"][0]
+    for layer, keep in config.prune:
+        if keep > fewest:
+            where = (f"the smallest image the profile allows ({dims['pixels'][0]} pixels, shapes.pixels)"
+                     if "pixels" in dims else "an image")
+            raise CapaError(f"prune stage at layer {layer} keeps k={keep} but {where} gives only {fewest} visual "
+                            f"tokens: k must be in [1, {fewest}]" +
+                            (f", or raise shapes.pixels' minimum to at least {keep * dims['pixels'][0] // fewest}"
+                             if "pixels" in dims else ""))
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
