@@ -329,6 +329,28 @@ def cmd_run(args) -> int:
     return 0
 
 
+# --- eval ---------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .evaluate import builtin_questions, evaluate, folder_questions, format_table
+
+    if args.max_image_pixels < 1:
+        raise CapaError(f"--max-image-pixels {args.max_image_pixels} must be >= 1")
+    if args.engine is None and args.model is None:
+        raise CapaError("give an engine folder, or --model (e.g. tiny-llava-vqa) to evaluate the CapaModel")
+    if args.data:
+        questions, data = folder_questions(args.data, args.max_image_pixels), args.data
+    else:
+        questions, data = builtin_questions(args.builtin), f"built-in Shapes-VQA test split, {args.builtin} questions"
+    summary = evaluate(questions, model_name=args.model, engine_dir=args.engine,
+                       config=None if args.engine else _capa_config(args), calibration_dir=args.calibrated,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out,
+                       trust=args.trust, provider=args.provider, threads=args.threads, dtype=args.dtype,
+                       device=args.device, progress=not args.no_progress, data=data)
+    print(format_table(summary))
+    print(f"predictions: {args.out}/predictions.jsonl, summary: {args.out}/summary.json", file=sys.stderr)
+    return 0
+
+
 def cmd_keygen(args) -> int:
     from .signing import generate_keypair
 
@@ -489,6 +511,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "manifest are still checked; ignored with --trust)")
     _add_trust(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="exact-match accuracy on a labelled set (a data folder or the built-in task)",
+                       description="Greedy answers on labelled questions, normalised as VQA evaluation does (case, "
+                                   "punctuation, articles, number words), scored by exact match: an engine beside "
+                                   "the CapaModel it was built from, or a model with and without CAPA. Data: a "
+                                   "folder with data.jsonl (lines {\"image\": path in the folder, \"question\", "
+                                   "\"answer\"}) and its images, or the built-in Shapes-VQA test split. Writes "
+                                   "predictions.jsonl and summary.json; prints a table.")
+    p.add_argument("engine", nargs="?", default=None, help="an engine folder (`build`); or give --model")
+    p.add_argument("--model", default=None,
+                   help="the model to evaluate (with no engine), or the reference of an engine built from a model "
+                        "that is not embedded; e.g. tiny-llava-vqa (the embedded model trained on Shapes-VQA)")
+    p.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default=None, help="weights dtype of --model without an engine")
+    p.add_argument("--device", default=None, help="torch device of the model (default: cpu)")
+    _add_calibrated(p, "its CAPA config and FFN maps, instead of --prune and the other CAPA options")
+    _add_capa(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None, metavar="DIR", help="a data folder: data.jsonl + images")
+    source.add_argument("--builtin", type=int, default=200, metavar="N",
+                        help="N questions of the built-in Shapes-VQA test split, one per image (default: 200)")
+    _add_pixel_cap(p)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per answer at most (default: 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per engine batch (default: 8)")
+    p.add_argument("--provider", default=None, help="ONNX Runtime execution provider of the engine")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--trust", default=None, metavar="PUBKEY",
+                   help="PEM public key: the engine's signature (manifest.sig) must verify with it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", default="out/eval", help="folder for predictions.jsonl and summary.json (default: out/eval)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign engines with",
                        description="Write capa-signing-key.pem (private, mode 0600) and capa-signing-key.pub.pem "

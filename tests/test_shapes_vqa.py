@@ -182,6 +182,21 @@ def test_reader_refuses_bad_folders(tmp_path):
                    r"data.jsonl:1 has no 'question'")
 
 
+def test_reader_keeps_image_paths_inside_the_folder(tmp_path):
+    """The folder is untrusted: an image named outside it, or reached through a link, is refused
+    even when the file exists."""
+    good = tmp_path / "good"
+    write_folder(good, make_split("test", 1))
+    image = json.loads((good / "data.jsonl").read_text().splitlines()[0])["image"]
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((good / image).read_bytes())
+    line = {"question": "q?", "answer": "a"}
+    assert_refused(_write_lines(good, [json.dumps({**line, "image": "../outside.png"})]), r"contains '\.\.'")
+    assert_refused(_write_lines(good, [json.dumps({**line, "image": str(outside)})]), r"is absolute")
+    (good / "images" / "link.png").symlink_to(outside)
+    assert_refused(_write_lines(good, [json.dumps({**line, "image": "images/link.png"})]), r"symbolic link")
+
+
 def test_patch_map_marks_the_patches_the_shapes_cover():
     """Each patch labelled with shape i holds at least 20% pixels of that shape's colour, and every
     shape owns at least one patch."""

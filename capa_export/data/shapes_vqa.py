@@ -339,25 +339,36 @@ def write_folder(folder: str | Path, samples: list[VqaSample]) -> Path:
     return folder
 
 
+DATA_FILE = "data.jsonl"
+#: data.jsonl is read whole: 64 MiB is ~500,000 questions.
+MAX_DATA_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class VqaRecord:
     image: Path
     question: str
     answer: str
+    type: str | None = None  # the question type, where the folder records it (the built-in task does)
 
 
-def read_folder(folder: str | Path) -> list[VqaRecord]:
+def read_folder(folder: str | Path, max_bytes: int = MAX_DATA_BYTES) -> list[VqaRecord]:
     """Records of a folder in the format `write_folder` writes; refuses a bad folder with a
-    one-line CapaError naming the file or line and what is expected."""
+    one-line CapaError naming the file or line and what is expected. The folder is untrusted: the
+    JSONL is read with a size cap, and every image path must stay inside the folder (relative, no
+    '..', no link at any component, a regular file: `folders.confined_file`)."""
+    from ..folders import confined_file, read_bytes
+
     folder = Path(folder)
     if not folder.is_dir():
         raise CapaError(f"data folder {folder} does not exist; give a folder with data.jsonl and its images")
-    index = folder / "data.jsonl"
-    if not index.is_file():
-        raise CapaError(f"data folder {folder} has no data.jsonl; expected one JSON object per line with "
+    if not (folder / DATA_FILE).exists() and not (folder / DATA_FILE).is_symlink():
+        raise CapaError(f"data folder {folder} has no {DATA_FILE}; expected one JSON object per line with "
                         f"\"image\", \"question\", \"answer\"")
+    index = confined_file(folder, DATA_FILE)
+    text = read_bytes(index, max_bytes=max_bytes).decode("utf-8", errors="replace")
     records = []
-    for number, line in enumerate(index.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{index}:{number}"
@@ -371,10 +382,12 @@ def read_folder(folder: str | Path) -> list[VqaRecord]:
             if not isinstance(entry.get(key), str) or not entry[key].strip():
                 raise CapaError(f"{where} has no {key!r} (a non-empty string); every line needs \"image\", "
                                 f"\"question\", \"answer\"")
-        image = folder / entry["image"]
-        if not image.is_file():
-            raise CapaError(f"{where} names image {entry['image']!r}, which does not exist under {folder}")
-        records.append(VqaRecord(image, entry["question"], entry["answer"]))
+        name = entry["image"]
+        if not name.startswith("/") and ".." not in name.split("/") and not (folder / name).exists():
+            raise CapaError(f"{where} names image {name!r}, which does not exist under {folder}")
+        image = confined_file(folder, name, source=where)
+        records.append(VqaRecord(image, entry["question"], entry["answer"],
+                                 entry["type"] if isinstance(entry.get("type"), str) else None))
     if not records:
         raise CapaError(f"{index} holds no question; expected at least one line {{\"image\", \"question\", \"answer\"}}")
     return records
