@@ -1,4 +1,4 @@
-"""The tiny LLaVA-geometry model trained on Shapes-VQA, shipped with the package.
+"""`tiny-llava-vqa`: the tiny LLaVA-geometry model trained on Shapes-VQA, shipped with the package.
 
 Same architecture family, token geometry, tokenizer, processor and chat template as the random
 `tiny-llava` (`tiny.py`); the weights (`weights/model.safetensors`, fp16) come from
@@ -15,8 +15,10 @@ import torch
 
 from ..errors import CapaError
 from .base import cast_model
-from .tiny import TINY_NAME, TinyLlavaSpec, tiny_llava_config, tiny_llava_processor
+from .registry import embedded_model
+from .tiny import TinyLlavaSpec, tiny_llava_config, tiny_llava_processor
 
+TRAINED_NAME = "tiny-llava-vqa"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -28,6 +30,7 @@ def trained_card(folder: Path = WEIGHTS_DIR) -> dict:
     return json.loads(card.read_text())
 
 
+@embedded_model(TRAINED_NAME, family="llava")
 def build_trained_tiny_llava(dtype: torch.dtype = torch.float32, folder: Path = WEIGHTS_DIR):
     """(model, processor): a plain `LlavaForConditionalGeneration` with the shipped weights."""
     from safetensors.torch import load_file
@@ -43,5 +46,5 @@ def build_trained_tiny_llava(dtype: torch.dtype = torch.float32, folder: Path = 
         model = LlavaForConditionalGeneration(tiny_llava_config(spec))
     model.load_state_dict(load_file(str(weights)), strict=True)
     model = cast_model(model, dtype).eval()
-    model.config.name_or_path = TINY_NAME
+    model.config.name_or_path = TRAINED_NAME
     return model, tiny_llava_processor()
