@@ -71,7 +71,8 @@ class TrainConfig:
     # The default has none: with the attention supervision the full task starts learning at once.
     curriculum: tuple = ((1.0, shapes_vqa.SHAPES_PER_IMAGE),)
     seed: int = 0            # initialisation
-    data_seed: int = 0       # Shapes-VQA seed; batch b holds train samples [b*B, (b+1)*B)
+    data_seed: int = 0       # Shapes-VQA seed; batch b holds train samples first_image + [b*B, (b+1)*B)
+    first_image: int = 0     # a run continued from another's weights starts after the images that one saw
     threads: int = 2
     spec: TinyLlavaSpec = field(default_factory=default_spec)
     log_every: int = 50
@@ -383,7 +384,8 @@ def train(config: TrainConfig = TrainConfig(), log=print, model=None, batches=No
     if batches is None:
         def batches(step):
             samples = shapes_vqa.make_split("train", config.batch_size, config.data_seed, config.questions_per_image,
-                                            start=step * config.batch_size, shapes=shapes_at(config, step))
+                                            start=config.first_image + step * config.batch_size,
+                                            shapes=shapes_at(config, step))
             return encoder.batch(samples)
     history, aux_history = [], []
     started = time.time()
@@ -504,12 +506,16 @@ def main(argv=None) -> int:
     parser.add_argument("--log-every", type=int, default=TrainConfig().log_every, help="steps between log lines")
     parser.add_argument("--out", type=Path, help="folder for model.safetensors, card.json, predictions.jsonl")
     parser.add_argument("--ship", action="store_true", help="write into the package (capa_export/models/weights/)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="continue from the model weights of a --save-every checkpoint (a fresh optimiser and "
+                             "schedule); use --first-image to start after the images that run saw")
+    parser.add_argument("--first-image", type=int, default=0, help="index of the first training image")
     parser.add_argument("--save-every", type=int, default=0, metavar="N",
                         help="also save the training state every N steps to OUT/checkpoint.pt (long runs)")
     args = parser.parse_args(argv)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, questions_per_image=args.questions_per_image,
                          learning_rate=args.lr, seed=args.seed, data_seed=args.data_seed, threads=args.threads,
-                         log_every=args.log_every,
+                         log_every=args.log_every, first_image=args.first_image,
                          spec=dataclasses.replace(default_spec(), **args.widths))
     load_before = os.getloadavg()
     started = time.time()
@@ -520,7 +526,11 @@ def main(argv=None) -> int:
         def on_step(step, model, processor):
             if (step + 1) % args.save_every == 0:
                 torch.save({"step": step + 1, "model": model.state_dict()}, args.out / "checkpoint.pt")
-    model, processor, history = train(config, log=lambda line: print(line, flush=True), on_step=on_step)
+    model = None
+    if args.init_from is not None:
+        model = init_model(config.spec, config.seed)
+        model.load_state_dict(torch.load(args.init_from, weights_only=True)["model"])
+    model, processor, history = train(config, log=lambda line: print(line, flush=True), model=model, on_step=on_step)
     train_seconds = time.time() - started
     # Measure what ships: the weights rounded to fp16 (and computed in fp32, as the loader does).
     with torch.no_grad():
@@ -538,6 +548,7 @@ def main(argv=None) -> int:
         "script": "capa_export.training.train_tiny",
         "script_version": SCRIPT_VERSION,
         "data_seed": config.data_seed,
+        "initialised_from": str(args.init_from) if args.init_from is not None else None,
         "training_aids": TRAINING_AIDS,
         "train_images": config.steps * config.batch_size,
         "train_questions": config.steps * config.batch_size * config.questions_per_image,
