@@ -338,9 +338,9 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(served, reference):
              (pending[3], images[2], "Third?", 6)]):
         expect_equal(request.get_result(), reference.generate(Image.open(io.BytesIO(image)).convert("RGB"), prompt,
                                                               count), index)
-    with pytest.raises(InferenceServerException, match="^image: 11 bytes") as info:
+    with pytest.raises(InferenceServerException) as info:
         pending[1].get_result()
-    assert info.value.status() == "400"
+    assert info.value.status() == "400" and info.value.message().startswith("image: 11 bytes in no format")
     grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
     with pytest.raises(InferenceServerException) as info:
         grpc.infer("capa", http_inputs(grpcclient, images[0], "Fine?", 0))
@@ -369,6 +369,7 @@ def test_a_copied_repository_loads_in_the_bare_tritonserver(cpu_engine, referenc
         result = client.infer("capa", http_inputs(httpclient, data, "What do you see?", 5))
         expect_equal(result, reference.generate(Image.open(io.BytesIO(data)).convert("RGB"), "What do you see?", 5),
                      "copied")
+        client.close()  # Triton waits for open connections when it stops (up to its exit timeout, then status 1)
         runtime = server.runtime
     assert server.returncode == 0
     assert not server.leftover_processes() and not runtime.exists()
@@ -382,7 +383,7 @@ def test_serve_stops_cleanly_on_sigterm(served):
     pid = served.process.pid
     assert served.stop() == 0, served.log.read_text()[-3000:]
     log = served.log.read_text()
-    assert "stopped (status 0)" in log
+    assert "stopped (tritonserver status 0)" in log
     marker = f"capa-triton-{pid}-"
     left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)]
     assert not left, f"processes of the stopped server are still running: {left}"

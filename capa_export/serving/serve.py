@@ -252,8 +252,11 @@ def serve(repository: Path, *, ready_timeout_s: float = 300, announce=print, **s
         if stopping["signal"] is None:
             announce(f"tritonserver exited by itself with status {server.process.returncode}")
         code = server.stop(stopping["signal"] or signal.SIGTERM)
-        announce(f"stopped (status {code})")
-        return 0 if code == 0 and stopping["signal"] is not None else 1
+        # status 1 after a stop request: clients kept connections open past the exit timeout, or a
+        # model did not finalise in it
+        note = "" if code == 0 else ": the exit timeout expired (open client connections?); see its log"
+        announce(f"stopped (tritonserver status {code}{note})")
+        return 0 if stopping["signal"] is not None else 1
     finally:
         server.stop()
         for sig, handler in previous.items():
