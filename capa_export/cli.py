@@ -87,6 +87,9 @@ def _add_serving(parser):
                         help="new tokens for requests that do not say (default: 32)")
     parser.add_argument("--trust", default=None, metavar="PUBKEY",
                         help="PEM public key (capa-export keygen): the engine's signature must verify with it")
+    parser.add_argument("--stream", action="store_true",
+                        help="add the decoupled model capa_stream: the answer piece by piece over gRPC streaming "
+                             "(one more engine instance)")
 
 
 def _add_trust(parser):
@@ -375,7 +378,7 @@ def cmd_bench(args) -> int:
 
 def _serving_options(args) -> dict:
     return dict(instances=args.instances, max_batch=args.max_batch, queue_delay_us=args.max_queue_delay_us,
-                threads=args.threads, trust=args.trust, default_max_new_tokens=args.max_new_tokens)
+                threads=args.threads, trust=args.trust, default_max_new_tokens=args.max_new_tokens, stream=args.stream)
 
 
 def cmd_triton_repo(args) -> int:

@@ -109,7 +109,7 @@ def test_triton_repo_config_is_a_valid_triton_model_config(cpu_engine, tmp_path,
 
     engine, _ = cpu_engine
     assert main(["triton-repo", str(engine), str(tmp_path / "repo"), "--instances", "2", "--max-batch", "3",
-                 "--max-queue-delay-us", "700", "--threads", "1", "--max-new-tokens", "9"]) == 0
+                 "--max-queue-delay-us", "700", "--threads", "1", "--max-new-tokens", "9", "--stream"]) == 0
     assert "tested with Triton 2.51.0" in capsys.readouterr().out
     config = text_format.Parse((tmp_path / "repo/capa/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.backend, config.max_batch_size) == ("capa", "python", 3)
@@ -123,6 +123,9 @@ def test_triton_repo_config_is_a_valid_triton_model_config(cpu_engine, tmp_path,
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params == {"engine_dir": str(Path(engine).resolve()), "default_max_new_tokens": "9", "threads": "1"}
     assert "capa_export.serving.triton_model" in (tmp_path / "repo/capa/1/model.py").read_text()
+    stream = text_format.Parse((tmp_path / "repo/capa_stream/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (stream.name, stream.max_batch_size, stream.model_transaction_policy.decoupled) == ("capa_stream", 0, True)
+    assert {k: v.string_value for k, v in stream.parameters.items()} == params
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -173,7 +176,8 @@ def served(cpu_engine, signing_keys, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-m", "capa_export.cli", "serve", str(engine), "--http-port", str(http_port),
                "--grpc-port", str(grpc_port), "--metrics-port", "0", "--trust", str(signing_keys[1]),
-               "--max-queue-delay-us", "20000", "--max-new-tokens", "6", "--ready-timeout", str(READY_TIMEOUT_S)]
+               "--max-queue-delay-us", "20000", "--max-new-tokens", "6", "--stream",
+               "--ready-timeout", str(READY_TIMEOUT_S)]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Served(process, http_port, grpc_port, log)
@@ -345,6 +349,49 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(served, reference):
     with pytest.raises(InferenceServerException) as info:
         grpc.infer("capa", http_inputs(grpcclient, images[0], "Fine?", 0))
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and info.value.message().startswith("max_new_tokens: 0")
+
+
+@pytest.mark.slow
+@needs_server
+def test_the_stream_model_sends_the_answer_piece_by_piece(served, reference):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+
+    def stream(image: bytes, prompt: str, count: int, request_id: str):
+        inputs = []
+        for name, value, kind in (("image", image, "BYTES"), ("prompt", prompt.encode(), "BYTES"),
+                                  ("max_new_tokens", count, "INT32")):
+            inputs.append(grpcclient.InferInput(name, [1], kind))
+            inputs[-1].set_data_from_numpy(np.array([value], dtype=object if kind == "BYTES" else np.int32))
+        client.async_stream_infer("capa_stream", inputs, request_id=request_id, enable_empty_final_response=True)
+        pieces = []
+        while True:
+            result, error = responses.get(timeout=120)
+            if error is not None:
+                return pieces, error
+            response = result.get_response()
+            assert response.id == request_id
+            if result.as_numpy("text") is not None:
+                pieces.append(result.as_numpy("text")[0].decode())
+            if response.parameters["triton_final_response"].bool_param:
+                return pieces, None
+
+    try:
+        data = encoded(synthetic_image(7, seed=5))
+        pieces, error = stream(data, "Describe the picture.", 8, "s1")
+        assert error is None, error
+        expected = reference.generate(Image.open(io.BytesIO(data)).convert("RGB"), "Describe the picture.", 8)
+        assert "".join(pieces) == expected.text and len(pieces) > 1, pieces
+        pieces, error = stream(data, "Describe the picture.", 0, "s2")
+        assert not pieces and error.message().startswith("max_new_tokens: 0"), error
+    finally:
+        client.stop_stream()
+        client.close()
 
 
 @pytest.mark.slow

@@ -89,3 +89,28 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.close()
+
+
+class TritonPythonStreamModel(TritonPythonModel):
+    """The decoupled model (capa_stream): one response per piece of text as tokens arrive (gRPC
+    streaming), then an empty final one; requests run one at a time."""
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+
+            def piece(text: str, sender=sender):
+                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("text", np.array([text.encode("utf-8")], dtype=np.object_))]))
+
+            try:
+                item = parse_request(_input(request, "image"), _input(request, "prompt"),
+                                     _input(request, "max_new_tokens"), self.default_max_new_tokens)
+                check_request(self.engine, item)
+                self.engine.generate(item.image, item.prompt, item.max_new_tokens, stream=piece)
+            except Exception as exc:
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=_error(exc)),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None

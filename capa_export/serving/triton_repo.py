@@ -5,6 +5,7 @@ Layout (OUT):
                           parameters (engine_dir, trust, threads, default_max_new_tokens)
     capa/1/model.py       imports capa_export.serving.triton_model.TritonPythonModel
     capa/1/engine/        the engine folder, with --copy (else engine_dir names the original)
+    capa_stream/          with stream: a decoupled model answering piece by piece (gRPC streaming)
 
 The engine is checked here (manifest, sha256 of every file, signature with trust) and again by
 CapaEngine in each model instance when Triton loads it. Tested with the tritonserver 2.51.0 that
@@ -19,10 +20,11 @@ from pathlib import Path
 from ..errors import CapaError
 
 MODEL_NAME = "capa"
+STREAM_MODEL_NAME = "capa_stream"
 TRITON_VERSION = "2.51.0"
 MODEL_PY = ("# Written by capa-export triton-repo: the model runs in Triton's Python backend, with\n"
             "# capa-export installed in the Python environment of the backend's stub.\n"
-            "from capa_export.serving.triton_model import TritonPythonModel  # noqa: F401\n")
+            "from capa_export.serving.triton_model import {} as TritonPythonModel  # noqa: F401\n")
 
 
 def _string(text: str) -> str:
@@ -30,10 +32,35 @@ def _string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _parameters(parameters: dict[str, str]) -> str:
+    return "\n".join(f'  {{ key: {_string(k)}, value: {{ string_value: {_string(v)} }} }},'
+                     for k, v in parameters.items()).rstrip(",")
+
+
+def stream_model_config(parameters: dict[str, str]) -> str:
+    """config.pbtxt of the decoupled model: no batching, one piece of text per response."""
+    return f"""name: "{STREAM_MODEL_NAME}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+input [
+  {{ name: "image", data_type: TYPE_STRING, dims: [ 1 ], optional: true }},
+  {{ name: "prompt", data_type: TYPE_STRING, dims: [ 1 ], optional: true }},
+  {{ name: "max_new_tokens", data_type: TYPE_INT32, dims: [ 1 ], optional: true }}
+]
+output [
+  {{ name: "text", data_type: TYPE_STRING, dims: [ 1 ] }}
+]
+parameters [
+{_parameters(parameters)}
+]
+"""
+
+
 def model_config(*, max_batch: int, instances: int, queue_delay_us: int, parameters: dict[str, str]) -> str:
     """config.pbtxt of the served model (Triton's ModelConfig in protobuf text format)."""
-    params = "\n".join(f'  {{ key: {_string(k)}, value: {{ string_value: {_string(v)} }} }},'
-                       for k, v in parameters.items()).rstrip(",")
+    params = _parameters(parameters)
     return f"""name: "{MODEL_NAME}"
 backend: "python"
 max_batch_size: {max_batch}
@@ -65,12 +92,13 @@ parameters [
 
 def write_repository(engine_dir: str | Path, out: str | Path, *, instances: int = 1, max_batch: int | None = None,
                      queue_delay_us: int = 5000, threads: int | None = None, trust=None, copy: bool = False,
-                     default_max_new_tokens: int = 32) -> Path:
+                     default_max_new_tokens: int = 32, stream: bool = False) -> Path:
     """Write the model repository for engine_dir into out (a new or empty folder); returns out.
 
     max_batch: requests per engine run (default: the engine's profile maximum, shapes.batch).
     copy: copy the engine into the repository (self-contained); else reference it by absolute path.
-    trust: PEM public key the engine's signature must verify with (copied into the repository)."""
+    trust: PEM public key the engine's signature must verify with (copied into the repository).
+    stream: add the decoupled model capa_stream (its own engine instance)."""
     from ..artifacts import replace_directory
     from ..manifest import read_manifest
 
@@ -94,7 +122,7 @@ def write_repository(engine_dir: str | Path, out: str | Path, *, instances: int 
     def write(tmp: Path) -> None:
         version = tmp / MODEL_NAME / "1"
         version.mkdir(parents=True)
-        (version / "model.py").write_text(MODEL_PY)
+        (version / "model.py").write_text(MODEL_PY.format("TritonPythonModel"))
         parameters = {"engine_dir": str(engine_dir), "default_max_new_tokens": str(default_max_new_tokens)}
         if copy:
             shutil.copytree(engine_dir, version / "engine", symlinks=True)
@@ -107,5 +135,12 @@ def write_repository(engine_dir: str | Path, out: str | Path, *, instances: int 
             parameters["threads"] = str(threads)
         (tmp / MODEL_NAME / "config.pbtxt").write_text(model_config(
             max_batch=max_batch, instances=instances, queue_delay_us=queue_delay_us, parameters=parameters))
+        if stream:  # relative paths lead back to the batched model's copies
+            streaming = tmp / STREAM_MODEL_NAME / "1"
+            streaming.mkdir(parents=True)
+            (streaming / "model.py").write_text(MODEL_PY.format("TritonPythonStreamModel"))
+            shared = {k: (f"../{MODEL_NAME}/{v}" if k in ("trust", "engine_dir") and not v.startswith("/") else v)
+                      for k, v in parameters.items()}
+            (tmp / STREAM_MODEL_NAME / "config.pbtxt").write_text(stream_model_config(shared))
 
     return replace_directory(out, write)
