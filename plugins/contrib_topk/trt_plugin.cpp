@@ -135,7 +135,7 @@ int32_t ContribTopKPlugin::configurePlugin(
             logError("input 3 (k) must be INT32 or INT64");
             return -1;
         }
-        if (out[0].desc.type != DataType::kINT32 || out[0].max.nbDims != 2) {
+        if (out[0].desc.type != DataType::kINT32 || out[0].min.nbDims != 2 || out[0].max.nbDims != 2) {
             logError("output 0 (keep_indices) must be INT32 [B, k]");
             return -1;
         }
