@@ -598,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "127.0.0.1 unless --host says otherwise.")
     p.add_argument("engine", nargs="?", default=None, help="engine folder")
     p.add_argument("--repository", default=None, metavar="DIR",
-                   help="serve a model repository written by triton-repo instead of an engine folder")
+                   help="serve a model repository written by triton-repo instead of an engine folder (its "
+                        "config.pbtxt then sets instances, batching and the rest)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: 8001)")
