@@ -137,6 +137,12 @@ class LlavaNextFamily(LlavaFamily):
         return self.crop_tokens, self.crop_tokens + most
 
     def dim_ranges(self, processor, shapes: dict) -> dict[str, tuple[int, int, int]]:
+        """Visual tokens (candidates) per image, crops per image and the vision graph's output rows,
+        from the pinpoints (which the processor must share with the model: it cuts the crops)."""
+        theirs = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
+        if theirs is not None and [list(p) for p in theirs] != self.pinpoints:
+            raise CapaError(f"the processor's image_grid_pinpoints {[list(p) for p in theirs]} differ from the model's "
+                            f"{self.pinpoints}; save the processor that belongs to the model")
         low, high = self.visual_token_range(processor)
         fewest, most = self._grid_extremes()
         return {"visual_tokens": (low, high, high), "crops": (fewest, most, most),
