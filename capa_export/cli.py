@@ -18,12 +18,14 @@ DEFAULT_QUESTION = "What is in the picture? Describe it briefly."
 
 
 # --- argument helpers ----------------------------------------------------------------------------
-def _stage(text: str) -> tuple[int, int]:
+def _stage(text: str) -> tuple[int, int | float]:
+    """LAYER:KEEP, KEEP a count (2:64) or a fraction of the visual tokens (2:0.25)."""
     try:
         layer, keep = text.split(":")
-        return int(layer), int(keep)
+        return int(layer), float(keep) if any(c in keep for c in ".eE") else int(keep)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP (e.g. 2:64)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP with KEEP a count or a fraction "
+                                         f"(e.g. 2:64 or 2:0.25)") from None
 
 
 def _lowering(text: str) -> str:
@@ -102,7 +104,8 @@ def _add_calibrated(parser, note: str):
 
 def _add_capa(parser):
     parser.add_argument("--prune", type=_stage, nargs="*", default=[(2, 64)], metavar="K:k",
-                        help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K); "
+                        help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K; KEEP a "
+                             "count, 2:64, or a fraction of the image's visual tokens, 2:0.25); "
                              "several for a progressive schedule; none to disable (default: 2:64)")
     parser.add_argument("--variant", choices=VARIANTS, default="contrib",
                         help="token score: contrib (CAPA), value_norm, attention (FastV) (default: contrib)")
@@ -227,7 +230,8 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     path, report = build(args.model, args.profile, out=args.out, calibration_dir=args.calibrated, backend=args.backend,
                          pruning=args.pruning, plugin_library=args.plugin_library, calibration_samples=calibration,
-                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign)
+                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign,
+                         prune=args.prune)
     print(report["table"])
     if report.get("signature") == "signed":
         print(f"signed with {args.sign}: {path}/manifest.sig")
@@ -295,6 +299,7 @@ def _jsonl_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def cmd_run(args) -> int:
+    from .config import describe_keep
     from .runtime import CapaEngine
 
     if args.max_new_tokens < 1:
@@ -305,7 +310,7 @@ def cmd_run(args) -> int:
     with CapaEngine(args.engine, verify=not args.no_verify, trust=args.trust, plugin_library=args.plugin_library,
                     allow_engine_code=args.allow_engine_code, provider=args.provider, threads=args.threads) as engine:
         header = (f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
-                  f"keep {engine.manifest['k']} visual tokens")
+                  f"keep {describe_keep(engine.manifest['k']) if engine.manifest['k'] else 'all visual tokens'}")
         single = len(inputs) == 1 and not args.json
         if len(inputs) <= engine.max_batch:  # else the batch is refused in one line, with nothing before it
             print(header, file=sys.stderr)
@@ -417,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, dtype_help="dtype of the exported graphs: the engine precision (default: fp32)")
     _add_calibrated(p, "default: calibrate now")
     p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
-                   help="override the pruning schedule (k is fixed in the exported graph)")
+                   help="override the pruning schedule (a count is fixed in the exported graph; a fraction "
+                        "is computed from each image's visual tokens inside it)")
     p.add_argument("--pruning", type=_lowering, default="function",
                    help="function: one CapaContribTopK node with its ONNX local function (TensorRT runs its "
                         "plugin, other runtimes the standard-op body); inline: the body inlined, for runtimes "
@@ -443,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruning", type=_lowering, default=None,
                    help="override the profile's lowering: function or inline (see export --help)")
     p.add_argument("--plugin-library", default=None, help="TensorRT plugin library (TensorRT backend only)")
+    p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
+                   help="pruning schedule LAYER:KEEP over the profile's and the calibration's (KEEP a count, "
+                        "2:64, or a fraction of each image's visual tokens, 2:0.25); none to disable")
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")
     p.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")

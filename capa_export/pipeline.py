@@ -314,9 +314,11 @@ def validate(engine_dir: str | Path, model_name: str | None = None, samples=None
 def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str | Path | None = None,
           calibration_dir: str | None = None, backend: str | None = None, pruning: str | None = None,
           plugin_library: str | None = None, calibration_samples=None, validation_samples=None,
-          max_new_tokens: int = 8, progress: bool = True, log=print, sign_key=None) -> tuple[Path, dict]:
+          max_new_tokens: int = 8, progress: bool = True, log=print, sign_key=None,
+          prune: list | None = None) -> tuple[Path, dict]:
     """Model -> CAPA (calibrating unless calibration_dir) -> ONNX -> engine -> validation.
-    sign_key (a PEM private key, bytes or path): a validated engine is signed (manifest.sig)."""
+    sign_key (a PEM private key, bytes or path): a validated engine is signed (manifest.sig).
+    prune: the pruning schedule [(K, keep), ...], over the profile's and the calibration's."""
     from .export.exporter import export_model
     from .signing import check_private_key, sign_folder
 
@@ -326,6 +328,8 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
     profile = BuildProfile.load(profile_name)
     if pruning:
         profile.pruning = pruning
+    if prune is not None:
+        profile.prune = CapaConfig(prune=prune).prune  # validated as the profile's own
     engine_backend = backends.get(backend or profile.backend)
     engine_backend.check_precision(profile)  # before any work: bf16 where nothing here can run it
     name = f"{Path(model_name).name}-{profile.name}"
@@ -361,7 +365,7 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
     config = with_prune(config, profile.prune)
     config.check_for_model(num_layers)
     check_keep_for_engine(config, dims)
-    engine_backend.check(profile, config, plugin_library=plugin_library)
+    engine_backend.check(profile, config, plugin_library=plugin_library, max_visual=dims["visual_tokens"][2])
 
     work = make_work_dir(final)
     try:
@@ -410,6 +414,8 @@ def check_keep_for_engine(config: CapaConfig, dims: dict) -> None:
     """Every keep count within the fewest visual tokens an image the engine takes can give."""
     fewest = dims["visual_tokens"][0]
     for layer, keep in config.prune:
+        if isinstance(keep, float):  # a fraction of each image's tokens always fits
+            continue
         if keep > fewest:
             where = (f"the smallest image the profile allows ({dims['pixels'][0]} pixels, shapes.pixels)"
                      if "pixels" in dims else "an image")
