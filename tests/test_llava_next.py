@@ -7,6 +7,8 @@ its learned `image_newline` (the newline slots); the CapaModel (itself tested ag
 engines."""
 
 import json
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from .test_model import causal_mask, hf_decoder_inputs
 #: (height, width): a wide picture (1 x 2 crops) and a tall one (2 x 1 crops, as many tokens
 #: in another layout); the processor picks the grid from the aspect ratio
 WIDE, TALL = (300, 400), (520, 260)
+KEEP_FRACTION = "0.3"  # of each image's candidates (k = 403 of the wide picture's 1344: rounding exercised)
 
 
 def picture(height, width, seed=0):
@@ -111,6 +114,18 @@ def hf_reduced_reference(model, batch, kept_slots: list[int], layer: int):
         return adapter_for(model).lm_head(lm.norm(hidden))
 
 
+def test_keep_fraction_counts_patch_tokens_only(next_model):
+    """A fraction is of the candidates: with newlines kept, of the image tokens HF fills with patch
+    features; with newlines as candidates, of every image token."""
+    model, _ = next_model
+    batch = encode(next_model, TALL)
+    patches, image = hf_patch_tokens(model, batch), int((batch["input_ids"] == 32000).sum())
+    assert image > patches
+    for layout, n in ((False, patches), (True, image)):
+        out = apply_capa(model, CapaConfig(prune=[(2, 0.3)], prune_layout_tokens=layout))(**batch, last_logits_only=True)
+        assert out.keep_indices.shape == (1, expected_keep(n))
+
+
 @pytest.mark.parametrize("layout_candidates", [False, True])
 def test_pruned_equals_hf_layers_on_the_reduced_sequence(next_model, layout_candidates):
     """Keep 200 candidates from layer 2: text, the kept candidates and (by default) every newline
@@ -168,10 +183,21 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def next_engine(checkpoint, tmp_path_factory):
-    """`capa-export build --model DIR` (cpu profile: fp32, keep 64 from layer 2), built once."""
+    """`capa-export build --model DIR --prune 2:0.3` (cpu profile: fp32; keep 30% of each image's
+    patch tokens from layer 2, k computed from N inside the prefill graph), built once."""
     out = tmp_path_factory.mktemp("engines") / "next-cpu"
-    assert main(["build", "--model", str(checkpoint), "--out", str(out)]) == 0
+    assert main(["build", "--model", str(checkpoint), "--out", str(out), "--prune", f"2:{KEEP_FRACTION}"]) == 0
     return out
+
+
+def expected_keep(num_candidates: int) -> int:
+    """k for the engine's keep fraction, from its decimal definition: round(f * N), halves up, >= 1."""
+    return max(1, math.floor(Fraction(KEEP_FRACTION) * num_candidates + Fraction(1, 2)))
+
+
+def hf_patch_tokens(model, batch) -> int:
+    """Image tokens HF fills with patch features (not with its image_newline)."""
+    return int((hf_packed_features(model, batch) != model.model.image_newline).any(-1).sum())
 
 
 def test_checkpoint_directory_builds_a_validated_engine(next_engine):
@@ -185,7 +211,8 @@ def test_checkpoint_directory_builds_a_validated_engine(next_engine):
 
 @pytest.mark.parametrize("size", [WIDE, TALL])
 def test_engine_equals_the_capa_model_on_two_aspect_ratios(next_engine, checkpoint, size):
-    """Kept indices exact, greedy tokens equal, on a wide and a tall picture."""
+    """Kept indices exact (k the fraction of the image's own patch tokens), greedy tokens equal, on a
+    wide and a tall picture."""
     from capa_export.pipeline import load_calibration
 
     model, processor = load_model(str(checkpoint))
@@ -195,7 +222,8 @@ def test_engine_equals_the_capa_model_on_two_aspect_ratios(next_engine, checkpoi
     expected, prefill = capa.generate(**batch, max_new_tokens=5)
     with CapaEngine(next_engine) as engine:
         tokens, keep, _ = engine.generate_ids(batch, max_new_tokens=5)
-    assert keep.tolist() == prefill.keep_indices.tolist() and keep.shape == (1, 64)
+    assert keep.tolist() == prefill.keep_indices.tolist()
+    assert keep.shape == (1, expected_keep(hf_patch_tokens(model, batch)))
     assert tokens.tolist() == expected.tolist()
 
 
