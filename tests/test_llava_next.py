@@ -147,6 +147,20 @@ def test_pruned_equals_hf_layers_on_the_reduced_sequence(next_model, layout_cand
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_bench_sizes_are_real_llava_next_configs():
+    """`capa-export bench --size llava-next-7b` builds a LlavaNextForConditionalGeneration with
+    llava-v1.6-vicuna-7b's decoder (on the meta device here: no memory) fed a full 2 x 2 grid."""
+    from capa_export.bench import sizes
+    from capa_export.models.llava_next import LlavaNextFamily
+
+    assert sizes()["llava-next-7b"] == sizes()["llava-next-mid"] == "llava_next"
+    model, visual = LlavaNextFamily.bench_model("llava-next-7b", "meta")
+    text = model.config.text_config
+    assert model.config.model_type == "llava_next" and (text.hidden_size, text.num_hidden_layers) == (4096, 32)
+    assert model.config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert visual == 576 + 48 * 49  # base crop + 48 rows of 48 patches and a newline
+
+
 def test_inconsistent_image_inputs_are_refused(next_model):
     model, _ = next_model
     batch = encode(next_model, WIDE)

@@ -82,9 +82,12 @@ class LlavaNextFamily(LlavaFamily):
     adapter = LlavaNextAdapter
     # image_sizes: kept for the host-side packing (not a vision-graph input)
     text_keys = ("input_ids", "attention_mask", "image_sizes")
-    #: random-weight models of real sizes for `capa-export bench`: llava-v1.6-vicuna-7b's decoder and
-    #: CLIP-L/336 tower; "visual" is the most patch tokens an image gives (2 x 2 grid: 576 + 48 x 48)
+    #: random-weight models of real sizes for `capa-export bench` (llava-v1.6-vicuna-7b's decoder and
+    #: CLIP-L/336 tower); the visual tokens fed are the most one image gives (visual_token_range)
     bench_sizes = {
+        # the "mid" decoder (llava.py) with LLaVA-NeXT's anyres prompt: what a CPU can time
+        "llava-next-mid": dict(hidden=1024, layers=16, heads=16, kv_heads=16, intermediate=2816, vocab=32064,
+                               vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096),
         "llava-next-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
                               vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096),
     }
