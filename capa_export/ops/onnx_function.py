@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 from .spec import SPEC
 
 #: the op's inputs: probs, values, o_weight, k
-INPUTS = (*SPEC.inputs[:3], SPEC.inputs[3] if len(SPEC.inputs) > 3 else "k")
+INPUTS = tuple(SPEC.inputs)
 
 #: lowest opset of the function body (TopK with k as an input, Shape with start/end); a model
 #: gets the body at its own default-domain opset (a function's imports must agree with the model's)
@@ -123,10 +123,15 @@ def make_function(variant: str, opset: int = BODY_OPSET) -> onnx.FunctionProto:
 
 
 def node_attributes(k: int, variant: str) -> dict:
-    """The node's attributes: exactly the plugin creator's fields (k: the count when it is a
-    build-time constant, 0 when it comes from the k input)."""
-    return {"k": int(k), "variant": SPEC.variants[variant], "plugin_version": SPEC.version,
-            "plugin_namespace": SPEC.namespace}
+    """The node's attributes: the plugin creator's fields (k: the count when it is a build-time
+    constant, 0 when it comes from the k input), and for TensorRT's ONNX parser the list of inputs
+    it passes to the plugin as shape inputs (k). The parser hands the creator only its own fields;
+    the function body does not use the extra attribute, which ONNX allows on a function call."""
+    attributes = {"k": int(k), "variant": SPEC.variants[variant], "plugin_version": SPEC.version,
+                  "plugin_namespace": SPEC.namespace}
+    if SPEC.shape_input_attribute:
+        attributes[SPEC.shape_input_attribute] = list(SPEC.shape_input_indices)
+    return attributes
 
 
 def make_node(inputs: list[str], output: str, k: int, variant: str = "contrib", name: str | None = None):
