@@ -255,3 +255,18 @@ def test_more_crops_than_the_engine_takes_are_refused(next_engine):
         batch = runner.prepare([picture(200, 900)], ["What?"])
         with pytest.raises(CapaError, match="an image of 200x900 pixels is cut into 4 crops but the engine takes at most 3"):
             runner.generate_ids(batch, max_new_tokens=2)
+
+
+def test_fp16_engine_of_the_embedded_model_validates(tmp_path, capsys):
+    """fp16 graphs (ONNX Runtime CPU) of tiny-llava-next within the fp16 tolerances, kept indices
+    exact, 90% teacher-forced agreement at least. The profile's sequence range covers an anyres
+    prompt (the shipped edge profile stops at 1,024 tokens)."""
+    profile = tmp_path / "next-fp16.toml"
+    profile.write_text('name = "next-fp16"\nbackend = "onnxruntime"\nprecision = "fp16"\n'
+                       'providers = ["CPUExecutionProvider"]\n[shapes]\nbatch = [1, 1, 1]\n'
+                       'sequence = [8, 1500, 3072]\npast = [1, 1600, 4096]\nimages = [1, 1, 1]\n')
+    code = main(["build", "--model", "tiny-llava-next", "--profile", str(profile), "--out", str(tmp_path / "fp16")])
+    out = capsys.readouterr().out
+    assert code == 0 and "validation PASSED (fp16, onnxruntime)" in out
+    validation = json.loads((tmp_path / "fp16" / "validation.json").read_text())
+    assert validation["passed"] and all(e["keep_overlap"] == 1.0 for e in validation["end_to_end"])
