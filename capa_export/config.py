@@ -33,6 +33,9 @@ class CapaConfig:
     ffn_range:     [first, last] layers "auto" may choose from (inclusive); None = 1 .. L-2.
     ffn_ridge:     ridge lambda, relative to the mean diagonal of the Gram matrix (scale-free).
     ffn_rank:      optional rank r of the folded map (A ~= U V); None = full rank.
+    prune_layout_tokens: whether image tokens that carry layout rather than content (LLaVA-NeXT's
+                   row newlines; ModelFamily.layout_token_mask) are pruning candidates; False = they
+                   stay in the sequence like text and only patch tokens are scored and dropped.
     """
 
     prune: list[tuple[int, int | float]] = field(default_factory=lambda: [(2, 64)])
@@ -43,6 +46,7 @@ class CapaConfig:
     ffn_range: tuple[int, int] | None = None
     ffn_ridge: float = 1e-3
     ffn_rank: int | None = None
+    prune_layout_tokens: bool = False
 
     def __post_init__(self):
         self.prune = [self._stage(i, s) for i, s in enumerate(self.prune)]
@@ -78,6 +82,8 @@ class CapaConfig:
             self.ffn_range = (lo, hi)
         if float(self.ffn_ridge) < 0:
             raise CapaError(f"ffn_ridge {self.ffn_ridge} must be >= 0")
+        if not isinstance(self.prune_layout_tokens, bool):
+            raise CapaError(f"prune_layout_tokens {self.prune_layout_tokens!r} must be true or false")
         if self.ffn_rank is not None and int(self.ffn_rank) <= 0:
             raise CapaError(f"ffn_rank {self.ffn_rank} must be a positive integer or None (full rank)")
 

@@ -172,7 +172,7 @@ def generate(model_name: str = DEFAULT_MODEL, *, sample: CalibrationSample, conf
     agreement = float((tokens == baseline[:, : tokens.shape[1]]).float().mean())
     return GenerateResult(tokens[0].tolist(), processor.tokenizer.decode(tokens[0], skip_special_tokens=True),
                           prefill.keep_indices[0].tolist(), agreement, int(batch["input_ids"].shape[1]),
-                          int(capa.visual_slots(batch["input_ids"]).shape[1]), seconds, config)
+                          int(capa.visual_slots(batch["input_ids"], batch).shape[1]), seconds, config)
 
 
 def calibrated_in_fp32(model_name: str, calibration_samples=None, device=None, progress: bool = True):

@@ -63,6 +63,7 @@ CAPA_CONFIG = {
                       "expect": "null or [first, last] layer indices"},
         "ffn_ridge": {"type": "number", "minimum": 0},
         "ffn_rank": {"type": ["integer", "null"], "minimum": 1},
+        "prune_layout_tokens": {"type": "boolean"},
     },
 }
 

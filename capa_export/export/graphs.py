@@ -93,7 +93,9 @@ class PrefillGraph(nn.Module):
         # [B, 1, D] rather than [B, D]: the same MatMul (and folded weight layout) as decode, so the
         # lm_head bytes are shared in weights.data instead of stored once per layout
         logits = capa.adapter.lm_head(capa.adapter.final_norm(state.hidden[:, -1:]))[:, 0]
-        keep = state.stage_keep[-1] if state.stage_keep else visual_positions - visual_positions[:, :1]
+        # unpruned: every candidate kept (0..N-1; candidates need not be contiguous)
+        keep = state.stage_keep[-1] if state.stage_keep else \
+            torch.cumsum(torch.ones_like(visual_positions), dim=1) - 1
         outputs = [logits, keep]
         outputs += state.segment_masks
         for key, value in zip(state.keys, state.values):
@@ -148,6 +150,6 @@ def graph_inputs(capa: CapaModel, batch: dict, decode_tokens: torch.Tensor | Non
         "vision": capa.vision_inputs(batch),
         "embed": {"input_ids": ids},
         "prefill": {"inputs_embeds": capa.embed(**batch), "attention_mask": mask.to(torch.int64),
-                    "position_ids": family.prefill_positions(batch), "visual_positions": capa.visual_slots(ids)},
+                    "position_ids": family.prefill_positions(batch), "visual_positions": capa.visual_slots(ids, batch)},
         "decode": decode,
     }
