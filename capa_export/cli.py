@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .artifacts import check_replaceable
 from .dtypes import NAMES as FLOAT_TYPE_NAMES
+from . import logs
 from .errors import CapaError
 from .method.scoring import VARIANTS
 from .pipeline import DEFAULT_MODEL
@@ -227,7 +228,8 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     path, report = build(args.model, args.profile, out=args.out, calibration_dir=args.calibrated, backend=args.backend,
                          pruning=args.pruning, plugin_library=args.plugin_library, calibration_samples=calibration,
-                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign)
+                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign,
+                         log=logs.info)
     print(report["table"])
     if report.get("signature") == "signed":
         print(f"signed with {args.sign}: {path}/manifest.sig")
@@ -519,12 +521,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny model, 3 runs: checks the path, not the speed")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<size>-<dtype>-b<batch>.json)")
     p.set_defaults(func=cmd_bench)
+    for command in sub.choices.values():
+        _add_log_level(command)
     return parser
+
+
+def _add_log_level(parser):
+    from .logs import DEFAULT_LEVEL, LEVELS
+
+    group = parser.add_argument_group("output")
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument("--log-level", choices=tuple(LEVELS), default=DEFAULT_LEVEL,
+                        help=f"status lines and progress at info; libraries' warnings only at debug (default: "
+                             f"{DEFAULT_LEVEL})")
+    choice.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                        help="results and errors only (--log-level warning)")
+    choice.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                        help="also the libraries' warnings and Polygraphy's own lines (--log-level debug)")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .logs import configure
+
+    configure(args.log_level)
     try:
         return args.func(args)
     except CapaError as exc:

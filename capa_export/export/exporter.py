@@ -81,13 +81,15 @@ def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, pro
     contract = capa.family.graph_contract(capa.layer_segments())
     examples = example_inputs(capa, processor)
     modules = graph_modules(capa, pruning)
-    from tqdm import tqdm
+    from ..logs import Progress
 
-    for name in tqdm(graphs, desc="exporting", unit="graph", disable=not progress):
+    steps = Progress(graphs, "exporting", "graph", enabled=progress)
+    for name in steps:
         spec = contract[name]
         path = directory / f"{name}.onnx"
-        _export_one(modules[name], spec.forward_arguments(examples[name]), path, spec.input_names,
-                    spec.output_names, spec.dynamic_shapes(), quiet=True)
+        with steps.alive(f"tracing {name}.onnx"):  # the prefill graph takes minutes on a real model
+            _export_one(modules[name], spec.forward_arguments(examples[name]), path, spec.input_names,
+                        spec.output_names, spec.dynamic_shapes(), quiet=True)
         if name == "prefill":
             place_selection(path, pruning)
     return contract
