@@ -19,12 +19,29 @@ DEFAULT_QUESTION = "What is in the picture? Describe it briefly."
 
 
 # --- argument helpers ----------------------------------------------------------------------------
-def _stage(text: str) -> tuple[int, int]:
+def _stage(text: str) -> tuple[int, int] | str:
+    if text in ("none", "auto"):
+        return text
     try:
         layer, keep = text.split(":")
         return int(layer), int(keep)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP (e.g. 2:64)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP (e.g. 2:64), none or auto") from None
+
+
+def _schedule(stages, allow_auto: bool = False):
+    """--prune's values: the stages, [] for none, "auto" where the command takes it; None if not given."""
+    if stages is None:
+        return None
+    words = [s for s in stages if isinstance(s, str)]
+    if not words:
+        return list(stages)
+    if len(stages) > 1:
+        raise CapaError(f"--prune {words[0]} stands alone; give it, or LAYER:KEEP stages, not both")
+    if words[0] == "auto" and not allow_auto:
+        raise CapaError("--prune auto is taken by build only (it reads analyze's suggestion); give LAYER:KEEP stages, "
+                        "or none")
+    return [] if words[0] == "none" else "auto"
 
 
 def _lowering(text: str) -> str:
@@ -88,6 +105,12 @@ def _add_trust(parser):
                              "only for engines from builders you trust")
 
 
+def _add_force(parser):
+    parser.add_argument("--force", action="store_true",
+                        help="replace a complete folder of the same kind at --out (a folder of another kind, or "
+                             "not ours, is never replaced)")
+
+
 def _add_calibration(parser):
     parser.add_argument("--calibration-images", "--calibration", dest="calibration_images", default=None, metavar="DIR",
                         help="folder of images (+ prompts.txt or <image>.txt) to calibrate on; default: a built-in "
@@ -122,7 +145,7 @@ def _add_capa(parser):
 def _capa_config(args):
     from .config import CapaConfig
 
-    return CapaConfig(prune=args.prune, variant=args.variant, queries=args.queries, ffn_layers=args.ffn_layers,
+    return CapaConfig(prune=_schedule(args.prune), variant=args.variant, queries=args.queries, ffn_layers=args.ffn_layers,
                       ffn_threshold=args.ffn_threshold, ffn_range=args.ffn_range, ffn_ridge=args.ridge,
                       ffn_rank=args.rank)
 
@@ -159,7 +182,7 @@ def cmd_analyze(args) -> int:
     settings = AnalysisSettings(sink_ratio=args.sink_ratio, keep=args.keep, ffn_threshold=args.ffn_threshold)
     start = time.perf_counter()
     out, report = analyze(args.model, args.out, sample=_input_sample(args), calibration_samples=_calibration_samples(args),
-                          settings=settings, dtype=args.dtype, device=args.device)
+                          settings=settings, dtype=args.dtype, device=args.device, force=args.force)
     print(format_table(report))
     print(f"analysis of {args.model} written to {out}/ (report.json, sinks.png, attention_vs_contribution.png, "
           f"ffn_linearity.png) in {time.perf_counter() - start:.1f} s")
@@ -169,11 +192,13 @@ def cmd_analyze(args) -> int:
 def cmd_calibrate(args) -> int:
     from .pipeline import calibrate
 
-    check_replaceable(args.out)
+    from .manifest import CALIBRATION
+
+    check_replaceable(args.out, CALIBRATION, args.force)
     calibration = _calibration_samples(args)
     start = time.perf_counter()
     out, config, approx = calibrate(args.model, args.out, config=_capa_config(args), calibration_samples=calibration,
-                                    dtype=args.dtype, device=args.device)
+                                    dtype=args.dtype, device=args.device, force=args.force)
     if approx is not None:
         print(f"{'layer':>5} {'train err':>9} {'held-out':>9} {'text rows':>9}  approximated")
         for layer, errors in approx.errors().items():
@@ -211,9 +236,9 @@ def cmd_export(args) -> int:
     from .pipeline import export
 
     start = time.perf_counter()
-    out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=args.prune,
+    out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=_schedule(args.prune),
                            dtype=args.dtype or "fp32", pruning=args.pruning, attention=args.attention,
-                           device=args.device)
+                           device=args.device, force=args.force)
     print(format_summary(manifest))
     print(f"exported {args.model} ({manifest['dtype']}) to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
@@ -229,7 +254,8 @@ def cmd_build(args) -> int:
     path, report = build(args.model, args.profile, out=args.out, calibration_dir=args.calibrated, backend=args.backend,
                          pruning=args.pruning, plugin_library=args.plugin_library, calibration_samples=calibration,
                          validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign,
-                         log=logs.info)
+                         log=logs.info, force=args.force, prune=_schedule(args.prune, allow_auto=True),
+                         keep=args.keep, analysis_dir=args.analysis)
     print(report["table"])
     if report.get("signature") == "signed":
         print(f"signed with {args.sign}: {path}/manifest.sig")
@@ -387,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn-threshold", type=float, default=0.15,
                    help="relative error under which a layer's FFN counts as linear (default: 0.15)")
     p.add_argument("--out", default="out/analysis", help="output folder (default: out/analysis)")
+    _add_force(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("calibrate", help="fit the FFN approximation and write a CAPA config",
@@ -398,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pixel_cap(p)
     _add_capa(p)
     p.add_argument("--out", default="out/calibration", help="output folder (default: out/calibration)")
+    _add_force(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("generate", help="run the CAPA model in PyTorch on one image + prompt",
@@ -428,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: each layer's attention as one ONNX Attention op (opset 23; ONNX Runtime >= 1.23, "
                         "TensorRT >= 10.14); explicit: MatMul/Softmax/MatMul (default: fused)")
     p.add_argument("--out", default="out/onnx", help="output folder (default: out/onnx)")
+    _add_force(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build", help="calibrate + export + build an engine + validate, in one command",
@@ -445,17 +474,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruning", type=_lowering, default=None,
                    help="override the profile's lowering: function or inline (see export --help)")
     p.add_argument("--plugin-library", default=None, help="TensorRT plugin library (TensorRT backend only)")
+    p.add_argument("--prune", type=_stage, nargs="+", default=None, metavar="K:k",
+                   help="pruning stages LAYER:KEEP (replacing the profile's and the calibration's), none, or auto: "
+                        "analyze's suggested layer and FFN range (from --analysis DIR, else analysed now)")
+    p.add_argument("--keep", type=int, default=None, metavar="N",
+                   help="visual tokens kept by the single pruning stage (at layer 2, or the suggested layer with "
+                        "--prune auto)")
+    p.add_argument("--analysis", default=None, metavar="DIR",
+                   help="an `analyze` folder of this model whose suggestion --prune auto takes")
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")
     p.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
     p.add_argument("--sign", default=None, metavar="KEY",
                    help="PEM Ed25519 private key (capa-export keygen): sign the validated engine (manifest.sig)")
     p.add_argument("--out", default=None, help="engine folder (default: engines/<model>-<profile>)")
+    _add_force(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("validate", help="compare an engine with the PyTorch CapaModel (Polygraphy)",
                        description="Graph-by-graph Polygraphy comparison and end-to-end greedy-token agreement; "
-                                   "writes validation.json, marks the engine complete or not; exit 1 on failure.")
+                                   "writes revalidation.json beside the build's validation.json, marks the engine "
+                                   "complete or not; exit 1 on failure.")
     p.add_argument("engine", help="engine folder")
     p.add_argument("--model", default=None,
                    help="model to compare with: needed unless the manifest names an embedded model (a path or hub id "
