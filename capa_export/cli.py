@@ -200,10 +200,15 @@ def cmd_calibrate(args) -> int:
     out, config, approx = calibrate(args.model, args.out, config=_capa_config(args), calibration_samples=calibration,
                                     dtype=args.dtype, device=args.device, force=args.force)
     if approx is not None:
-        print(f"{'layer':>5} {'train err':>9} {'held-out':>9} {'text rows':>9}  approximated")
-        for layer, errors in approx.errors().items():
+        errors_by_layer = approx.errors()
+        # text rows are measured by `analyze` (FFN linearity), not by calibration: no column of nan
+        with_text = any(e.get("text") == e.get("text") and e.get("text") is not None for e in errors_by_layer.values())
+        print(f"{'layer':>5} {'train err':>9} {'held-out':>9}" + (f" {'text rows':>9}" if with_text else "") +
+              "  approximated")
+        for layer, errors in errors_by_layer.items():
             mark = "yes" if layer in config.ffn_layers else "-"
-            print(f"{layer:>5} {errors['train']:>9.4f} {errors['heldout']:>9.4f} {errors['text']:>9.4f}  {mark}")
+            text = f" {errors['text']:>9.4f}" if with_text else ""
+            print(f"{layer:>5} {errors['train']:>9.4f} {errors['heldout']:>9.4f}{text}  {mark}")
     print(f"CAPA config: {config.describe()}")
     print(f"calibration of {args.model} on {len(calibration)} inputs written to {out}/ in "
           f"{time.perf_counter() - start:.1f} s")

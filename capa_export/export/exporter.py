@@ -240,7 +240,8 @@ def format_summary(manifest: dict) -> str:
         rows.append(f"{name:<8} {info['nodes']:>6} {info['parameters']:>12,}  {ops}")
         if name == "prefill":
             special = {op: n for op, n in info["ops"].items() if op in (SPEC.name, "TopK")}
-            rows.append(f"{'':<8} pruning: {manifest['pruning']} ({special}); k = {manifest['k']}; "
+            nodes = ", ".join(f"{n} {op}" for op, n in special.items()) or "no selection node"
+            rows.append(f"{'':<8} pruning: {manifest['pruning']} ({nodes}); k = {manifest['k']}; "
                         f"FFN approximated in layers {manifest['ffn_layers'] or 'none'}")
     weights = manifest["weights"]
     rows.append(f"weights.data: {weights['bytes_stored'] / 2**20:.1f} MiB stored for "
