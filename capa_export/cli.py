@@ -224,8 +224,12 @@ def cmd_generate(args) -> int:
     config = result.config
     seq, visual, kept = result.prompt_tokens, result.visual_tokens, len(result.keep_indices)
     print(f"model {args.model}: {config.describe()}")
-    print(f"prompt: {seq} tokens ({visual} visual); kept {kept} visual tokens from layer "
-          f"{config.prune[0][0] if config.prune else '-'}: sequence {seq} -> {seq - visual + kept}")
+    # keep_indices are the last stage's: name its layer (and the whole schedule when there are several)
+    stages = ", ".join(f"{layer}:{keep}" for layer, keep in config.prune)
+    where = (f"from layer {config.prune[-1][0]}" + (f" (stages {stages})" if len(config.prune) > 1 else "")
+             if config.prune else "(no pruning)")
+    print(f"prompt: {seq} tokens ({visual} visual); kept {kept} visual tokens {where}: sequence {seq} -> "
+          f"{seq - visual + kept}")
     print(f"first kept visual tokens: {result.keep_indices[:16]}")
     print(f"answer ({len(result.tokens)} tokens, {result.seconds:.2f} s): {result.text!r}")
     print(f"greedy-token agreement with the unpruned model: {result.agreement_with_unpruned:.0%}")

@@ -43,3 +43,9 @@ def test_plots_count_in_whole_numbers_mark_layer_k_and_show_several_layers(tmp_p
     titles = [ax.get_title() for ax in figures[-1].axes]
     assert len(titles) >= 3 and any("layer 2" in t for t in titles) and any("layer 7" in t for t in titles)
     assert isinstance(count_axis.yaxis.get_major_locator(), MaxNLocator)
+
+
+def test_a_two_stage_summary_names_the_last_stages_layer(capsys):
+    assert main(["generate", "-q", "--prune", "2:64", "4:16", "--ffn-layers", "none", "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 16 visual tokens from layer 4 (stages 2:64, 4:16)" in out
