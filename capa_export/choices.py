@@ -4,7 +4,8 @@
     --prune none            no pruning
     --prune auto            analyze's suggested layer K and FFN range: from --analysis DIR (a report
                             `analyze` wrote for this model), else from an analysis run now
-    --keep N                the k of the single stage (layer 2 by default, K with auto)
+    --keep N                the k of the single stage (layer 2 by default, K with auto): a count,
+                            or a fraction of each image's visual tokens (0.25)
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class Suggestion:
 
 def check_choice(prune, keep: int | None) -> None:
     """Refuse, before any work, a combination that says two things."""
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise CapaError(f"--keep {keep!r} must be a whole number of visual tokens >= 1")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, float))
+                             or (isinstance(keep, int) and keep < 1)
+                             or (isinstance(keep, float) and not 0 < keep <= 1)):
+        raise CapaError(f"--keep {keep!r} must be a count of visual tokens >= 1, or a fraction in (0, 1]")
     if keep is not None and isinstance(prune, list) and prune:
         raise CapaError(f"--keep {keep} and --prune {' '.join(f'{a}:{b}' for a, b in prune)} both give k: give the "
                         f"stages with --prune, or one stage's k with --keep")

@@ -19,14 +19,23 @@ DEFAULT_QUESTION = "What is in the picture? Describe it briefly."
 
 
 # --- argument helpers ----------------------------------------------------------------------------
-def _stage(text: str) -> tuple[int, int] | str:
+def _stage(text: str) -> tuple[int, int | float] | str:
+    """LAYER:KEEP, KEEP a count (2:64) or a fraction of the visual tokens (2:0.25); or none / auto."""
     if text in ("none", "auto"):
         return text
     try:
         layer, keep = text.split(":")
-        return int(layer), int(keep)
+        return int(layer), float(keep) if any(c in keep for c in ".eE") else int(keep)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP (e.g. 2:64), none or auto") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP with KEEP a count or a fraction "
+                                         f"(e.g. 2:64 or 2:0.25), none or auto") from None
+
+
+def _keep(text: str) -> int | float:
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (64) or a fraction (0.25)") from None
 
 
 def _schedule(stages, allow_auto: bool = False):
@@ -126,7 +135,8 @@ def _add_calibrated(parser, note: str):
 
 def _add_capa(parser):
     parser.add_argument("--prune", type=_stage, nargs="*", default=[(2, 64)], metavar="K:k",
-                        help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K); "
+                        help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K; KEEP a "
+                             "count, 2:64, or a fraction of the image's visual tokens, 2:0.25); "
                              "several for a progressive schedule; none to disable (default: 2:64)")
     parser.add_argument("--variant", choices=VARIANTS, default="contrib",
                         help="token score: contrib (CAPA), value_norm, attention (FastV) (default: contrib)")
@@ -332,6 +342,7 @@ def _jsonl_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def cmd_run(args) -> int:
+    from .config import describe_keep
     from .runtime import CapaEngine
 
     if args.max_new_tokens < 1:
@@ -342,7 +353,7 @@ def cmd_run(args) -> int:
     with CapaEngine(args.engine, verify=not args.no_verify, trust=args.trust, plugin_library=args.plugin_library,
                     allow_engine_code=args.allow_engine_code, provider=args.provider, threads=args.threads) as engine:
         header = (f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
-                  f"keep {engine.manifest['k']} visual tokens")
+                  f"keep {describe_keep(engine.manifest['k']) if engine.manifest['k'] else 'all visual tokens'}")
         single = len(inputs) == 1 and not args.json
         if len(inputs) <= engine.max_batch:  # else the batch is refused in one line, with nothing before it
             print(header, file=sys.stderr)
@@ -456,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, dtype_help="dtype of the exported graphs: the engine precision (default: fp32)")
     _add_calibrated(p, "default: calibrate now")
     p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
-                   help="override the pruning schedule (k is fixed in the exported graph)")
+                   help="override the pruning schedule (a count is fixed in the exported graph; a fraction "
+                        "is computed from each image's visual tokens inside it)")
     p.add_argument("--pruning", type=_lowering, default="function",
                    help="function: one CapaContribTopK node with its ONNX local function (TensorRT runs its "
                         "plugin, other runtimes the standard-op body); inline: the body inlined, for runtimes "
@@ -483,12 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruning", type=_lowering, default=None,
                    help="override the profile's lowering: function or inline (see export --help)")
     p.add_argument("--plugin-library", default=None, help="TensorRT plugin library (TensorRT backend only)")
-    p.add_argument("--prune", type=_stage, nargs="+", default=None, metavar="K:k",
-                   help="pruning stages LAYER:KEEP (replacing the profile's and the calibration's), none, or auto: "
-                        "analyze's suggested layer and FFN range (from --analysis DIR, else analysed now)")
-    p.add_argument("--keep", type=int, default=None, metavar="N",
-                   help="visual tokens kept by the single pruning stage (at layer 2, or the suggested layer with "
-                        "--prune auto)")
+    p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
+                   help="pruning stages LAYER:KEEP over the profile's and the calibration's (KEEP a count, 2:64, or "
+                        "a fraction of each image's visual tokens, 2:0.25), none, or auto: analyze's suggested layer "
+                        "and FFN range (from --analysis DIR, else analysed now)")
+    p.add_argument("--keep", type=_keep, default=None, metavar="N",
+                   help="visual tokens kept by the single pruning stage, a count or a fraction (at layer 2, or the "
+                        "suggested layer with --prune auto)")
     p.add_argument("--analysis", default=None, metavar="DIR",
                    help="an `analyze` folder of this model whose suggestion --prune auto takes")
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")

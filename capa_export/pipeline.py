@@ -411,7 +411,7 @@ def _build(model_name, profile_name, out, calibration_dir, backend, pruning, plu
     config = with_prune(config, profile.prune)
     config.check_for_model(num_layers)
     check_keep_for_engine(config, dims)
-    engine_backend.check(profile, config, plugin_library=plugin_library)
+    engine_backend.check(profile, config, plugin_library=plugin_library, max_visual=dims["visual_tokens"][2])
 
     work = make_work_dir(final)
     try:
@@ -474,6 +474,8 @@ def check_keep_for_engine(config: CapaConfig, dims: dict) -> None:
     """Every keep count within the fewest visual tokens an image the engine takes can give."""
     fewest = dims["visual_tokens"][0]
     for layer, keep in config.prune:
+        if isinstance(keep, float):  # a fraction of each image's tokens always fits
+            continue
         if keep > fewest:
             where = (f"the smallest image the profile allows ({dims['pixels'][0]} pixels, shapes.pixels)"
                      if "pixels" in dims else "an image")

@@ -241,7 +241,8 @@ def format_summary(manifest: dict) -> str:
         if name == "prefill":
             special = {op: n for op, n in info["ops"].items() if op in (SPEC.name, "TopK")}
             nodes = ", ".join(f"{n} {op}" for op, n in special.items()) or "no selection node"
-            rows.append(f"{'':<8} pruning: {manifest['pruning']} ({nodes}); k = {manifest['k']}; "
+            rows.append(f"{'':<8} pruning: {manifest['pruning']} ({nodes}); "
+                        f"k = {manifest['k']}{' of N' if isinstance(manifest['k'], float) else ''}; "
                         f"FFN approximated in layers {manifest['ffn_layers'] or 'none'}")
     weights = manifest["weights"]
     rows.append(f"weights.data: {weights['bytes_stored'] / 2**20:.1f} MiB stored for "

@@ -33,15 +33,18 @@ def pruning_lowering(name: str) -> str:
 
 def select_with_function(variant: str):
     """Eager: the capa::contrib_topk op. Exported: one CapaContribTopK node, inputs in the graph's
-    dtype (the function body accumulates in fp32; no fp32 copy of W_O), int32 [B, k] output."""
+    dtype (the function body accumulates in fp32; no fp32 copy of W_O) and k as an int64 [1]
+    tensor (computed from N for a keep fraction), int32 [B, k] output."""
 
-    def select(probs, values, o_weight, keep: int) -> torch.Tensor:
+    def select(probs, values, o_weight, keep) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             dtype = values.dtype
+            static = isinstance(keep, int) and not isinstance(keep, torch.SymInt)
+            k = torch.full((1,), keep, dtype=torch.int64, device=probs.device)
             indices = torch.onnx.ops.symbolic(
                 f"{SPEC.onnx_domain}::{SPEC.name}",
-                (probs.to(dtype), values, o_weight.to(dtype)),
-                attrs=node_attributes(keep, variant),
+                (probs.to(dtype), values, o_weight.to(dtype), k),
+                attrs=node_attributes(keep if static else 0, variant),
                 dtype=torch.int32,
                 shape=(probs.shape[0], keep),
                 version=1,

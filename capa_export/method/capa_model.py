@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import CapaConfig
+from ..config import CapaConfig, keep_count
 from ..errors import CapaError
 from ..models import adapter_for
 
@@ -281,7 +281,8 @@ class CapaModel(nn.Module):
         for index in range(adapter.num_layers):
             if index in self.prune_at:
                 segment_masks.append(padding_mask)
-                keep_local = select(*scoring, self.prune_at[index])
+                # a keep fraction is of the original N (in an exported graph: k computed from N)
+                keep_local = select(*scoring, keep_count(self.prune_at[index], num_visual))
                 keep_seq, visual_slots = drop_visual(visual_slots, keep_local, hidden.shape[1])
                 visual_ids = visual_ids.gather(1, keep_local)
                 stage_keep.append(visual_ids)
