@@ -24,8 +24,9 @@ DEFAULT_QUESTION = "What is in the picture? Describe it briefly."
 
 
 def _sample(image, prompt: str, max_image_pixels: int | None = None):
-    from .inputs import CalibrationSample, builtin_samples, open_image
+    from .inputs import CalibrationSample, builtin_samples, check_prompt, open_image
 
+    check_prompt(prompt, "prompt")
     if image is None:
         sample = builtin_samples(1, seed=1)[0]
         sample.question = prompt

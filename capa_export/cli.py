@@ -161,8 +161,9 @@ def _capa_config(args):
 
 
 def _input_sample(args):
-    from .inputs import CalibrationSample, builtin_samples, open_image
+    from .inputs import CalibrationSample, builtin_samples, check_prompt, open_image
 
+    check_prompt(args.prompt)
     if args.image:
         return CalibrationSample(open_image(args.image, args.max_image_pixels), args.prompt, args.image)
     sample = builtin_samples(1, seed=1)[0]
@@ -305,7 +306,9 @@ def _run_inputs(args) -> list:
     if args.jsonl:
         pairs = _jsonl_pairs(args.jsonl)
         return [(open_image(path, args.max_image_pixels), prompt, path) for path, prompt in pairs]
-    prompts = args.prompt or [DEFAULT_QUESTION]
+    from .inputs import check_prompt
+
+    prompts = [check_prompt(p) for p in (args.prompt or [DEFAULT_QUESTION])]
     images = args.image or []
     if len(images) > 1 and len(images) != len(prompts):
         raise CapaError(f"{len(images)} --image and {len(prompts)} --prompt: give one image for all prompts, or one "
@@ -335,6 +338,8 @@ def _jsonl_pairs(path: str) -> list[tuple[str, str]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CapaError(f"--jsonl {path} line {number} is not a JSON object with string fields \"image\" and "
                             f"\"prompt\"") from None
+        if not prompt.strip():
+            raise CapaError(f"--jsonl {path} line {number}: the prompt is empty; give a question about the image")
         pairs.append((str(file.parent / image), prompt))
     if not pairs:
         raise CapaError(f"--jsonl {path} holds no lines")

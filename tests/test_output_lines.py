@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from capa_export.cli import main
 from capa_export.export.exporter import format_summary
 
@@ -49,3 +51,33 @@ def test_a_two_stage_summary_names_the_last_stages_layer(capsys):
     assert main(["generate", "-q", "--prune", "2:64", "4:16", "--ffn-layers", "none", "--max-new-tokens", "1"]) == 0
     out = capsys.readouterr().out
     assert "kept 16 visual tokens from layer 4 (stages 2:64, 4:16)" in out
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "  "], ["run", "ENGINE", "--prompt", ""],
+                                  ["analyze", "--prompt", ""]])
+def test_an_empty_prompt_is_refused_in_one_line(tmp_path, capsys, argv):
+    argv = [str(tmp_path / "no-engine") if a == "ENGINE" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is empty; give a question about the image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_tiny_image_is_taken_with_a_warning(tmp_path, capsys):
+    from PIL import Image
+
+    from capa_export import logs
+    from capa_export.inputs import open_image
+
+    Image.new("RGB", (1, 1), "red").save(tmp_path / "dot.png")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "small.png")
+    logs.configure("info")
+    capsys.readouterr()
+    assert open_image(tmp_path / "dot.png").size == (1, 1)
+    assert "dot.png is 1 x 1 pixels" in capsys.readouterr().err
+    open_image(tmp_path / "small.png")
+    assert capsys.readouterr().err == ""
+
+
+def test_an_image_folder_is_named_as_a_folder(tmp_path, capsys):
+    assert main(["generate", "--image", str(tmp_path)]) == 2
+    assert "directory" in capsys.readouterr().err
