@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml CMakeLists.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.0" "pytest>=8"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)

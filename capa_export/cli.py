@@ -102,6 +102,23 @@ def _add_pixel_cap(parser):
                              f"{MAX_IMAGE_PIXELS})")
 
 
+def _add_serving(parser):
+    parser.add_argument("--instances", type=int, default=1, help="model instances, each with its engine (default: 1)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="requests per engine run (default: the engine's profile maximum)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=5000,
+                        help="how long a request may wait for others to batch with (default: 5000)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op threads per instance (default: its own choice)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="new tokens for requests that do not say (default: 32)")
+    parser.add_argument("--trust", default=None, metavar="PUBKEY",
+                        help="PEM public key (capa-export keygen): the engine's signature must verify with it")
+    parser.add_argument("--stream", action="store_true",
+                        help="add the decoupled model capa_stream: the answer piece by piece over gRPC streaming "
+                             "(one more engine instance)")
+
+
 def _add_trust(parser):
     parser.add_argument("--trust", default=None, metavar="PUBKEY",
                         help="PEM public key (capa-export keygen): the engine's signature (manifest.sig) must verify "
@@ -412,6 +429,40 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _serving_options(args) -> dict:
+    return dict(instances=args.instances, max_batch=args.max_batch, queue_delay_us=args.max_queue_delay_us,
+                threads=args.threads, trust=args.trust, default_max_new_tokens=args.max_new_tokens, stream=args.stream)
+
+
+def cmd_triton_repo(args) -> int:
+    from .serving.triton_repo import MODEL_NAME, TRITON_VERSION, write_repository
+
+    out = write_repository(args.engine, args.out, copy=args.copy, **_serving_options(args))
+    print(f"model repository {out} (model '{MODEL_NAME}', tested with Triton {TRITON_VERSION}): "
+          f"tritonserver --model-repository {Path(out).resolve()}, or capa-export serve --repository {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import tempfile
+
+    from .serving.serve import serve
+    from .serving.triton_repo import write_repository
+
+    announce = lambda line: print(f"capa-export serve: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    server = dict(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                  ready_timeout_s=args.ready_timeout, announce=announce)
+    if args.repository:
+        if args.engine:
+            raise CapaError("give an engine folder or --repository, not both")
+        return serve(Path(args.repository), **server)
+    if not args.engine:
+        raise CapaError("give the engine folder to serve (or --repository DIR written by capa-export triton-repo)")
+    with tempfile.TemporaryDirectory(prefix="capa-serve-") as tmp:
+        repository = write_repository(args.engine, Path(tmp) / "repository", **_serving_options(args))
+        return serve(repository, **server)
+
+
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import backends
@@ -587,6 +638,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny model, 3 runs: checks the path, not the speed")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<size>-<dtype>-b<batch>.json)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository for an engine",
+                       description="A Python-backend model ('capa') that runs the engine with CapaEngine: "
+                                   "config.pbtxt (inputs image/prompt/max_new_tokens, outputs text/tokens/"
+                                   "keep_indices/prompt_tokens/timings/batch_size, dynamic batching, instances) and model.py. "
+                                   "The engine is checked now and when Triton loads it.")
+    p.add_argument("engine", help="engine folder")
+    p.add_argument("out", help="new (or empty) folder for the model repository")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the engine into the repository (default: reference it by absolute path)")
+    _add_serving(p)
+    p.set_defaults(func=cmd_triton_repo)
+
+    p = sub.add_parser("serve", help="serve an engine with Triton Inference Server (KServe v2 HTTP/gRPC)",
+                       description="Write a model repository for the engine (as triton-repo) and run the "
+                                   "tritonserver of nvidia-pytriton on it until SIGINT/SIGTERM; binds to "
+                                   "127.0.0.1 unless --host says otherwise.")
+    p.add_argument("engine", nargs="?", default=None, help="engine folder")
+    p.add_argument("--repository", default=None, metavar="DIR",
+                   help="serve a model repository written by triton-repo instead of an engine folder (its "
+                        "config.pbtxt then sets instances, batching and the rest)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port; 0: none (default: 8002)")
+    p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: 300)")
+    _add_serving(p)
+    p.set_defaults(func=cmd_serve)
     for command in sub.choices.values():
         _add_log_level(command)
     return parser
