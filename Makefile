@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml CMakeLists.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/capa-export analyze --out $(OUT)/analysis
-	$(VENV)/bin/capa-export build --model tiny-llava --profile cpu
+	$(VENV)/bin/capa-export analyze --out $(OUT)/analysis --force
+	$(VENV)/bin/capa-export build --model tiny-llava --profile cpu --force
 	$(VENV)/bin/capa-export run engines/tiny-llava-cpu --prompt "What is in the picture?" --max-new-tokens 12
 
 test: $(STAMP)
