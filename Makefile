@@ -10,7 +10,8 @@ OUT ?= out
 
 .PHONY: demo test cuda-check clean
 
-$(STAMP): pyproject.toml CMakeLists.txt
+# the op manifest is copied into the package at install time: a changed one needs a reinstall
+$(STAMP): pyproject.toml CMakeLists.txt plugins/contrib_topk/CapaContribTopK_PluginConfig.yaml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.0" "pytest>=8"
