@@ -92,7 +92,7 @@ def check_request(engine, request: Request) -> None:
     """What the engine would refuse for this request alone (prompt longer than its profile, too many
     new tokens for its KV length, image sizes outside its range), refused before any batch runs."""
     inputs = engine.prepare([request.image], [request.prompt])
-    engine.check_inputs(inputs["input_ids"], inputs["attention_mask"], request.max_new_tokens)
+    engine.check_inputs(inputs, request.max_new_tokens)
     engine.check_images(inputs)
 
 
