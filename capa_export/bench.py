@@ -130,8 +130,8 @@ class Settings:
     profile: bool = True
     reuse: bool = False
     smoke: bool = False
-    matmul_size: int = 4096
-    copy_bytes: int = 512 << 20
+    matmul_size: int | None = None  # None: 4096 on CPU, 8192 on a GPU
+    copy_bytes: int | None = None  # None: 512 MiB on CPU, 2 GiB on a GPU (beyond the caches)
     work: str = ""
 
     @classmethod
@@ -155,6 +155,9 @@ def check_settings(s: Settings) -> Settings:
     if s.dtype == "bf16" and not s.device.startswith("cuda"):
         raise CapaError("--dtype bf16 needs --device cuda (ONNX Runtime and this CPU path have no bf16 kernels); "
                         "use fp32 or fp16")
+    gpu = s.device.startswith("cuda")
+    s.matmul_size = s.matmul_size or (8192 if gpu else 4096)
+    s.copy_bytes = s.copy_bytes or ((2 << 30) if gpu else (512 << 20))
     for name in ("batch", "repeats", "new_tokens", "text_tokens", "calibration_count", "validate_tokens",
                  "build_jobs", "matmul_size", "copy_bytes"):
         if getattr(s, name) < 1:
@@ -488,7 +491,8 @@ def run_benchmark(settings: Settings, log=print) -> dict:
         if done is None:
             log(f"[bench] capa-export calibrate ({name})")
             shutil.rmtree(target, ignore_errors=True)
-            done = run_measured(cli("calibrate", "--model", str(model_dir), *args, "--out", str(target)),
+            done = run_measured(cli("calibrate", "--model", str(model_dir), "--device", s.device, *args,
+                                    "--out", str(target)),
                                 work / "logs" / f"calibrate-{name}.log", env)
             if done["returncode"] != 0:
                 raise CapaError(f"capa-export calibrate ({name}) failed (log {done['log']}): {log_tail(done['log'])}")
@@ -501,14 +505,14 @@ def run_benchmark(settings: Settings, log=print) -> dict:
         key = {"model": prep_settings, "dtype": s.dtype, "calibration": calibrations["capa_affine"]}
         export_dir = work / "export-measured"
         jobs.append(("export", key, work / "steps.json", cli(
-            "export", "--model", str(model_dir), "--dtype", s.dtype, "--calibrated",
+            "export", "--model", str(model_dir), "--device", s.device, "--dtype", s.dtype, "--calibrated",
             str(work / "calibration" / "capa_affine"), "--out", str(export_dir))))
     for name in sorted(needs):
         target = work / "engines" / name
         key = {"model": prep_settings, "calibration": calibrations[name], "profile": profile_path.read_text(),
                "validate_tokens": s.validate_tokens}
         jobs.append((f"build {name}", key, target / "manifest.json", cli(
-            "build", "--model", str(model_dir), "--profile", str(profile_path), "--calibrated",
+            "build", "--model", str(model_dir), "--device", s.device, "--profile", str(profile_path), "--calibrated",
             str(work / "calibration" / name), "--validate-tokens", str(s.validate_tokens), "--out", str(target))))
     if "genai" in peers:
         key = {"model": prep_settings, "dtype": s.dtype, "threads": s.threads}
