@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import shutil
 import tempfile
@@ -59,16 +57,6 @@ def commit_directory(source: Path, target: Path) -> None:
         source.rename(target)
 
 
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -78,10 +66,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def write_json(path: str | Path, data) -> Path:
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # strict JSON: an undefined number (NaN, inf) is written as null
-    tmp.write_text(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Strict JSON (NaN/inf written as null) through a new, uniquely named temporary file in the
+    same directory, then a rename: readers never see half a file, and a link planted under any
+    name is never followed (folders.atomic_write_json)."""
+    from .folders import atomic_write_json
+
+    return atomic_write_json(path, data)

@@ -95,7 +95,7 @@ def build_model(size: str, dtype, device: str):
         tiny = next(n for n, (f, _) in embedded_models().items() if f == family.name)
         processor = load_model(tiny)[1]
     model = cast_model(model, dtype).to(device).eval()
-    return model, adapter_for(model).family.visual_token_range()[1], processor
+    return model, adapter_for(model).family.visual_token_range(processor)[1], processor
 
 
 def visual_tokens_per_image(size: str) -> int:

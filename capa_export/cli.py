@@ -64,6 +64,27 @@ def _add_model(parser, dtype_help="weights dtype when loading (default: the chec
 def _add_input(parser):
     parser.add_argument("--image", default=None, help="image file (default: a built-in synthetic picture)")
     parser.add_argument("--prompt", default=DEFAULT_QUESTION, help="question about the image")
+    _add_pixel_cap(parser)
+
+
+def _add_pixel_cap(parser):
+    from .folders import MAX_IMAGE_PIXELS
+
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                        help=f"refuse images whose header claims more pixels, before decoding them (default: "
+                             f"{MAX_IMAGE_PIXELS})")
+
+
+def _add_trust(parser):
+    parser.add_argument("--trust", default=None, metavar="PUBKEY",
+                        help="PEM public key (capa-export keygen): the engine's signature (manifest.sig) must verify "
+                             "with it, and every file its manifest lists is checked")
+    parser.add_argument("--plugin-library", default=None, metavar="SO",
+                        help="TensorRT only: the plugin library to use instead of the installed one (checked against "
+                             "the sha256 the engine recorded)")
+    parser.add_argument("--allow-engine-code", action="store_true",
+                        help="TensorRT only: deserialise plans that carry plugin code (version-compatible engines); "
+                             "only for engines from builders you trust")
 
 
 def _add_calibration(parser):
@@ -109,7 +130,7 @@ def _input_sample(args):
     from .inputs import CalibrationSample, builtin_samples, open_image
 
     if args.image:
-        return CalibrationSample(open_image(args.image), args.prompt, args.image)
+        return CalibrationSample(open_image(args.image, args.max_image_pixels), args.prompt, args.image)
     sample = builtin_samples(1, seed=1)[0]
     sample.question = args.prompt
     return sample
@@ -118,8 +139,10 @@ def _input_sample(args):
 def _calibration_samples(args):
     from .inputs import builtin_samples, folder_samples
 
+    if args.max_image_pixels < 1:
+        raise CapaError(f"--max-image-pixels {args.max_image_pixels} must be >= 1")
     if args.calibration_images:
-        return folder_samples(args.calibration_images)
+        return folder_samples(args.calibration_images, args.max_image_pixels)
     if args.calibration_count < 1:
         raise CapaError(f"--calibration-count {args.calibration_count} must be >= 1")
     return builtin_samples(args.calibration_count)
@@ -188,7 +211,8 @@ def cmd_export(args) -> int:
 
     start = time.perf_counter()
     out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=args.prune,
-                           dtype=args.dtype or "fp32", pruning=args.pruning, device=args.device)
+                           dtype=args.dtype or "fp32", pruning=args.pruning, attention=args.attention,
+                           device=args.device)
     print(format_summary(manifest))
     print(f"exported {args.model} ({manifest['dtype']}) to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
@@ -203,8 +227,10 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     path, report = build(args.model, args.profile, out=args.out, calibration_dir=args.calibrated, backend=args.backend,
                          pruning=args.pruning, plugin_library=args.plugin_library, calibration_samples=calibration,
-                         validation_samples=samples, max_new_tokens=args.validate_tokens)
+                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign)
     print(report["table"])
+    if report.get("signature") == "signed":
+        print(f"signed with {args.sign}: {path}/manifest.sig")
     if not report["passed"]:
         print(f"engine NOT complete: validation failed; kept for inspection in {path}/", file=sys.stderr)
         return 1
@@ -216,26 +242,99 @@ def cmd_validate(args) -> int:
     from .pipeline import validate
 
     samples = [_input_sample(args)] if args.image else None
-    report = validate(args.engine, args.model, samples, args.tokens)
+    report = validate(args.engine, args.model, samples, args.tokens, trust=args.trust, sign_key=args.sign,
+                      plugin_library=args.plugin_library, allow_engine_code=args.allow_engine_code)
     print(report["table"])
+    if report.get("signature"):
+        print(f"signature: {report['signature']}", file=sys.stderr)
     return 0 if report["passed"] else 1
+
+
+def _run_inputs(args) -> list:
+    """The (image, question, source) pairs of `run`: --image/--prompt pairs (one image may serve
+    several prompts, and the built-in picture none given), or a JSONL file of {"image", "prompt"}."""
+    from .inputs import builtin_samples, open_image
+
+    if args.jsonl:
+        pairs = _jsonl_pairs(args.jsonl)
+        return [(open_image(path, args.max_image_pixels), prompt, path) for path, prompt in pairs]
+    prompts = args.prompt or [DEFAULT_QUESTION]
+    images = args.image or []
+    if len(images) > 1 and len(images) != len(prompts):
+        raise CapaError(f"{len(images)} --image and {len(prompts)} --prompt: give one image for all prompts, or one "
+                        f"per prompt")
+    if not images:
+        return [(builtin_samples(1, seed=1)[0].image, prompt, "builtin:1") for prompt in prompts]
+    opened = [open_image(path, args.max_image_pixels) for path in images]
+    if len(opened) == 1:
+        return [(opened[0], prompt, images[0]) for prompt in prompts]
+    return [(image, prompt, path) for image, prompt, path in zip(opened, prompts, images)]
+
+
+def _jsonl_pairs(path: str) -> list[tuple[str, str]]:
+    """(image path, prompt) per line of a JSONL file; image paths relative to the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise CapaError(f"--jsonl {path} does not exist; give a file of lines {{\"image\": ..., \"prompt\": ...}}")
+    pairs = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            image, prompt = entry["image"], entry["prompt"]
+            if not isinstance(image, str) or not isinstance(prompt, str):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CapaError(f"--jsonl {path} line {number} is not a JSON object with string fields \"image\" and "
+                            f"\"prompt\"") from None
+        pairs.append((str(file.parent / image), prompt))
+    if not pairs:
+        raise CapaError(f"--jsonl {path} holds no lines")
+    return pairs
 
 
 def cmd_run(args) -> int:
     from .runtime import CapaEngine
 
-    sample = _input_sample(args)
-    with CapaEngine(args.engine, verify=not args.no_verify) as engine:
-        print(f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
-              f"keep {engine.manifest['k']} visual tokens", file=sys.stderr)
-        result = engine.generate(sample.image, sample.question, args.max_new_tokens,
-                                 stream=lambda text: print(text, end="", flush=True))
-    print()
-    t = result.timings
-    print(f"prompt {result.prompt_tokens} tokens, kept {len(result.keep_indices)} visual tokens | vision "
+    if args.max_new_tokens < 1:
+        raise CapaError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise CapaError(f"--threads {args.threads} must be >= 1")
+    inputs = _run_inputs(args)
+    with CapaEngine(args.engine, verify=not args.no_verify, trust=args.trust, plugin_library=args.plugin_library,
+                    allow_engine_code=args.allow_engine_code, provider=args.provider, threads=args.threads) as engine:
+        header = (f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
+                  f"keep {engine.manifest['k']} visual tokens")
+        single = len(inputs) == 1 and not args.json
+        if len(inputs) <= engine.max_batch:  # else the batch is refused in one line, with nothing before it
+            print(header, file=sys.stderr)
+        stream = (lambda text: print(text, end="", flush=True)) if single else None
+        results = engine.generate_batch([i for i, _, _ in inputs], [q for _, q, _ in inputs], args.max_new_tokens,
+                                        stream=stream)
+    if single:
+        print()
+    for (_, question, source), result in zip(inputs, results):
+        if args.json:
+            print(json.dumps({"image": source, "prompt": question, "answer": result.text, "tokens": result.tokens,
+                              "keep_indices": result.keep_indices, "prompt_tokens": result.prompt_tokens,
+                              "timings_ms": {k: round(v * 1e3, 3) for k, v in result.timings.items()}}))
+        elif not single:
+            print(f"{question!r} ({source}): {result.text}")
+    t = results[0].timings
+    print(f"{len(results)} prompt(s), kept {len(results[0].keep_indices)} visual tokens each | vision "
           f"{t['vision'] * 1e3:.1f} ms, prefill {t['prefill'] * 1e3:.1f} ms, time to first token "
           f"{t['time_to_first_token'] * 1e3:.1f} ms, decode {t['decode_per_token'] * 1e3:.1f} ms/token "
-          f"({len(result.tokens)} tokens)", file=sys.stderr)
+          f"({len(results[0].tokens)} tokens)", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .signing import generate_keypair
+
+    private, public = generate_keypair(args.out)
+    print(f"private key {private} (mode 0600: keep it secret; give it to build --sign)")
+    print(f"public key  {public} (give it to whoever runs your engines: run --trust)")
     return 0
 
 
@@ -306,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ffn_approx.safetensors, ffn_approx.json and calibration.json.")
     _add_model(p)
     _add_calibration(p)
+    _add_pixel_cap(p)
     _add_capa(p)
     p.add_argument("--out", default="out/calibration", help="output folder (default: out/calibration)")
     p.set_defaults(func=cmd_calibrate)
@@ -334,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="function: one CapaContribTopK node with its ONNX local function (TensorRT runs its "
                         "plugin, other runtimes the standard-op body); inline: the body inlined, for runtimes "
                         "without local functions (default: function)")
+    p.add_argument("--attention", choices=("fused", "explicit"), default="fused",
+                   help="fused: each layer's attention as one ONNX Attention op (opset 23; ONNX Runtime >= 1.23, "
+                        "TensorRT >= 10.14); explicit: MatMul/Softmax/MatMul (default: fused)")
     p.add_argument("--out", default="out/onnx", help="output folder (default: out/onnx)")
     p.set_defaults(func=cmd_export)
 
@@ -343,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "marked complete only when validation passes.")
     _add_model(p, dtype_help=None)
     _add_calibration(p)
+    _add_pixel_cap(p)
     p.add_argument("--profile", default="cpu", help="build profile: cpu, edge, datacenter, or a TOML file "
                                                     "(default: cpu)")
     _add_calibrated(p, "default: calibrate now")
@@ -354,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")
     p.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
+    p.add_argument("--sign", default=None, metavar="KEY",
+                   help="PEM Ed25519 private key (capa-export keygen): sign the validated engine (manifest.sig)")
     p.add_argument("--out", default=None, help="engine folder (default: engines/<model>-<profile>)")
     p.set_defaults(func=cmd_build)
 
@@ -361,19 +467,48 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Graph-by-graph Polygraphy comparison and end-to-end greedy-token agreement; "
                                    "writes validation.json, marks the engine complete or not; exit 1 on failure.")
     p.add_argument("engine", help="engine folder")
-    p.add_argument("--model", default=None, help="model to compare with (default: the one in the manifest)")
+    p.add_argument("--model", default=None,
+                   help="model to compare with: needed unless the manifest names an embedded model (a path or hub id "
+                        "read from an engine folder is never loaded)")
     _add_input(p)
     p.add_argument("--tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
+    _add_trust(p)
+    p.add_argument("--sign", default=None, metavar="KEY",
+                   help="PEM Ed25519 private key: sign the engine again once it passed (validation rewrites "
+                        "manifest.json, so an earlier signature no longer holds and is removed)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="generate an answer with a built engine",
                        description="Preprocess, vision, embeddings, prefill with pruning, decode with the KV "
                                    "cache; streams tokens and prints timings.")
     p.add_argument("engine", help="engine folder")
-    _add_input(p)
+    p.add_argument("--image", action="append", default=None,
+                   help="image file; repeat with --prompt for a batch (one image per prompt, or one for all) "
+                        "(default: a built-in synthetic picture)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="question about the image; repeat for several answers in one batch")
+    p.add_argument("--jsonl", default=None, metavar="FILE",
+                   help="a batch from a file of lines {\"image\": path relative to the file, \"prompt\": ...}")
+    _add_pixel_cap(p)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the engine files")
+    p.add_argument("--provider", default=None,
+                   help="ONNX Runtime execution provider, one the engine was built for (default: the engine's first "
+                        "available one)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON line per answer (no streaming)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip hashing the engine files (names, links, sizes and the one-to-one match with the "
+                        "manifest are still checked; ignored with --trust)")
+    _add_trust(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign engines with",
+                       description="Write capa-signing-key.pem (private, mode 0600) and capa-signing-key.pub.pem "
+                                   "into --out; existing files are never replaced. OpenSSL makes the same keys: "
+                                   "openssl genpkey -algorithm ed25519 -out key.pem; "
+                                   "openssl pkey -in key.pem -pubout -out key.pub.pem")
+    p.add_argument("--out", default=".", help="directory for the two key files (default: .)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("bench", help="time CAPA engines against HF, FastV, the CapaModel and ONNX Runtime GenAI",
                        description="One run, same inputs, one machine: HF SDPA unpruned, FastV and the CapaModel "

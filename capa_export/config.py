@@ -6,7 +6,6 @@ config is made (model-independent limits) or when it is applied (limits that dep
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,15 +128,19 @@ class CapaConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "CapaConfig":
+        """From capa_config.json (or a directory holding it): bounded strict JSON, schema-checked
+        (types, known keys), then the config's own range checks."""
+        import os
+
+        from .folders import read_json
+        from .schemas import CAPA_CONFIG
+
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CapaError(f"CAPA config {path} does not exist; give a directory made by `capa-export calibrate`")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise CapaError(f"CAPA config {path} is not valid JSON ({exc})") from None
+        return cls.from_dict(read_json(path, max_bytes=1 << 20, schema=CAPA_CONFIG, name=f"CAPA config {path}"))
 
     def describe(self) -> str:
         prune = ", ".join(f"keep {k} from layer {K}" for K, k in self.prune) or "no pruning"

@@ -48,6 +48,9 @@ IMAGES = Dim("images", 1, 64, "images")
 SEQUENCE = Dim("sequence", 8, 16384, "sequence")
 TOKENS = Dim("tokens", 1, 16384, "tokens")  # embed serves prompts and single decode tokens
 VISUAL = Dim("visual_tokens", 1, 16384, None)
+#: flattened image patches of dynamic-resolution vision towers (Qwen-VL), all images together;
+#: its range follows the profile's image pixel range (given at build time, like visual_tokens)
+PATCHES = Dim("patches", 4, 65536, None)
 NEW_TOKENS = Dim("new_tokens", 1, 4096, "step")
 
 
@@ -155,7 +158,8 @@ class GraphContract:
 
 def to_feed_array(tensor: TensorSpec, value, graph_dtype: str):
     """A host tensor (torch or numpy) as the numpy array the graph input `tensor` takes, in a graph
-    exported in `graph_dtype` (fp32 / fp16)."""
+    exported in `graph_dtype` (fp32, fp16; bf16 inputs, which numpy lacks, go as fp32 to a runner
+    that casts them)."""
     import numpy as np
     import torch
 
@@ -163,7 +167,7 @@ def to_feed_array(tensor: TensorSpec, value, graph_dtype: str):
 
     value = torch.as_tensor(value).detach().cpu()
     if tensor.dtype == FLOAT:
-        return value.float().numpy().astype(float_type(graph_dtype).numpy_or_fail)
+        return value.float().numpy().astype(float_type(graph_dtype).numpy or np.float32)
     if tensor.dtype == FLOAT32:
         return value.float().numpy()
     return value.numpy().astype(np.int64 if tensor.dtype == INT64 else np.int32)
@@ -220,7 +224,8 @@ def decoder_contract(*, layer_segment: list[int], hidden: int, vocab: int, kv_he
 def profile_ranges(spec: GraphSpec, shapes: dict, fixed: dict[str, int]) -> dict[str, tuple]:
     """(min, opt, max) shapes of every input of `spec` from a build profile's `shapes` table
     ({"batch": (lo, opt, hi), "sequence": ..., "past": ..., "images": ...}); `fixed` gives the
-    dimensions fixed per model (e.g. visual_tokens)."""
+    dimensions the model family derives (ModelFamily.dim_ranges: e.g. visual_tokens, patches), as a
+    value or a (min, opt, max) range."""
     ranges = {}
     for tensor in spec.inputs:
         lo, opt, hi = [], [], []
@@ -228,7 +233,8 @@ def profile_ranges(spec: GraphSpec, shapes: dict, fixed: dict[str, int]) -> dict
             if isinstance(dim, int):
                 triple = (dim, dim, dim)
             elif dim.name in fixed:
-                triple = (fixed[dim.name],) * 3
+                value = fixed[dim.name]
+                triple = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
             elif dim.profile == "step":
                 triple = (1, 1, 1)
             elif dim.profile == "tokens":

@@ -10,6 +10,7 @@ what would be right:
     verify_file_table(root, files)       the folder holds exactly the listed files, with their sha256
     read_verified_bytes / load_library_verified
                                          hash the bytes that are used, not a file reopened later
+    load_graph_proto(root, graph)        an ONNX graph (confined, bounded) without its external data
     check_external_data(root, graph)     an ONNX graph's external data stays inside the folder
     load_local_processor(directory)      no remote code, no download, template errors as one line
     open_image(path, max_pixels=...)     the pixel count checked from the header, before decoding
@@ -583,11 +584,14 @@ def _load_from_private_copy(data: bytes, digest: str, mode: int, label: str) -> 
 
 
 def verify_file_table(root: str | Path, files: dict, *, unchecked=("manifest.json", "validation.json", "manifest.sig"),
-                      source: str = "manifest.json") -> None:
+                      source: str = "manifest.json", hashes: bool = True) -> None:
     """The folder holds exactly the files the table lists ({relative name: {bytes, sha256}}, as the
     ENGINE_MANIFEST schema checks), plus the top-level unchecked reports, each with its size and
     sha256. Names are checked before anything is opened (no '..' or absolute path is ever hashed),
-    links and special files anywhere are refused, sizes are compared before hashing."""
+    links and special files anywhere are refused, sizes are compared before hashing.
+
+    hashes=False (`run --no-verify`) skips reading the files' content only: names, types, the
+    one-to-one match and sizes are still checked."""
     root = Path(root)
     if not isinstance(files, dict) or not files:
         raise CapaError(f"{source}: files must list at least one file with its bytes and sha256; rebuild the engine")
@@ -600,7 +604,8 @@ def verify_file_table(root: str | Path, files: dict, *, unchecked=("manifest.jso
                         f"remove them or rebuild the engine")
     missing = sorted(set(files) - set(present))
     if missing:
-        raise CapaError(f"{root}: {_show(missing[0])}, listed in {source}, is missing; rebuild the engine")
+        # the name passed _relative_parts above: no control character to hide
+        raise CapaError(f"{root}: {missing[0]} is missing (listed in {source}); rebuild the engine")
     for relative, entry in files.items():
         path = confined_file(root, relative, source=f"{source}: files")
         fd, size = _open_regular(path, f"{root}: {relative}")
@@ -608,6 +613,8 @@ def verify_file_table(root: str | Path, files: dict, *, unchecked=("manifest.jso
             if size != entry["bytes"]:
                 raise CapaError(f"{root}: {_show(relative)} is {size} bytes but {source} lists {entry['bytes']} "
                                 f"(corrupted or modified); rebuild the engine")
+            if not hashes:
+                continue
             digest = hashlib.sha256()
             while block := os.read(fd, 1 << 20):
                 digest.update(block)
@@ -642,21 +649,36 @@ def _graph_tensors(model):
             pending.extend(attribute.graphs)
 
 
-def check_external_data(root: str | Path, graph: str) -> list[str]:
-    """Check that an ONNX graph's external data stays inside root before a runtime opens it.
+#: An ONNX graph without its external data: the largest we write (a 7B decoder's) is a few MB.
+MAX_GRAPH_BYTES = 256 << 20
 
-    graph is relative to root. Every tensor stored outside the graph must name a location relative
-    to the graph's directory, inside root (no '..', no absolute path, no link), an existing regular
-    file, and an offset + length within that file. Returns the data files (relative to root)."""
+
+def load_graph_proto(root: str | Path, graph: str, *, max_bytes: int = MAX_GRAPH_BYTES):
+    """The ModelProto of root/graph (a path read from a file, confined like `confined_file`),
+    without its external data, read from a regular file of at most max_bytes."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     root = Path(root)
     path = confined_file(root, graph, source=f"{root}: graph")
+    data = read_bytes(path, max_bytes=max_bytes, name=f"{root}/{graph}")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf's DecodeError and friends: report the file, not a traceback
         raise CapaError(f"{root}: {_show(graph)} is not a readable ONNX graph ({type(exc).__name__}); rebuild the engine") from None
+
+
+def check_external_data(root: str | Path, graph: str, model=None) -> list[str]:
+    """Check that an ONNX graph's external data stays inside root before a runtime opens it.
+
+    graph is relative to root; model, when given, is its ModelProto already read (by
+    `load_graph_proto`). Every tensor stored outside the graph must name a location relative
+    to the graph's directory, inside root (no '..', no absolute path, no link), an existing regular
+    file, and an offset + length within that file. Returns the data files (relative to root)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    root = Path(root)
+    if model is None:
+        model = load_graph_proto(root, graph)
     graph_dir = PurePosixPath(graph).parent
     data_files: dict[str, int] = {}
     for tensor in _graph_tensors(model):
@@ -681,7 +703,7 @@ def check_external_data(root: str | Path, graph: str) -> list[str]:
 
 
 # --- processors and images ---------------------------------------------------------------------
-def _find_key(value, key: str) -> list | None:
+def find_key(value, key: str) -> list | None:
     """The key path of the first object holding key, searched without recursion."""
     pending = [(value, [])]
     while pending:
@@ -700,13 +722,14 @@ PROBE_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text
 
 
 def load_local_processor(directory: str | Path, *, allowed_suffixes=PROCESSOR_SUFFIXES,
-                         probe_messages=PROBE_MESSAGES):
+                         probe_messages=PROBE_MESSAGES, loader=None):
     """A Hugging Face processor from a local folder, with no code from the folder and no download.
 
     Refused before transformers sees the folder: links, special or hidden entries (scan_folder),
     any file whose suffix is not in allowed_suffixes (so no *.py), any JSON file carrying `auto_map`
-    at any depth (it names custom classes). Then AutoProcessor.from_pretrained(trust_remote_code=
-    False, local_files_only=True); its errors, and a chat template that does not compile or that the
+    at any depth (it names custom classes). Then loader(directory, trust_remote_code=False,
+    local_files_only=True) (default AutoProcessor.from_pretrained; a model family may give its own);
+    its errors, and a chat template that does not compile or that the
     sandbox stops (SecurityError) on probe_messages, become one CapaError line."""
     directory = Path(directory)
     names = scan_folder(directory, max_entries=1000)
@@ -717,15 +740,17 @@ def load_local_processor(directory: str | Path, *, allowed_suffixes=PROCESSOR_SU
     for name in names:
         if name.endswith(".json"):
             config = read_json(directory / name, max_bytes=MAX_PROCESSOR_JSON_BYTES, name=f"{directory}/{name}")
-            found = _find_key(config, "auto_map")
+            found = find_key(config, "auto_map")
             if found is not None:
                 raise CapaError(f"{directory}/{name}: {key_path(found)} names custom code; capa-export never runs code "
                                 f"from a folder: save the processor with a built-in transformers class")
     from jinja2.exceptions import SecurityError, TemplateError
-    from transformers import AutoProcessor
+    if loader is None:
+        from transformers import AutoProcessor
 
+        loader = AutoProcessor.from_pretrained
     try:
-        processor = AutoProcessor.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
+        processor = loader(str(directory), trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, TypeError...: one line
         raise CapaError(f"processor folder {directory} cannot be loaded ({type(exc).__name__}: "
                         f"{_first_line(exc)}); rebuild the engine") from None
@@ -740,15 +765,24 @@ def load_local_processor(directory: str | Path, *, allowed_suffixes=PROCESSOR_SU
     return processor
 
 
-def render_chat_template(processor, messages, **kwargs):
-    """processor.apply_chat_template with the template's failures (the sandbox's SecurityError,
-    syntax errors, raise_exception) as one CapaError line."""
+@contextlib.contextmanager
+def chat_template_errors(source: str = "the processor's chat template"):
+    """Inside: a chat template's failures (the sandbox's SecurityError, syntax errors,
+    raise_exception) become one CapaError line. For call sites that render a template through
+    code of their own (a model family's prompt)."""
     from jinja2.exceptions import TemplateError
 
     try:
-        return processor.apply_chat_template(messages, **kwargs)
+        yield
     except TemplateError as exc:
-        raise CapaError(f"the processor's chat template fails ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CapaError(f"{source} fails ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def render_chat_template(processor, messages, **kwargs):
+    """processor.apply_chat_template with the template's failures (the sandbox's SecurityError,
+    syntax errors, raise_exception) as one CapaError line."""
+    with chat_template_errors():
+        return processor.apply_chat_template(messages, **kwargs)
 
 
 def _first_line(exc: BaseException) -> str:

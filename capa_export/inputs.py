@@ -10,11 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
+from . import folders
 from .errors import CapaError
+from .folders import MAX_IMAGE_PIXELS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: refused by name: no family takes video input yet
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROMPTS_FILE = "prompts.txt"
 DEFAULT_QUESTIONS = (
     "What is in the picture?",
@@ -76,19 +80,16 @@ def builtin_samples(count: int = 8, seed: int = 0) -> list[CalibrationSample]:
     ]
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open an image file or fail with one line naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CapaError(f"image {path} does not exist; give a PNG or JPEG file")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CapaError(f"image {path} cannot be read as an image ({exc.__class__.__name__}); give a PNG or JPEG file") from None
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image file as RGB, or one line naming it: a video, unreadable, not PNG/JPEG/WebP/BMP/GIF,
+    or claiming more than max_pixels pixels in its header (checked before any pixel is decoded: a
+    small file can claim gigabytes of pixels)."""
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        raise CapaError(f"{path} is a video; video inputs are not supported yet: give an image (PNG or JPEG)")
+    return folders.open_image(path, max_pixels=max_pixels)
 
 
-def folder_samples(folder: str | Path) -> list[CalibrationSample]:
+def folder_samples(folder: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> list[CalibrationSample]:
     """Images in a folder, with questions from `prompts.txt` (one per line, cycled) or, per image,
     a sidecar `<stem>.txt`; the default questions otherwise."""
     folder = Path(folder)
@@ -99,18 +100,23 @@ def folder_samples(folder: str | Path) -> list[CalibrationSample]:
         raise CapaError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     shared = []
     if (folder / PROMPTS_FILE).is_file():
-        shared = [line.strip() for line in (folder / PROMPTS_FILE).read_text().splitlines() if line.strip()]
+        shared = [line.strip() for line in _read_text(folder / PROMPTS_FILE).splitlines() if line.strip()]
     samples = []
     for i, path in enumerate(images):
         sidecar = path.with_suffix(".txt")
-        if sidecar.is_file() and sidecar.read_text().strip():
-            question = sidecar.read_text().strip()
+        if sidecar.is_file() and _read_text(sidecar).strip():
+            question = _read_text(sidecar).strip()
         elif shared:
             question = shared[i % len(shared)]
         else:
             question = DEFAULT_QUESTIONS[i % len(DEFAULT_QUESTIONS)]
-        samples.append(CalibrationSample(open_image(path), question, str(path)))
+        samples.append(CalibrationSample(open_image(path, max_pixels), question, str(path)))
     return samples
+
+
+def _read_text(path: Path) -> str:
+    """A prompt file: a regular file of at most 1 MiB, as UTF-8 text."""
+    return folders.read_bytes(path, max_bytes=1 << 20).decode("utf-8", errors="replace")
 
 
 def encode(adapter, processor, sample: CalibrationSample) -> dict:

@@ -13,7 +13,6 @@ An engine is *complete* only when validation passed; the runtime refuses anythin
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 from . import __version__
 from .artifacts import sha256_file, write_json
 from .errors import CapaError
+from .folders import MAX_JSON_BYTES, check_schema, parse_json, read_bytes, scan_folder, verify_file_table
+from .schemas import CALIBRATION_MANIFEST, ENGINE_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,14 @@ MANIFEST_FILES = tuple(k.file for k in KINDS.values())
 
 MANIFEST_FILE = ENGINE.file
 VALIDATION_FILE = "validation.json"
-#: Reports, not engine content: rewritten by `validate`, so outside the checksum table.
-UNCHECKED = (MANIFEST_FILE, VALIDATION_FILE)
+#: The detached Ed25519 signature of manifest.json (capa_export.signing).
+SIGNATURE_FILE = "manifest.sig"
+#: Reports and the signature, not engine content: rewritten by `validate`, so outside the checksum
+#: table (the signature covers the manifest, which covers the table).
+UNCHECKED = (MANIFEST_FILE, VALIDATION_FILE, SIGNATURE_FILE)
+#: The schema each kind's manifest is checked against when read back (None: not read from
+#: folders received from others).
+SCHEMAS = {"engine": ENGINE_MANIFEST, "calibration": CALIBRATION_MANIFEST}
 
 
 def tool_block() -> dict:
@@ -74,62 +81,77 @@ def write_manifest(directory: Path, kind: ArtifactKind, fields: dict, *, complet
 
 
 def file_table(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in _engine_files(directory)}
+    """{relative name: {bytes, sha256}} of every file in an engine folder but UNCHECKED; links,
+    special files and hidden entries are refused (scan_folder), never skipped."""
+    directory = Path(directory)
+    return {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+            for name in scan_folder(directory) if name not in UNCHECKED}
 
 
-def _engine_files(directory: Path) -> list[Path]:
-    return [p for p in sorted(directory.rglob("*"))
-            if p.is_file() and not (p.parent == directory and p.name in UNCHECKED) and not p.name.startswith(".")]
+def parse_manifest(data: bytes, path: Path, kind: ArtifactKind) -> dict:
+    """A manifest of `kind` from its bytes: strict bounded JSON, the format version checked first
+    (so a newer tool's manifest says "upgrade" rather than failing its schema), then its schema."""
+    manifest = parse_json(data, str(path))
+    if not isinstance(manifest, dict):
+        raise CapaError(f"{path} is not a {kind.name} manifest (a JSON object is expected)")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > kind.format_version:
+        tool = manifest.get("tool")
+        made_by = tool.get("version", "?") if isinstance(tool, dict) else "?"
+        raise CapaError(f"{path} has format {str(version)[:20]} (written by capa-export {str(made_by)[:20]}); this "
+                        f"capa-export {__version__} reads format {kind.format_version}: upgrade capa-export or make "
+                        f"it again")
+    if version < kind.format_version:
+        raise CapaError(f"{path} has format {version}, written by an older capa-export; this one reads format "
+                        f"{kind.format_version}: make it again with this version")
+    schema = SCHEMAS.get(kind.name)
+    if schema is not None:
+        check_schema(manifest, schema, str(path))
+    return manifest
 
 
 def read_json_manifest(directory: Path, kind: ArtifactKind, what: str) -> dict:
     """A manifest of `kind` in directory, as a dict; CapaError naming what is wrong otherwise."""
+    import os
+
     path = Path(directory) / kind.file
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CapaError(f"{directory} has no {kind.file}: not {what}, or the command that makes it did not finish")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CapaError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise CapaError(f"{path} is not a {kind.name} manifest (a JSON object is expected)")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > kind.format_version:
-        tool = manifest.get("tool")
-        made_by = tool.get("version", "?") if isinstance(tool, dict) else "?"
-        raise CapaError(f"{path} has format {version} (written by capa-export {made_by}); this capa-export "
-                        f"{__version__} reads format {kind.format_version}: upgrade capa-export or make it again")
-    if version < kind.format_version:
-        raise CapaError(f"{path} has format {version}, written by an older capa-export; this one reads format "
-                        f"{kind.format_version}: make it again with this version")
+    return parse_manifest(read_bytes(path, max_bytes=MAX_JSON_BYTES, name=str(path)), path, kind)
+
+
+def check_engine_manifest(manifest: dict, directory: Path, *, require_complete: bool = True) -> dict:
+    """What the schema cannot say about an engine manifest: complete, and backend_dir the
+    backend's own folder (never another folder of the engine, never one outside)."""
+    if require_complete and not manifest["complete"]:
+        raise CapaError(f"engine {directory} is not complete (validation did not pass: see validation.json); "
+                        f"rebuild it, or validate it with `capa-export validate`")
+    if manifest["backend_dir"] != manifest["backend"]:
+        raise CapaError(f"{directory}/{MANIFEST_FILE}: backend_dir must be {manifest['backend']!r}, the "
+                        f"{manifest['backend']} backend's own folder (got {manifest['backend_dir'][:60]!r})")
     return manifest
 
 
-def read_manifest(directory: str | Path, *, verify: bool = True, require_complete: bool = True) -> dict:
-    """The manifest of an engine directory, after checking what can be checked; CapaError otherwise."""
+def read_manifest(directory: str | Path, *, verify: bool = True, require_complete: bool = True,
+                  trust=None) -> dict:
+    """The manifest of an engine directory, after checking what can be checked; CapaError otherwise.
+
+    Always: bounded strict JSON, the format version, the schema, backend_dir, and the folder holding
+    exactly the files the table lists (no link, special file or hidden entry anywhere), with their
+    sizes. verify: also every file's sha256. trust (a PEM public key, bytes or path): the manifest's
+    Ed25519 signature (manifest.sig) must verify with it, and every sha256 is checked, whatever
+    verify says: the manifest used is parsed from the very bytes whose signature verified."""
+    from .signing import signed_manifest_bytes
+
     directory = Path(directory)
     if not directory.is_dir():
         raise CapaError(f"engine directory {directory} does not exist; build one with `capa-export build`")
-    manifest = read_json_manifest(directory, ENGINE, "an engine directory")
     path = directory / MANIFEST_FILE
-    if require_complete and not manifest.get("complete"):
-        raise CapaError(f"engine {directory} is not complete (validation did not pass: see validation.json); "
-                        f"rebuild it, or validate it with `capa-export validate`")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise CapaError(f"{path} lists no files with checksums; rebuild the engine")
-    unlisted = sorted(str(p.relative_to(directory)) for p in _engine_files(directory)
-                      if str(p.relative_to(directory)) not in files)
-    if unlisted:
-        raise CapaError(f"engine {directory} holds files its manifest does not list ({', '.join(unlisted[:3])}); "
-                        f"remove them or rebuild the engine")
-    if verify:
-        for name, entry in files.items():
-            file = directory / name
-            if not file.is_file():
-                raise CapaError(f"engine file {file} is missing; rebuild the engine")
-            if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-                raise CapaError(f"engine file {file} does not match its checksum in {MANIFEST_FILE} (corrupted or "
-                                f"modified); rebuild the engine")
+    if trust is not None:
+        manifest = parse_manifest(signed_manifest_bytes(directory, trust), path, ENGINE)
+        verify = True
+    else:
+        manifest = read_json_manifest(directory, ENGINE, "an engine directory")
+    check_engine_manifest(manifest, directory, require_complete=require_complete)
+    verify_file_table(directory, manifest["files"], unchecked=UNCHECKED, source=MANIFEST_FILE, hashes=verify)
     return manifest

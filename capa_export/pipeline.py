@@ -27,7 +27,6 @@ hidden temporary folder, never a directory that looks complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,7 +37,10 @@ from .artifacts import check_replaceable, commit_directory, make_work_dir, repla
 from .config import CapaConfig
 from .errors import CapaError
 from .inputs import CalibrationSample, builtin_samples, encode
-from .manifest import ANALYSIS, CALIBRATION, ENGINE, ONNX, read_json_manifest, read_manifest, write_manifest
+from .contract import GRAPHS
+from .folders import read_json
+from .manifest import (ANALYSIS, CALIBRATION, ENGINE, ONNX, SIGNATURE_FILE, VALIDATION_FILE, read_json_manifest,
+                       read_manifest, write_manifest)
 from .method.capa_model import apply_capa
 from .method.ffn import META_FILE, FfnApproximation, fit_ffn_approximation
 from .models import adapter_for, load_model
@@ -118,7 +120,7 @@ def calibrate(model_name: str = DEFAULT_MODEL, out: str | Path = "out/calibratio
     model, processor = load_model(model_name, dtype, device)
     adapter = adapter_for(model)
     config.check_for_model(adapter.num_layers)
-    config.check_for_visual_tokens(adapter.family.visual_token_range()[0])  # refused now, not at build time
+    config.check_for_visual_tokens(adapter.family.visual_token_range(processor)[0])  # refused now, not at build time
     config, approx = fit_calibration(model, processor, config, calibration_samples, progress)
 
     def write(tmp: Path):
@@ -173,25 +175,32 @@ def generate(model_name: str = DEFAULT_MODEL, *, sample: CalibrationSample, conf
                           int(capa.visual_slots(batch["input_ids"]).shape[1]), seconds, config)
 
 
+def calibrated_in_fp32(model_name: str, calibration_samples=None, device=None, progress: bool = True):
+    """(CapaConfig, FfnApproximation | None) fitted now on the model loaded in fp32, whose memory is
+    given back before returning: the caller loads the model again in the dtype it needs, so an fp32
+    copy never sits beside an fp16 one."""
+    model, processor = load_model(model_name, "fp32", device)
+    config, approx = calibrated_config(model, processor, None, calibration_samples, progress)
+    del model
+    return config, approx
+
+
 def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, calibration_dir: str | None = None,
-           prune=None, dtype: str = "fp32", pruning: str = "function", device=None,
+           prune=None, dtype: str = "fp32", pruning: str = "function", attention: str = "fused", device=None,
            progress: bool = True) -> tuple[Path, dict]:
     from .export.exporter import export_model
 
     check_replaceable(out)
-    model, processor = load_model(model_name, "fp32", device)
-    config, approx = calibrated_config(model, processor, calibration_dir, progress=progress)  # fitted in fp32
+    if calibration_dir:
+        model, processor = load_model(model_name, dtype, device)  # in the graph's dtype: no second copy
+        config, approx = load_calibration(model, calibration_dir)
+    else:
+        config, approx = calibrated_in_fp32(model_name, device=device, progress=progress)
+        model, processor = load_model(model_name, dtype, device)
     config = with_prune(config, prune)
-    path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, model_name=model_name,
-                        progress=progress)
+    path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, attention=attention,
+                        model_name=model_name, progress=progress)
     return path, read_json_manifest(path, ONNX, "an ONNX export")
-
-
-def check_engine_dtype(dtype: str) -> None:
-    if dtype == "bf16":
-        raise CapaError("bf16 engines are not supported yet: the runtime and the validation pass tensors as numpy "
-                        "arrays, which have no bfloat16; build with the edge profile (fp16), or export bf16 ONNX "
-                        "for your own runtime with `capa-export export --dtype bf16`")
 
 
 def validation_inputs(adapter, processor, samples=None) -> list[dict]:
@@ -199,65 +208,126 @@ def validation_inputs(adapter, processor, samples=None) -> list[dict]:
     return [encode(adapter, processor, s) for s in samples]
 
 
-def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_tokens: int = 8,
-                    write: bool = True) -> dict:
-    """Validate an engine directory against the CapaModel (fp32) rebuilt from its own calibration/.
-    Writes validation.json and rewrites manifest.json with complete = passed."""
-    from .runtime import CapaEngine
-    from .validate import TOLERANCES, compare_graphs, format_report, token_agreement
+def check_engine_model(manifest: dict, adapter, engine_dir: Path) -> None:
+    """The reference model must be the one the engine describes (its family's own description)."""
+    recorded = manifest["model"]
+    for key, value in adapter.describe().items():
+        if key in recorded and recorded[key] != value:
+            raise CapaError(f"engine {engine_dir} was built from another model ({key} {str(recorded[key])[:40]} in its "
+                            f"manifest, {value} in the model given); pass --model with the model it was built from")
 
-    manifest = read_manifest(engine_dir, verify=True, require_complete=False)
-    dtype = manifest["dtype"]
-    check_engine_dtype(dtype)
-    config, approx = load_calibration(model, engine_dir / CALIBRATION_DIR)
-    capa = apply_capa(model, config, approx)
-    unpruned = apply_capa(model, CapaConfig(prune=[]))
-    adapter = adapter_for(model)
-    batches = validation_inputs(adapter, processor, samples)
-    backend = backends.get(manifest["backend"])
-    runners = {g: backend.runner(engine_dir / manifest["backend_dir"], g) for g in manifest["graph_contract"]["graphs"]}
-    contract = adapter.family.graph_contract(manifest["layer_segment"])
-    graphs = compare_graphs(runners, capa, batches, dtype, contract)
-    del runners  # one set of sessions at a time (the engine below opens its own)
-    with CapaEngine(engine_dir, verify=False, require_complete=False) as engine:
-        end_to_end = [token_agreement(engine, capa, unpruned, b, max_new_tokens) for b in batches]
-    # fp32: free-running greedy tokens must all agree. Reduced precision may flip a near-tie and
-    # then drift, so it is held to the teacher-forced agreement: at each step, fed the reference's
-    # tokens, the engine's argmax must match the reference's next token.
-    measure, required = ("agreement", 1.0) if dtype == "fp32" else ("forced_agreement", 0.9)
-    passed = all(g["passed"] for g in graphs.values()) and all(e[measure] >= required for e in end_to_end)
-    report = {"passed": passed, "dtype": dtype, "backend": manifest["backend"], "tolerances": TOLERANCES[dtype],
-              "required_agreement": required, "agreement_measure": measure, "max_new_tokens": max_new_tokens,
-              "graphs": graphs, "end_to_end": end_to_end, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if write:
-        write_json(engine_dir / "validation.json", report)
-        fields = {k: v for k, v in manifest.items() if k not in ("complete", "files")}
-        fields["validation"] = {"passed": passed, "agreement": [e["agreement"] for e in end_to_end],
-                                "graphs": {g: r["passed"] for g, r in graphs.items()}}
-        write_manifest(engine_dir, ENGINE, fields, complete=passed)
+
+def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_tokens: int = 8,
+                    write: bool = True, sign_key=None, plugin_library: str | None = None,
+                    allow_engine_code: bool = False) -> dict:
+    """Validate an engine directory against the CapaModel (fp32) rebuilt from its own calibration/.
+    Writes validation.json and rewrites manifest.json with complete = passed, holding a lock on the
+    folder (a second writer is refused). A signature the rewrite made stale is removed; with
+    sign_key, a passed engine is signed again."""
+    from . import signing
+    from .folders import confined_directory, folder_lock
+    from .runtime import CapaEngine, engine_backend
+    from .validate import TOLERANCES, EngineGraphRunner, compare_graphs, format_report, token_agreement
+
+    engine_dir = Path(engine_dir)
+    with folder_lock(engine_dir, blocking=False):
+        manifest = read_manifest(engine_dir, verify=True, require_complete=False)
+        dtype = manifest["dtype"]
+        adapter = adapter_for(model)
+        check_engine_model(manifest, adapter, engine_dir)
+        config, approx = load_calibration(model, confined_directory(engine_dir, CALIBRATION_DIR, source=str(engine_dir)))
+        capa = apply_capa(model, config, approx)
+        unpruned = apply_capa(model, CapaConfig(prune=[]))
+        batches = validation_inputs(adapter, processor, samples)
+        contract = adapter.family.graph_contract(manifest["layer_segment"])
+        backend, backend_dir, files = engine_backend(engine_dir, manifest)
+        backend.require()
+        engine_graphs = {g: backend.graph(backend_dir, g, spec=contract[g], dtype=dtype, files=files,
+                                          plugin_library=plugin_library, allow_engine_code=allow_engine_code)
+                         for g in GRAPHS}
+        try:
+            graphs = compare_graphs({g: EngineGraphRunner(eg, dtype) for g, eg in engine_graphs.items()}, capa,
+                                    batches, dtype, contract)
+        finally:  # one set of sessions at a time (the engine below opens its own)
+            for engine_graph in engine_graphs.values():
+                engine_graph.close()
+            del engine_graphs
+        with CapaEngine(engine_dir, verify=False, require_complete=False, plugin_library=plugin_library,
+                        allow_engine_code=allow_engine_code) as engine:
+            end_to_end = [token_agreement(engine, capa, unpruned, b, max_new_tokens) for b in batches]
+        # fp32: free-running greedy tokens must all agree. Reduced precision may flip a near-tie and
+        # then drift, so it is held to the teacher-forced agreement: at each step, fed the reference's
+        # tokens, the engine's argmax must match the reference's next token.
+        measure, required = ("agreement", 1.0) if dtype == "fp32" else ("forced_agreement", 0.9)
+        passed = all(g["passed"] for g in graphs.values()) and all(e[measure] >= required for e in end_to_end)
+        report = {"passed": passed, "dtype": dtype, "backend": manifest["backend"], "tolerances": TOLERANCES[dtype],
+                  "required_agreement": required, "agreement_measure": measure, "max_new_tokens": max_new_tokens,
+                  "graphs": graphs, "end_to_end": end_to_end, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if write:
+            write_json(engine_dir / VALIDATION_FILE, report)
+            fields = {k: v for k, v in manifest.items() if k not in ("complete", "files")}
+            fields["validation"] = {"passed": passed, "agreement": [e["agreement"] for e in end_to_end],
+                                    "graphs": {g: r["passed"] for g, r in graphs.items()}}
+            write_manifest(engine_dir, ENGINE, fields, complete=passed)
+            if signing.signature_is_current(engine_dir) is False:
+                # the rewrite changed the manifest: the old signature would only say "modified"
+                (engine_dir / SIGNATURE_FILE).unlink()
+                report["signature"] = "removed: validation rewrote manifest.json; sign it again with --sign"
+    if write and sign_key is not None and passed:
+        signing.sign_folder(engine_dir, sign_key)
+        report["signature"] = "signed"
     report["table"] = format_report(report)
     return report
 
 
-def validate(engine_dir: str | Path, model_name: str | None = None, samples=None, max_new_tokens: int = 8) -> dict:
-    """`capa-export validate`: the engine against the model it was built from (or `model_name`)."""
-    manifest = read_manifest(engine_dir, verify=True, require_complete=False)
-    model, processor = load_model(model_name or manifest["model"]["name"], "fp32")
-    return validate_engine(Path(engine_dir), model, processor, samples, max_new_tokens)
+def reference_model(manifest: dict, model_name: str | None, engine_dir) -> str:
+    """The model `validate` compares with: --model, else the embedded model the manifest names.
+    A path or hub id read from the manifest is never loaded on the folder's word (it could name any
+    directory, or a download)."""
+    from .models.registry import embedded_models
+
+    if model_name:
+        return model_name
+    recorded = manifest["model"].get("name")
+    if recorded in embedded_models():
+        return recorded
+    shown = "no model" if recorded is None else f"the model {str(recorded)[:80]!r}"
+    raise CapaError(f"{engine_dir}/manifest.json names {shown}, which validate does not load on the folder's word "
+                    f"(only embedded models are); pass --model with the model this engine was built from")
+
+
+def validate(engine_dir: str | Path, model_name: str | None = None, samples=None, max_new_tokens: int = 8, *,
+             trust=None, sign_key=None, plugin_library: str | None = None, allow_engine_code: bool = False) -> dict:
+    """`capa-export validate`: the engine against `model_name`, or the embedded model its manifest
+    names (see reference_model). trust: the folder's signature must verify with this public key
+    first; sign_key: sign the folder again once it passed."""
+    from .signing import check_private_key
+
+    if sign_key is not None:
+        check_private_key(sign_key)
+    manifest = read_manifest(engine_dir, verify=True, require_complete=False, trust=trust)
+    model, processor = load_model(reference_model(manifest, model_name, engine_dir), "fp32")
+    return validate_engine(Path(engine_dir), model, processor, samples, max_new_tokens, sign_key=sign_key,
+                           plugin_library=plugin_library, allow_engine_code=allow_engine_code)
 
 
 def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str | Path | None = None,
           calibration_dir: str | None = None, backend: str | None = None, pruning: str | None = None,
           plugin_library: str | None = None, calibration_samples=None, validation_samples=None,
-          max_new_tokens: int = 8, progress: bool = True, log=print) -> tuple[Path, dict]:
-    """Model -> CAPA (calibrating unless calibration_dir) -> ONNX -> engine -> validation."""
+          max_new_tokens: int = 8, progress: bool = True, log=print, sign_key=None) -> tuple[Path, dict]:
+    """Model -> CAPA (calibrating unless calibration_dir) -> ONNX -> engine -> validation.
+    sign_key (a PEM private key, bytes or path): a validated engine is signed (manifest.sig)."""
     from .export.exporter import export_model
+    from .signing import check_private_key, sign_folder
+
+    if sign_key is not None:
+        check_private_key(sign_key)  # before minutes of work, not after
 
     profile = BuildProfile.load(profile_name)
     if pruning:
         profile.pruning = pruning
-    check_engine_dtype(profile.precision)
     engine_backend = backends.get(backend or profile.backend)
+    engine_backend.check_precision(profile)  # before any work: bf16 where nothing here can run it
     name = f"{Path(model_name).name}-{profile.name}"
     final = Path(out) if out else DEFAULT_ENGINE_ROOT / name
     check_replaceable(final)
@@ -269,19 +339,28 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
         engine_backend.check(profile, CapaConfig(prune=profile.prune), plugin_library=plugin_library)
 
     start = time.perf_counter()
-    model, processor = load_model(model_name, "fp32")
+    # The model is loaded in the dtype each step needs and given back after it (calibration and the
+    # validation reference in fp32, the export in the engine's precision): one copy at a time.
+    model, processor = load_model(model_name, profile.precision)
     adapter = adapter_for(model)
-    fewest_visual = adapter.family.visual_token_range()[0]
+    dims = adapter.family.dim_ranges(processor, profile.shapes)
+    num_layers = adapter.num_layers
     if profile.prune is not None:
         override = CapaConfig(prune=profile.prune)
-        override.check_for_model(adapter.num_layers)
-        override.check_for_visual_tokens(fewest_visual)
+        override.check_for_model(num_layers)
+        check_keep_for_engine(override, dims)
     log(f"[1/4] CAPA config for {model_name} "
         f"({'from ' + calibration_dir if calibration_dir else 'calibrating on built-in inputs'})")
-    config, approx = calibrated_config(model, processor, calibration_dir, calibration_samples, progress)
+    if calibration_dir or profile.precision == "fp32":
+        config, approx = calibrated_config(model, processor, calibration_dir, calibration_samples, progress)
+    else:
+        del model, adapter
+        config, approx = calibrated_in_fp32(model_name, calibration_samples, progress=progress)
+        model, processor = load_model(model_name, profile.precision)
+        adapter = adapter_for(model)
     config = with_prune(config, profile.prune)
-    config.check_for_model(adapter.num_layers)
-    config.check_for_visual_tokens(fewest_visual)
+    config.check_for_model(num_layers)
+    check_keep_for_engine(config, dims)
     engine_backend.check(profile, config, plugin_library=plugin_library)
 
     work = make_work_dir(final)
@@ -290,31 +369,54 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
         if approx is not None:
             approx.save(work / CALIBRATION_DIR)
         processor.save_pretrained(str(work / "processor"))
-        log(f"[2/4] exporting ONNX ({profile.precision}, pruning lowering: {profile.pruning}) ...")
+        log(f"[2/4] exporting ONNX ({profile.precision}, pruning lowering: {profile.pruning}, "
+            f"attention: {profile.attention}) ...")
         export_model(model, processor, config, approx, work / "onnx", dtype=profile.precision,
-                     pruning=profile.pruning, model_name=model_name, progress=progress)
+                     pruning=profile.pruning, attention=profile.attention, model_name=model_name, progress=progress)
         export_info = read_json_manifest(work / "onnx", ONNX, "an ONNX export")
         log(f"[3/4] building the {engine_backend.name} engine ...")
         contract = adapter.family.graph_contract(export_info["layer_segment"])
         description = engine_backend.build(work / "onnx", profile, work / engine_backend.name, contract,
-                                           fixed_dims={"visual_tokens": fewest_visual}, plugin_library=plugin_library)
+                                           fixed_dims=dims, plugin_library=plugin_library)
         fields = {"model": export_info["model"], "capa_config": config.to_dict(), "ffn_layers": export_info["ffn_layers"],
                   "profile": profile.to_dict(), "backend": engine_backend.name, "backend_dir": engine_backend.name,
                   "backend_description": description, "dtype": profile.precision, "pruning": profile.pruning,
-                  "k": export_info["k"], "layer_segment": export_info["layer_segment"],
+                  "attention": export_info["attention"], "k": export_info["k"],
+                  "layer_segment": export_info["layer_segment"],
+                  "vision_dims": {name: list(value) for name, value in dims.items()},
                   "graph_contract": export_info["graph_contract"], "build_seconds": None}
         write_manifest(work, ENGINE, fields, complete=False)
+        if profile.precision != "fp32":  # the reference is fp32
+            del model, adapter
+            model, processor = load_model(model_name, "fp32")
         log("[4/4] validating against the PyTorch CapaModel (Polygraphy) ...")
-        report = validate_engine(work, model, processor, validation_samples, max_new_tokens)
-        manifest = json.loads((work / ENGINE.file).read_text())
+        report = validate_engine(work, model, processor, validation_samples, max_new_tokens,
+                                 plugin_library=plugin_library)
+        manifest = read_json(work / ENGINE.file)
         manifest["build_seconds"] = round(time.perf_counter() - start, 1)
         write_json(work / ENGINE.file, manifest)
+        if sign_key is not None and report["passed"]:
+            sign_folder(work, sign_key)  # last: the signature covers the final manifest
+            report["signature"] = "signed"
         target = final if report["passed"] else final.with_name(final.name + ".failed")
         commit_directory(work, target)
         return target, report
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def check_keep_for_engine(config: CapaConfig, dims: dict) -> None:
+    """Every keep count within the fewest visual tokens an image the engine takes can give."""
+    fewest = dims["visual_tokens"][0]
+    for layer, keep in config.prune:
+        if keep > fewest:
+            where = (f"the smallest image the profile allows ({dims['pixels'][0]} pixels, shapes.pixels)"
+                     if "pixels" in dims else "an image")
+            raise CapaError(f"prune stage at layer {layer} keeps k={keep} but {where} gives only {fewest} visual "
+                            f"tokens: k must be in [1, {fewest}]" +
+                            (f", or raise shapes.pixels' minimum to at least {keep * dims['pixels'][0] // fewest}"
+                             if "pixels" in dims else ""))
 
 
 def _mkdir(path: Path) -> Path:

@@ -7,13 +7,17 @@
     pruning      "function" (one CapaContribTopK node with its ONNX local function: the TensorRT plugin
                  where loaded, the standard-op body elsewhere) | "inline" (the body inlined: standard
                  ops only); "plugin" / "onnx" are accepted as their earlier names
+    attention    "fused" (each layer's attention as one ONNX Attention op, opset 23) | "explicit"
+                 (MatMul / Softmax / MatMul, for runtimes without Attention-23)
     prune        optional [[K, k], ...] overriding the calibrated schedule (k is fixed per engine)
     providers    ONNX Runtime execution providers, in order
     workspace_mib              TensorRT memory-pool limit / ONNX Runtime arena cap
     optimization_level         ONNX Runtime: "disable" | "basic" | "extended" | "all"
     [shapes]     min / opt / max of: batch, sequence (prompt tokens incl. visual), past (KV length),
-                 images (per batch) -- the TensorRT optimisation profile, and the limits the
-                 runtime enforces
+                 images (per batch), and optionally pixels (the area of an image after the
+                 processor's resize, for dynamic-resolution families: it sets the patches and
+                 visual tokens per image; default: the processor's own range) -- the TensorRT
+                 optimisation profile, and the limits the runtime enforces
     [tensorrt]   timing_cache (file name, reused across builds), version_compatible (bool),
                  builder_optimization_level (0-5)
 """
@@ -30,7 +34,9 @@ from .errors import CapaError
 
 #: Named profiles ship with the package; any other profile is given as a TOML file.
 PROFILE_DIRS = (Path(__file__).resolve().parent / "build_profiles",)
-SHAPE_NAMES = ("batch", "sequence", "past", "images")
+SHAPE_NAMES = ("batch", "sequence", "past", "images", "pixels")
+#: shapes every profile has (pixels matters only to dynamic-resolution families: no default)
+REQUIRED_SHAPES = ("batch", "sequence", "past", "images")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -40,6 +46,7 @@ class BuildProfile:
     precision: str = "fp32"
     backend: str = "auto"
     pruning: str = "function"
+    attention: str = "fused"
     prune: list[tuple[int, int]] | None = None
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     workspace_mib: int = 1024
@@ -58,6 +65,10 @@ class BuildProfile:
             raise CapaError(f"{where}: precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
         from .export.graphs import LOWERING_ALIASES, PRUNING_LOWERINGS
 
+        from .export.exporter import ATTENTION_FORMS
+
+        if self.attention not in ATTENTION_FORMS:
+            raise CapaError(f"{where}: attention {self.attention!r} must be one of {', '.join(ATTENTION_FORMS)}")
         self.pruning = LOWERING_ALIASES.get(self.pruning, self.pruning)
         if self.pruning not in PRUNING_LOWERINGS:
             raise CapaError(f"{where}: pruning {self.pruning!r} must be one of {', '.join(PRUNING_LOWERINGS)}")
@@ -77,7 +88,7 @@ class BuildProfile:
             if not 1 <= lo <= opt <= hi:
                 raise CapaError(f"{where}: shapes.{key} = [{lo}, {opt}, {hi}] must satisfy 1 <= min <= opt <= max")
             shapes[key] = (lo, opt, hi)
-        for key in SHAPE_NAMES:
+        for key in REQUIRED_SHAPES:
             shapes.setdefault(key, (1, 1, 1) if key in ("batch", "images") else (1, 1024, 4096))
         self.shapes = shapes
         if self.prune is not None:
@@ -118,7 +129,7 @@ class BuildProfile:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "precision": self.precision,
-                "backend": self.backend, "pruning": self.pruning,
+                "backend": self.backend, "pruning": self.pruning, "attention": self.attention,
                 "prune": [list(s) for s in self.prune] if self.prune else None, "providers": self.providers,
                 "workspace_mib": self.workspace_mib, "optimization_level": self.optimization_level,
                 "shapes": {k: list(v) for k, v in self.shapes.items()}, "tensorrt": self.tensorrt}

@@ -114,6 +114,8 @@ ENGINE_MANIFEST = {
         "dtype": {"enum": ["fp32", "fp16", "bf16"]},
         "pruning": {"enum": ["function", "inline"]},
         "k": {"type": ["integer", "null"], "minimum": 1, "expect": "null or an integer >= 1"},
+        # ModelFamily.dim_ranges: the derived dimensions' [min, opt, max] (visual_tokens, patches, pixels)
+        "vision_dims": {"type": "object", "maxProperties": 16, "additionalProperties": SHAPE_RANGE},
         "layer_segment": {**LAYER_LIST, "minItems": 1, "expect": "a non-empty list of segment indices (integers >= 0)"},
         "graph_contract": {"type": "object", "required": ["graphs"]},
         "libraries": {"type": "object", "additionalProperties": SHORT_STRING},
@@ -130,7 +132,8 @@ ENGINE_MANIFEST = {
     },
 }
 
-_GRAPH_FILES = {"type": "object", "required": list(GRAPH_NAMES), "additionalProperties": FILE_NAME,
+_GRAPH_FILES = {"type": "object", "required": list(GRAPH_NAMES), "additionalProperties": False,
+                "properties": {name: FILE_NAME for name in GRAPH_NAMES},
                 "expect": f"an object naming the file of each graph ({', '.join(GRAPH_NAMES)})"}
 
 #: The only provider option the ONNX Runtime backend writes. Provider options from a folder reach
@@ -161,17 +164,25 @@ ORT_SESSION = {
     },
 }
 
-#: `tensorrt/tensorrt.json` (backends.trt.build).
+#: `tensorrt/tensorrt.json` (backends.trt.build). It names no library: the plugin library is the
+#: one installed with capa-export (or named by the user), checked against library_sha256.
 TENSORRT_ENGINE = {
     "type": "object",
-    "required": ["backend", "graphs", "plugin"],
+    "required": ["backend", "graphs", "plugin", "embedded_plugins"],
+    "additionalProperties": False,
     "properties": {
         "backend": {"const": "tensorrt", "expect": "\"tensorrt\""},
         "tensorrt": SHORT_STRING,
         "graphs": _GRAPH_FILES,
         "timing_cache": {"anyOf": [{"type": "null"}, FILE_NAME], "expect": "null or a plain file name"},
-        "plugin": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["name", "version", "namespace"]}],
-                   "expect": "null or the plugin's {name, version, namespace}"},
+        "plugin": {"anyOf": [{"type": "null"},
+                             {"type": "object", "required": ["name", "version", "namespace", "library_sha256"],
+                              "additionalProperties": False,
+                              "properties": {"name": SHORT_STRING, "version": SHORT_STRING, "namespace": SHORT_STRING,
+                                             "library_sha256": SHA256}}],
+                   "expect": "null or the plugin's {name, version, namespace, library_sha256} (no library path: "
+                             "the plugin library is never taken from an engine folder)"},
+        "embedded_plugins": {"type": "boolean"},
     },
 }
 

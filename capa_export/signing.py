@@ -7,8 +7,13 @@ a file can edit its checksum too).
 
     generate_keypair(dir)                 -> capa-signing-key.pem (private, 0600), capa-signing-key.pub.pem
     sign_folder(engine, private_key)      -> engine/manifest.sig (detached; rewrite after `validate`)
+    signed_manifest_bytes(engine, public_key)
+                                          -> the manifest's bytes, read once, whose signature verified
     verify_folder(engine, public_key)     -> the manifest parsed from the verified bytes, after
                                              checking every listed file, or one CapaError line
+
+The same keys can be made with OpenSSL (`openssl genpkey -algorithm ed25519 -out key.pem`;
+`openssl pkey -in key.pem -pubout -out key.pub.pem`).
 
 `validate` rewrites manifest.json (complete = passed): sign after validating, or sign again.
 """
@@ -146,11 +151,11 @@ def sign_folder(directory: str | Path, private_key, *, password: bytes | None = 
         return atomic_write_json(directory / SIGNATURE_FILE, record)
 
 
-def verify_folder(directory: str | Path, public_key) -> dict:
-    """The engine manifest, parsed from the very bytes whose Ed25519 signature verified with
-    public_key (PEM bytes or a PEM file's path), after checking every listed file's size and sha256
-    and that the folder holds nothing else. Missing or malformed signature, another signer, a
-    manifest modified after signing, a modified or added file: one CapaError line."""
+def signed_manifest_bytes(directory: str | Path, public_key) -> bytes:
+    """The bytes of the engine folder's manifest.json, read once, after its Ed25519 signature
+    (manifest.sig) verified with public_key (PEM bytes or a PEM file's path). Parse these bytes,
+    never the file again. Missing or malformed signature, another signer, a manifest modified after
+    signing: one CapaError line. The files the manifest lists are not checked here (verify_folder)."""
     from cryptography.exceptions import InvalidSignature
 
     directory = Path(directory)
@@ -158,7 +163,7 @@ def verify_folder(directory: str | Path, public_key) -> dict:
     manifest_name, signature_name = f"{directory}/{MANIFEST_FILE}", f"{directory}/{SIGNATURE_FILE}"
     if not os.path.lexists(directory / SIGNATURE_FILE):
         raise CapaError(f"engine {directory} is not signed ({SIGNATURE_FILE} is missing); ask its builder for a "
-                        f"signed copy, or sign it yourself with sign_folder if you built it")
+                        f"signed copy (capa-export build --sign), or leave --trust out to use it unsigned")
     with folder_lock(directory, shared=True):  # not while another process rewrites the folder
         record = read_json(directory / SIGNATURE_FILE, max_bytes=4096, schema=SIGNATURE_SCHEMA, name=signature_name)
         expected = public_key_fingerprint(public)
@@ -167,12 +172,42 @@ def verify_folder(directory: str | Path, public_key) -> dict:
                             f"{record['public_key_sha256'][:16]}..., expected {expected[:16]}...); get the signer's "
                             f"public key")
         data = read_bytes(directory / MANIFEST_FILE, max_bytes=MAX_JSON_BYTES, name=manifest_name)
-        try:
-            public.verify(base64.b64decode(record["signature"], validate=True), CONTEXT + data)
-        except (InvalidSignature, ValueError):
-            raise CapaError(f"{manifest_name} does not match its signature {SIGNATURE_FILE} (modified after signing, "
-                            f"or the signature was altered); do not use this engine") from None
-        manifest = parse_json(data, manifest_name, schema=ENGINE_MANIFEST)
-        verify_file_table(directory, manifest["files"], unchecked=(MANIFEST_FILE, VALIDATION_FILE, SIGNATURE_FILE),
-                          source=MANIFEST_FILE)
+    try:
+        public.verify(base64.b64decode(record["signature"], validate=True), CONTEXT + data)
+    except (InvalidSignature, ValueError):
+        raise CapaError(f"{manifest_name} does not match its signature {SIGNATURE_FILE} (modified after signing, "
+                        f"or the signature was altered); do not use this engine") from None
+    return data
+
+
+def verify_folder(directory: str | Path, public_key) -> dict:
+    """The engine manifest, parsed from the very bytes whose Ed25519 signature verified with
+    public_key (PEM bytes or a PEM file's path), after checking every listed file's size and sha256
+    and that the folder holds nothing else. Missing or malformed signature, another signer, a
+    manifest modified after signing, a modified or added file: one CapaError line."""
+    directory = Path(directory)
+    data = signed_manifest_bytes(directory, public_key)
+    manifest = parse_json(data, f"{directory}/{MANIFEST_FILE}", schema=ENGINE_MANIFEST)
+    verify_file_table(directory, manifest["files"], unchecked=(MANIFEST_FILE, VALIDATION_FILE, SIGNATURE_FILE),
+                      source=MANIFEST_FILE)
     return manifest
+
+
+def check_private_key(private_key, *, password: bytes | None = None) -> None:
+    """Refuse, in one line and before any work, a signing key that sign_folder could not use."""
+    _load_private_key(private_key, password)
+
+
+def signature_is_current(directory: str | Path) -> bool | None:
+    """None when the folder has no manifest.sig; otherwise whether the signature was made over the
+    manifest.json now in the folder (its recorded sha256; the signature itself is checked with a
+    public key by signed_manifest_bytes). A rewrite that changed the manifest makes it stale."""
+    directory = Path(directory)
+    if not os.path.lexists(directory / SIGNATURE_FILE):
+        return None
+    try:
+        record = read_json(directory / SIGNATURE_FILE, max_bytes=4096, schema=SIGNATURE_SCHEMA)
+        data = read_bytes(directory / MANIFEST_FILE, max_bytes=MAX_JSON_BYTES)
+    except CapaError:
+        return False
+    return record["manifest_sha256"] == hashlib.sha256(data).hexdigest()

@@ -50,6 +50,41 @@ class CapaModelRunner(BaseRunner):
                            for name, out in zip(self.spec.output_names, outputs))
 
 
+class EngineGraphRunner(BaseRunner):
+    """A Polygraphy runner over one of the engine's graphs (`Backend.graph`): the same objects the
+    runtime runs, for every backend and dtype (bf16 outputs come back as fp32 arrays)."""
+
+    def __init__(self, graph, dtype: str):
+        super().__init__(name=f"engine:{graph.spec.name}")
+        self.graph, self.dtype = graph, dtype
+
+    def get_input_metadata_impl(self):
+        from polygraphy.datatype import DataType
+
+        metadata = TensorMetadata()
+        for tensor in self.graph.spec.inputs:
+            array = to_feed_array(tensor, torch.zeros(0), self.dtype)  # the numpy type this runner takes
+            metadata.add(tensor.name, DataType.from_dtype(array.dtype),
+                         [d if isinstance(d, int) else d.name for d in tensor.shape])
+        return metadata
+
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        outputs = self.graph.run({name: torch.from_numpy(np.asarray(value)) for name, value in feed_dict.items()})
+        result = OrderedDict()
+        for name, handle in outputs.items():
+            tensor = self.graph.tensor(handle).cpu()
+            result[name] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+        self.inference_time = time.perf_counter() - start
+        return result
+
+    def deactivate_impl(self):
+        pass
+
+    def activate_impl(self):
+        pass
+
+
 def to_feed(spec: GraphSpec, values: dict, dtype: str) -> dict:
     """Tensors keyed by input name -> numpy arrays of the types the engine's graph takes."""
     return {tensor.name: to_feed_array(tensor, values[tensor.name], dtype) for tensor in spec.inputs}

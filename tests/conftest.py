@@ -8,7 +8,7 @@ from capa_export.models import adapter_for, load_model
 
 #: the embedded models every model test runs on: one per family (a new family's tiny model joins
 #: the table by being registered with @embedded_model)
-TEST_MODELS = ["tiny-llava"]
+TEST_MODELS = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 
 
 def eager_attention(model):
@@ -27,6 +27,13 @@ def tiny(request):
 
 
 @pytest.fixture(scope="session")
+def llava():
+    """tiny-llava, with eager attention: the model of `cpu_engine` (tests of that engine use it)."""
+    model, processor = load_model("tiny-llava")
+    return eager_attention(model), processor
+
+
+@pytest.fixture(scope="session")
 def tiny_batch(tiny):
     """Processor outputs for one picture that is not square and a question."""
     model, processor = tiny
@@ -36,12 +43,21 @@ def tiny_batch(tiny):
 
 
 @pytest.fixture(scope="session")
-def cpu_engine(tmp_path_factory):
-    """The default engine (tiny-llava, cpu profile), built and validated once per session."""
+def signing_keys(tmp_path_factory):
+    """(private key path, public key path): an Ed25519 pair made for this session."""
+    from capa_export.signing import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(tmp_path_factory, signing_keys):
+    """The default engine (tiny-llava, cpu profile), built, validated and signed (manifest.sig, with
+    signing_keys) once per session."""
     from capa_export.pipeline import build
 
     path, report = build("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
-                                log=lambda *_: None)
+                         log=lambda *_: None, sign_key=signing_keys[0])
     return path, report
 
 

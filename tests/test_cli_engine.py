@@ -44,7 +44,7 @@ def test_corrupted_file(engine_copy, capsys):
     raw[1000] ^= 0xFF
     data.write_bytes(bytes(raw))
     code, _, err = run(capsys, "run", engine_copy)
-    assert code == 2 and "does not match its checksum" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "does not match its sha256" in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_file(engine_copy, capsys):
@@ -119,7 +119,7 @@ def test_topk_limit_for_tensorrt_standard_op_lowering():
 
 def test_bf16_engine_is_refused_before_anything_is_written(tmp_path, capsys):
     code, _, err = run(capsys, "build", "--profile", "datacenter", "--backend", "onnxruntime", "--out", tmp_path / "x")
-    assert code == 2 and "bf16 engines are not supported yet" in err
+    assert code == 2 and "is bf16, which ONNX Runtime runs only with CUDAExecutionProvider" in err and "edge (fp16)" in err
     assert not (tmp_path / "x").exists()
 
 
@@ -142,21 +142,21 @@ def test_files_not_in_the_manifest_are_refused(engine_copy, capsys):
 def test_manifest_without_checksums_is_refused(engine_copy, capsys):
     edit_manifest(engine_copy, lambda m: m.pop("files"))
     code, _, err = run(capsys, "run", engine_copy)
-    assert code == 2 and "lists no files" in err
+    assert code == 2 and "key files is missing" in err
 
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda ids, mask: (ids, mask.__setitem__((slice(None), -1), 0)), "right padding"),
     (lambda ids, mask: None, "max_new_tokens=0"),
 ])
-def test_runtime_refuses_what_it_cannot_serve(cpu_engine, tiny, mutate, message):
+def test_runtime_refuses_what_it_cannot_serve(cpu_engine, llava, mutate, message):
     import numpy as np
 
     from capa_export.inputs import builtin_samples, encode
     from capa_export.models import adapter_for
     from capa_export.runtime import CapaEngine
 
-    model, processor = tiny
+    model, processor = llava
     batch = encode(adapter_for(model), processor, builtin_samples(1)[0])
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy().copy()
     mutate(ids, mask)
@@ -165,13 +165,13 @@ def test_runtime_refuses_what_it_cannot_serve(cpu_engine, tiny, mutate, message)
         engine.generate_ids({**batch, "input_ids": ids, "attention_mask": np.asarray(mask)}, max_new_tokens=tokens)
 
 
-def test_tensorrt_shape_ranges_cover_decode_tokens(tiny):
+def test_tensorrt_shape_ranges_cover_decode_tokens(llava):
     from capa_export.contract import profile_ranges
     from capa_export.models import adapter_for
     from capa_export.profiles import BuildProfile
 
     profile = BuildProfile.load("edge")
-    contract = adapter_for(tiny[0]).family.graph_contract([0, 0, 1, 1, 1, 1, 1, 1])
+    contract = adapter_for(llava[0]).family.graph_contract([0, 0, 1, 1, 1, 1, 1, 1])
     ranges = profile_ranges(contract["embed"], profile.shapes, {"visual_tokens": 576})
     ranges.update(profile_ranges(contract["decode"], profile.shapes, {"visual_tokens": 576}))
     assert ranges["input_ids"][0] == (1, 1)  # embed serves single decode tokens
@@ -199,3 +199,36 @@ def test_named_profiles_ship_with_the_package():
     assert BuildProfile.load("cpu").source == str(shipped / "cpu.toml")
     with pytest.raises(CapaError, match="one of: cpu, datacenter, edge"):
         BuildProfile.load("laptop")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--provider", "TensorrtExecutionProvider"], "provider 'TensorrtExecutionProvider' is not one this engine was built for"),
+    (["--threads", "0"], "--threads 0 must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--prompt", "a", "--prompt", "b", "--prompt", "c", "--prompt", "d", "--prompt", "e"],
+     "5 prompts exceed the engine's batch maximum 4"),
+])
+def test_run_refuses_what_it_cannot_serve_in_one_line(cpu_engine, capsys, argv, message):
+    code, _, err = run(capsys, "run", cpu_engine[0], *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_images_and_prompts_of_different_counts(cpu_engine, capsys, tmp_path):
+    from capa_export.inputs import synthetic_image
+
+    for i in range(2):
+        synthetic_image(i).save(tmp_path / f"{i}.png")
+    code, _, err = run(capsys, "run", cpu_engine[0], "--image", tmp_path / "0.png", "--image", tmp_path / "1.png",
+                       "--prompt", "a", "--prompt", "b", "--prompt", "c")
+    assert code == 2 and "2 --image and 3 --prompt" in err
+
+
+def test_run_a_jsonl_batch_prints_one_json_line_per_answer(cpu_engine, capsys, tmp_path):
+    from capa_export.inputs import synthetic_image
+
+    synthetic_image(0).save(tmp_path / "a.png")
+    (tmp_path / "batch.jsonl").write_text('{"image": "a.png", "prompt": "What?"}\n{"image": "a.png", "prompt": "Why?"}\n')
+    code, out, _ = run(capsys, "run", cpu_engine[0], "--jsonl", tmp_path / "batch.jsonl", "--json", "--max-new-tokens", "3")
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and [line["prompt"] for line in lines] == ["What?", "Why?"]
+    assert all(len(line["tokens"]) <= 3 and line["answer"] is not None for line in lines)

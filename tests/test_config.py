@@ -38,5 +38,5 @@ def test_model_dependent_limits():
 
 def test_unknown_field_in_json(tmp_path):
     (tmp_path / "capa_config.json").write_text('{"prune": [], "keep": 3}')
-    with pytest.raises(CapaError, match="no field"):
+    with pytest.raises(CapaError, match="key keep is unknown"):
         CapaConfig.load(tmp_path)

@@ -82,8 +82,8 @@ def test_polygraphy_inspect_shows_the_op_node_and_its_opset(cpu_engine):
 
 
 @pytest.mark.parametrize("lowering", ["function", "inline"])
-def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowering):
-    model, processor = tiny
+def test_both_lowerings_match_the_capa_model(llava, cpu_engine, tmp_path, lowering):
+    model, processor = llava
     path, _ = cpu_engine
     config = CapaConfig.load(path / "calibration")
     approx = FfnApproximation.load(path / "calibration", model)
@@ -105,8 +105,8 @@ def test_both_lowerings_match_the_capa_model(tiny, cpu_engine, tmp_path, lowerin
     np.testing.assert_allclose(logits, expected.logits[:, -1].numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_folded_ffn_weights_are_in_the_prefill_graph(tiny, cpu_engine):
-    model, _ = tiny
+def test_folded_ffn_weights_are_in_the_prefill_graph(llava, cpu_engine):
+    model, _ = llava
     path, _ = cpu_engine
     approx = FfnApproximation.load(path / "calibration", model)
     layers = json.loads((path / "calibration" / "capa_config.json").read_text())["ffn_layers"]
@@ -138,8 +138,8 @@ def test_weights_are_stored_once(cpu_engine):
         onnx.checker.check_model(str(directory / f"{name}.onnx"), full_check=True)
 
 
-def test_engine_decoding_equals_hf_generate_without_pruning(tiny, tmp_path):
-    model, processor = tiny
+def test_engine_decoding_equals_hf_generate_without_pruning(llava, tmp_path):
+    model, processor = llava
     CapaConfig(prune=[], ffn_layers=[]).save(tmp_path)
     path, report = build("tiny-llava", "cpu", out=tmp_path / "plain", calibration_dir=str(tmp_path), progress=False,
                                 log=lambda *_: None)
@@ -169,3 +169,25 @@ def test_runtime_generate_streams_and_times(cpu_engine):
     assert len(result.tokens) == 5 and len(pieces) == 5  # one streamed piece per token
     assert len(result.keep_indices) == 64 and result.keep_indices == sorted(result.keep_indices)
     assert {"vision", "prefill", "decode_per_token", "time_to_first_token"} <= set(result.timings)
+
+
+def test_a_batch_answers_as_each_input_alone(cpu_engine):
+    """Left-padded batch of prompts of different lengths and images: every row's tokens and kept
+    visual tokens equal the same input run alone (the KV cache kept in ONNX Runtime between steps)."""
+    path, _ = cpu_engine
+    images = [synthetic_image(1, seed=5), synthetic_image(2, seed=6), synthetic_image(3, seed=7)]
+    questions = ["What?", "What is in the picture? Answer in detail, please.", "Colours?"]
+    with CapaEngine(path) as engine:
+        together = engine.generate_batch(images, questions, max_new_tokens=6)
+        alone = [engine.generate(image, question, max_new_tokens=6) for image, question in zip(images, questions)]
+    for row, single in zip(together, alone):
+        assert row.tokens == single.tokens and row.keep_indices == single.keep_indices and row.text == single.text
+        assert row.prompt_tokens == single.prompt_tokens
+
+
+def test_streamed_text_is_the_answer(cpu_engine):
+    path, _ = cpu_engine
+    pieces = []
+    with CapaEngine(path) as engine:
+        result = engine.generate(synthetic_image(4), "Describe it.", max_new_tokens=8, stream=pieces.append)
+    assert "".join(pieces) == result.text

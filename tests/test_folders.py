@@ -323,7 +323,7 @@ def test_session_schema_refuses_graph_paths_out_of_the_folder_and_provider_optio
         folders.check_schema(plugin, schemas.ORT_SESSION, "session.json")
     # the plugin is named, never loaded from a path the folder gives
     trt = {"backend": "tensorrt", "graphs": {g: f"{g}.plan" for g in schemas.GRAPH_NAMES},
-           "plugin": "/usr/lib/evil.so"}
+           "plugin": "/usr/lib/evil.so", "embedded_plugins": False}
     with pytest.raises(CapaError, match="plugin must be null or the plugin's"):
         folders.check_schema(trt, schemas.TENSORRT_ENGINE, "tensorrt.json")
 
@@ -655,7 +655,8 @@ def test_schemas_and_checks_accept_a_built_engine(cpu_engine):
     folders.read_json(engine / "calibration" / "capa_config.json", schema=schemas.CAPA_CONFIG)
     folders.read_json(engine / "calibration" / "ffn_approx.json", schema=schemas.FFN_APPROXIMATION)
     folders.verify_file_table(engine, manifest["files"])
-    assert set(folders.scan_folder(engine)) == set(manifest["files"]) | {"manifest.json", "validation.json"}
+    assert set(folders.scan_folder(engine)) == set(manifest["files"]) | {"manifest.json", "validation.json",
+                                                                         "manifest.sig"}
     for graph in session["graphs"].values():
         folders.confined_file(backend_dir, graph, source="session.json: graphs")
         assert folders.check_external_data(engine, f"{manifest['backend_dir']}/{graph}")

@@ -65,9 +65,11 @@ def hf_reference(model, batch, stages, ffn=None, extra_ids=None):
     adapter = adapter_for(model)
     lm = adapter.text_model
     if extra_ids is not None:
-        ones = torch.ones_like(extra_ids)
-        batch = {**batch, "input_ids": torch.cat([batch["input_ids"], extra_ids], dim=1),
-                 "attention_mask": torch.cat([batch["attention_mask"], ones], dim=1)}
+        # generated tokens are real text tokens: ids appended, mask 1, any other per-token processor
+        # output (e.g. Qwen-VL's mm_token_type_ids) 0 = text
+        appended = {"input_ids": extra_ids, "attention_mask": torch.ones_like(extra_ids)}
+        batch = {**batch, **{key: torch.cat([batch[key], appended.get(key, torch.zeros_like(extra_ids))], dim=1)
+                             for key in adapter.family.text_keys if key in batch}}
     ids = batch["input_ids"]
     embeds, all_positions = hf_decoder_inputs(model, batch)
     with torch.no_grad():
@@ -181,8 +183,9 @@ def test_k_larger_than_visual_tokens_is_refused_when_applied(tiny, tiny_batch):
 
 def test_prune_layer_outside_decoder_is_refused(tiny):
     model, _ = tiny
-    with pytest.raises(CapaError, match="K=8 is outside the decoder"):
-        apply_capa(model, CapaConfig(prune=[(8, 64)]))
+    layers = adapter_for(model).num_layers
+    with pytest.raises(CapaError, match=f"K={layers} is outside the decoder"):
+        apply_capa(model, CapaConfig(prune=[(layers, 64)]))
 
 
 def test_right_padding_is_refused(tiny, tiny_batch):

@@ -54,5 +54,6 @@ def test_prompt_without_image_slot_is_refused(tiny, tiny_batch):
 
     model, _ = tiny
     ids = torch.tensor([[1, 50, 60, 70]])
+    vision = {k: tiny_batch[k] for k in adapter_for(model).family.vision_keys}
     with pytest.raises(CapaError, match="0 image-token slots"):
-        apply_capa(model, CapaConfig(prune=[]))(input_ids=ids, pixel_values=tiny_batch["pixel_values"])
+        apply_capa(model, CapaConfig(prune=[]))(input_ids=ids, **vision)

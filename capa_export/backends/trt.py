@@ -3,7 +3,12 @@
     load_plugin_library()                            the CapaContribTopK plugin, before parsing or
                                                      deserialising: IPluginRegistry.load_library on the
                                                      library installed with capa-export (or one named
-                                                     with --plugin-library), never one from an engine folder
+                                                     with --plugin-library), never one from an engine
+                                                     folder, loaded from bytes checked against the
+                                                     sha256 recorded at build time
+    runner()                                         the plan's bytes read once and checked, deserialised
+                                                     with engine_host_code_allowed off (unless the user
+                                                     passes --allow-engine-code)
     NetworkFromOnnxPath(graph, strongly_typed=True)  TensorRT 11: precision comes from the ONNX dtypes
     CreateConfig(profiles, memory pool, timing cache, builder level, version compatibility)
     PostprocessConfig(...)                           plugins_to_serialize for version-compatible engines
@@ -16,14 +21,16 @@ its GPU machine (TensorRT cannot be installed there); see the README.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import json
 from pathlib import Path
 
 from ..artifacts import write_json
 from ..contract import profile_ranges
 from ..errors import CapaError
+from ..folders import confined_file, read_json
 from ..ops.spec import SPEC
+from ..schemas import TENSORRT_ENGINE
 from .base import Backend, register_backend
 
 PLAN_SUFFIX = ".plan"
@@ -65,15 +72,30 @@ def find_plugin_library(explicit: str | None = None) -> Path:
                     f"capa_contrib_topk_plugin), or pass --plugin-library / set CAPA_TRT_PLUGIN")
 
 
-def load_plugin_library(path: Path) -> None:
-    """Register the plugin's creator once per process (IPluginRegistry.load_library, which calls
-    the library's getCreators; loading it a second time would register it twice)."""
+def load_plugin_library(path: Path, sha256: str | None = None) -> str:
+    """Register the plugin's creator once per process and return the sha256 of the library loaded.
+
+    The library is loaded from bytes read once and checked against sha256 (the one the engine
+    recorded at build time; None at build: the hash of what is read now), never reopened by path:
+    the dynamic loader maps a sealed in-memory copy (folders.load_library_verified), and TensorRT's
+    IPluginRegistry.load_library, given that copy's name, calls getCreators on the library already
+    loaded. Loading it a second time would register the creator twice."""
     import tensorrt as trt
 
+    from ..folders import load_library_verified, read_bytes
+
+    if sha256 is None:
+        sha256 = hashlib.sha256(read_bytes(path, max_bytes=1 << 30, name=f"plugin library {path}")).hexdigest()
     registry = trt.get_plugin_registry()
     if registry.get_creator(SPEC.name, SPEC.version, SPEC.namespace) is None:
-        if registry.load_library(str(path)) is None:
+        try:
+            library = load_library_verified(path, sha256, name=f"plugin library {path}")
+        except CapaError as exc:
+            raise CapaError(f"{exc}; the engine was built with another plugin library: pass the one it was built "
+                            f"with (--plugin-library), or rebuild the engine") from None
+        if registry.load_library(library.path) is None:
             raise CapaError(f"TensorRT could not load the plugin library {path}")
+    return sha256
 
 
 def check_topk_limit(config, pruning: str, plugin_loaded: bool) -> None:
@@ -110,9 +132,11 @@ def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, pl
     import tensorrt as trt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    library = plugin_library_or_none(plugin_library) if profile.pruning == "function" else None
-    if library is not None:
-        load_plugin_library(library)
+    library = library_sha256 = None
+    if profile.pruning == "function":
+        library = plugin_library_or_none(plugin_library)
+        if library is not None:
+            library_sha256 = load_plugin_library(library)
     settings = profile.tensorrt
     cache = out_dir / settings.get("timing_cache", "timing.cache")
     plans = {}
@@ -140,21 +164,80 @@ def build(onnx_dir: Path, profile, out_dir: Path, contract, fixed_dims: dict, pl
         SaveEngine(engine, str(plan))()
         plans[graph] = plan.name
     description = {"backend": TensorRTBackend.name, "tensorrt": trt.__version__, "graphs": plans, "timing_cache": cache.name,
-                   "plugin": {"name": SPEC.name, "version": SPEC.version, "namespace": SPEC.namespace}
-                   if library is not None else None}
+                   "plugin": {"name": SPEC.name, "version": SPEC.version, "namespace": SPEC.namespace,
+                              "library_sha256": library_sha256} if library is not None else None,
+                   # a version-compatible plan carries the plugin library's code inside it
+                   "embedded_plugins": bool(settings.get("version_compatible") and library is not None)}
     write_json(out_dir / ENGINE_FILE, description)
     return description
 
 
-def runner(engine_dir: Path, graph: str, plugin_library: str | None = None):
-    require()
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+def check_folder(engine_dir: Path, files: dict | None = None) -> dict:
+    """tensorrt.json of an engine's tensorrt/ folder, schema-checked (it names no library: the
+    plugin library is never taken from an engine folder), with every file it names a regular file
+    inside engine_dir (and, given the engine's file table relative to engine_dir, one it lists)."""
+    name = f"{engine_dir}/{ENGINE_FILE}"
+    description = read_json(confined_file(engine_dir, ENGINE_FILE, source=str(engine_dir)), schema=TENSORRT_ENGINE,
+                            name=name)
+    named = [(f"graphs.{graph}", file) for graph, file in description["graphs"].items()]
+    if description.get("timing_cache"):
+        named.append(("timing_cache", description["timing_cache"]))
+    for key, file in named:
+        if files is not None and file not in files:
+            raise CapaError(f"{name}: {key} names {file!r}, which manifest.json does not list; rebuild the engine")
+        confined_file(engine_dir, file, source=f"{name}: {key}")
+    return description
 
-    description = json.loads((engine_dir / ENGINE_FILE).read_text())
-    if description.get("plugin"):
-        load_plugin_library(find_plugin_library(plugin_library))
-    engine = EngineFromBytes(BytesFromPath(str(engine_dir / description["graphs"][graph])))
+
+def _deserialize(plan: bytes, allow_engine_code: bool, source: str):
+    """An ICudaEngine from plan bytes. Polygraphy's EngineFromBytes always sets
+    engine_host_code_allowed (so that version-compatible plans load): code carried inside a plan
+    would run. Here it is allowed only on the user's explicit request."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import util as trt_util
+
+    runtime = trt.Runtime(trt_util.get_trt_logger())
+    runtime.engine_host_code_allowed = bool(allow_engine_code)
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise CapaError(f"TensorRT cannot deserialise {source} (built by another TensorRT version or for another "
+                        f"GPU, or it carries code and --allow-engine-code was not given); rebuild the engine")
+    return engine
+
+
+def runner(engine_dir: Path, graph: str, *, spec=None, dtype: str = "fp32", files: dict | None = None,
+           plugin_library: str | None = None, allow_engine_code: bool = False):
+    """A Polygraphy runner for one graph of a built engine: the plan's bytes read once (checked
+    against the engine's table when given), the installed plugin library (or the user's) checked
+    against the sha256 recorded at build time, the plan's inputs and outputs against spec."""
+    require()
+    from polygraphy.backend.trt import TrtRunner
+
+    from ..folders import read_bytes, read_verified_bytes
+    from .base import check_graph_io
+
+    description = check_folder(engine_dir, files)
+    if description["embedded_plugins"] and not allow_engine_code:
+        raise CapaError(f"{engine_dir}/{ENGINE_FILE}: the engine's plans carry plugin code (a version-compatible "
+                        f"engine); run it only if you trust its builder, with --allow-engine-code")
+    plugin = description["plugin"]
+    if plugin is not None:
+        load_plugin_library(find_plugin_library(plugin_library), plugin["library_sha256"])
+    file = description["graphs"][graph]
+    source = f"{engine_dir}/{file}"
+    if files is not None:
+        plan = read_verified_bytes(engine_dir / file, files[file]["sha256"], expected_bytes=files[file]["bytes"],
+                                   max_bytes=16 << 30, name=source)
+    else:
+        plan = read_bytes(engine_dir / file, max_bytes=16 << 30, name=source)
+    engine = _deserialize(plan, allow_engine_code, source)
+    if spec is not None:
+        import tensorrt as trt
+
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        check_graph_io(spec, {n: None for n in names if is_input[n]}, {n: None for n in names if not is_input[n]},
+                       dtype, source)
     return TrtRunner(engine, name=f"tensorrt:{graph}")
 
 
@@ -174,5 +257,10 @@ class TensorRTBackend(Backend):
     def build(self, onnx_dir, profile, out_dir, contract, *, fixed_dims, plugin_library=None) -> dict:
         return build(onnx_dir, profile, out_dir, contract, fixed_dims, plugin_library)
 
-    def runner(self, engine_dir, graph):
-        return runner(engine_dir, graph)
+    def check_folder(self, backend_dir, files) -> dict:
+        return check_folder(backend_dir, files)
+
+    def runner(self, engine_dir, graph, *, spec=None, dtype="fp32", files=None, plugin_library=None,
+               allow_engine_code=False):
+        return runner(engine_dir, graph, spec=spec, dtype=dtype, files=files, plugin_library=plugin_library,
+                      allow_engine_code=allow_engine_code)

@@ -101,20 +101,36 @@ def place_selection(path: Path, pruning: str) -> None:
     onnx.save(model, str(path))
 
 
+def _tensor_bytes(tensor: onnx.TensorProto, directory: Path) -> bytes:
+    """One initializer's raw bytes: inline, or read from its external-data file (only this tensor)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    with open(directory / info["location"], "rb") as source:
+        source.seek(int(info.get("offset", 0)))
+        return source.read(int(info["length"])) if "length" in info else source.read()
+
+
 def share_weights(directory: Path, graphs=GRAPHS) -> dict:
     """Move every initializer of every graph into one `weights.data`, each distinct tensor once.
 
-    Returns statistics: bytes referenced by the graphs vs bytes stored."""
+    Streams one tensor at a time (the graphs are read without their external data), so memory stays
+    at the largest tensor, not a graph's weights. Returns statistics: bytes referenced by the graphs
+    vs bytes stored."""
     stored: dict[str, tuple[int, int]] = {}
     referenced = 0
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     with open(tmp, "wb") as data:
         for name in graphs:
             path = directory / f"{name}.onnx"
-            model = onnx.load(str(path), load_external_data=True)
+            model = onnx.load(str(path), load_external_data=False)
             for tensor in model.graph.initializer:
-                raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+                raw = _tensor_bytes(tensor, directory)
                 if len(raw) < INLINE_BYTES:
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:  # small: back inline
+                        del tensor.external_data[:]
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+                        tensor.raw_data = raw
                     continue
                 key = hashlib.sha256(raw).hexdigest() + f":{tensor.data_type}"
                 if key not in stored:
@@ -123,6 +139,7 @@ def share_weights(directory: Path, graphs=GRAPHS) -> dict:
                     data.write(b"\0" * pad)
                     stored[key] = (offset + pad, len(raw))
                     data.write(raw)
+                del raw
                 offset, length = stored[key]
                 referenced += length
                 tensor.ClearField("raw_data")

@@ -209,6 +209,7 @@ class CapaModel(nn.Module):
     def _prefill(self, input_ids, processor_outputs, image_features, attention_mask, position_ids, use_cache,
                  last_logits_only):
         adapter = self.adapter
+        self.family.check_inputs({"input_ids": input_ids, **processor_outputs})
         hidden = self.embed(input_ids, image_features=image_features, **processor_outputs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

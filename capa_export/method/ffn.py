@@ -10,7 +10,7 @@ RMS-normalise -> MatMul + Add (or two MatMuls at rank r) -> residual add.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,16 +128,23 @@ class FfnApproximation:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from ..folders import read_json
+        from ..schemas import FFN_APPROXIMATION
+
         directory = Path(directory)
         meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
         for path in (meta_path, weights_path):
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise CapaError(f"FFN approximation file {path} is missing; run `capa-export calibrate --out {directory}`")
+        # bounded strict JSON with its schema; the weights are safetensors (no code, a bounded header)
+        meta = read_json(meta_path, max_bytes=16 << 20, schema=FFN_APPROXIMATION, name=str(meta_path))
+        if not weights_path.is_file() or weights_path.is_symlink():
+            raise CapaError(f"FFN approximation file {weights_path} is not a regular file; calibrate again")
         try:
-            meta = json.loads(meta_path.read_text())
             tensors = load_file(str(weights_path))
-        except (json.JSONDecodeError, SafetensorError, OSError) as exc:
-            raise CapaError(f"FFN approximation in {directory} is unreadable ({exc}); calibrate again") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CapaError(f"FFN approximation in {directory} is unreadable ({str(exc).splitlines()[0][:120]}); "
+                            f"calibrate again") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise CapaError(f"FFN approximation in {directory} has format {meta.get('format_version')}, "
                             f"this tool reads {FORMAT_VERSION}")
@@ -156,7 +163,7 @@ class FfnApproximation:
             approx.check_model(adapter)
             dim = adapter.hidden_size
             for layer, fit in layers.items():
-                if layer >= adapter.num_layers or tuple(fit.weight.shape) != (dim, dim) or fit.bias.shape[0] != dim:
+                if layer >= adapter.num_layers or tuple(fit.weight.shape) != (dim, dim) or tuple(fit.bias.shape) != (dim,):
                     raise CapaError(f"FFN approximation layer {layer} has weight {tuple(fit.weight.shape)}; the model "
                                     f"needs ({dim}, {dim}) for layers below {adapter.num_layers}")
             approx.layers = {l: _to_device(f, adapter.lm_head.weight.device) for l, f in layers.items()}

@@ -93,10 +93,18 @@ class ModelFamily(abc.ABC):
                                 head_dim=int(self.info["head_dim"]), vision_inputs=inputs, image_features=features,
                                 position_rows=self.position_rows, keep=keep)
 
-    def visual_token_range(self) -> tuple[int, int]:
-        """(fewest, most) visual tokens one image gives."""
+    def visual_token_range(self, processor=None) -> tuple[int, int]:
+        """(fewest, most) visual tokens one image gives (with this processor, for families whose
+        processor decides the image size)."""
         n = int(self.info["visual_tokens_per_image"])
         return n, n
+
+    def dim_ranges(self, processor, shapes: dict) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of the graph dimensions a build profile does not name but the family
+        derives (visual tokens per image; for dynamic resolution also the patches, from the
+        profile's `pixels` range and the processor's limits). The engine manifest records them."""
+        low, high = self.visual_token_range(processor)
+        return {"visual_tokens": (low, high, high)}
 
     # --- inputs -----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -110,6 +118,26 @@ class ModelFamily(abc.ABC):
         batch = processor(images=list(images), text=prompts, return_tensors=return_tensors,
                           padding=len(prompts) > 1)
         return {k: batch[k] for k in self.processor_keys if k in batch}
+
+    def check_inputs(self, batch: dict) -> None:
+        """Refuse, in one line, processor outputs the family cannot serve (e.g. videos)."""
+
+    def check_image_sizes(self, batch: dict, dims: dict) -> None:
+        """Refuse images outside an engine's ranges (`dims`: the manifest's `vision_dims`); fixed-size
+        images (the default) always fit."""
+
+    def image_count(self, batch: dict) -> int:
+        """How many images the batch holds: runs of image tokens, over all rows."""
+        is_image = torch.as_tensor(batch["input_ids"]) == self.image_token_id
+        starts = is_image[:, 1:] & ~is_image[:, :-1]
+        return int(is_image[:, 0].sum() + starts.sum())
+
+    @classmethod
+    def load_processor(cls, path: str, **kwargs):
+        """The processor saved in `path` (a checkpoint or an engine's processor/ folder)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, **kwargs)
 
     # --- what happens between the graphs (torch, used by the CapaModel and the engine runtime) ----
     def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,35 @@ def load_model(name_or_path: str, dtype=None, device=None):
     return model.eval(), processor
 
 
+#: A checkpoint folder's processor: an image-processor config and a tokenizer.
+IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_checkpoint_folder(path: Path) -> None:
+    """A local checkpoint folder, before transformers reads it: no config carrying `auto_map`
+    (it names code to import from the folder), and processor files present (refused in one line
+    now, not after minutes of loading weights)."""
+    from ..folders import MAX_PROCESSOR_JSON_BYTES, find_key, key_path, read_json
+
+    for config in sorted(path.glob("*.json")):
+        if config.is_symlink() or not config.is_file():
+            continue  # weights and configs may be links into a cache (HF's snapshot layout); read by transformers
+        found = find_key(read_json(config, max_bytes=MAX_PROCESSOR_JSON_BYTES), "auto_map")
+        if found is not None:
+            raise CapaError(f"{config}: {key_path(found)} names custom code; capa-export never runs code from a model "
+                            f"folder: use a checkpoint saved with built-in transformers classes")
+    if not any((path / name).exists() for name in IMAGE_PROCESSOR_FILES) or \
+            not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise CapaError(f"model directory {path} has no processor files (one of {', '.join(IMAGE_PROCESSOR_FILES)} and "
+                        f"one of {', '.join(TOKENIZER_FILES)}); save the processor there too "
+                        f"(processor.save_pretrained)")
+
+
 def _load_pretrained(name_or_path: str, dtype):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    """A real checkpoint: a local directory (read only there: local_files_only) or a hub id the user
+    named. Never remote code (trust_remote_code=False); the processor is loaded before the weights."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = Path(name_or_path)
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
@@ -115,12 +142,21 @@ def _load_pretrained(name_or_path: str, dtype):
     if looks_local and not path.is_dir():
         raise CapaError(f"model path {name_or_path} does not exist; give a model directory, a hub id, "
                         f"or one of: {embedded}")
+    local = path.is_dir()
+    options = {"trust_remote_code": False, "local_files_only": local}
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, **options)
     except (OSError, ValueError) as exc:
         raise CapaError(f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}); give a "
                         f"directory with config.json, a reachable hub id, or one of: {embedded}") from None
-    family_for_model_type(config.model_type, name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype or "auto")
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    family = family_for_model_type(config.model_type, name_or_path)
+    if local:  # before the weights: a folder without its processor fails in one line, not after minutes
+        check_checkpoint_folder(path)
+    try:
+        processor = family.load_processor(name_or_path, **options)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CapaError(f"cannot load the processor of {name_or_path!r} ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); save the processor "
+                        f"with the model (processor.save_pretrained)") from None
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype or "auto", **options)
     return model, processor
