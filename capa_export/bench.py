@@ -585,7 +585,11 @@ def run_benchmark(settings: Settings, log=print) -> dict:
             if runner == "genai" else None
         if runner == "engine" and not missing and not validation[config]["passed"]:
             missing = f"the engine failed its validation ({work / 'engines' / config}/validation.json)"
+        load = os.getloadavg()
         results[peer] = {"failed": missing} if missing else child_task("peer", peer, payload)
+        # a shared machine's load while this peer ran: what its times can be compared under
+        results[peer]["load_average"] = {"before": [round(x, 2) for x in load],
+                                         "after": [round(x, 2) for x in os.getloadavg()]}
 
     # 5. profiles of the CAPA engines' prefill
     profiles = {}
@@ -721,6 +725,7 @@ def make_rows(results: dict, dims: dict, floors: dict, s: Settings, ffn_layers: 
             row["run_peak_rss_bytes"] = entry["peak_rss_bytes"]  # from the end of loading to the end of the runs
             row["load_seconds"] = result["load_seconds"]
             row["threads"] = result["threads"]
+            row["load_average"] = result.get("load_average")
             rows.append(row)
     return rows
 
@@ -838,8 +843,11 @@ def format_markdown(report: dict) -> str:
     if s["smoke"]:
         out += ["*Smoke run: checks the path; its times say nothing about speed.*", ""]
     if not quiet:
-        out += [f"*Measured on a busy machine (load average {m['load_average_before'][0]} before, "
-                f"{m['load_average_after'][0]} after, {m['cores']} cores): a development run, not a result.*", ""]
+        out += [f"*Measured on a shared, loaded machine ({m['cores']} cores; 1-minute load average "
+                f"{m['load_average_before'][0]} before the run, {m['load_average_after'][0]} after it, per peer in "
+                f"the table): the peers competed with other work for the cores, and the floors were measured at "
+                f"other moments than the peers, so ratios to the floors can fall below 1. A development run, not a "
+                f"quiet-machine result.*", ""]
     out += ["Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
             f"Prompt: BOS + N visual tokens ({report['dims']['visual_tokens_per_image']} per picture) + "
             f"{s['text_tokens']} text tokens; keep {s['keep']} after layer {s['prune_layer']}; affine FFN in layers "
@@ -848,11 +856,12 @@ def format_markdown(report: dict) -> str:
             f"{floors['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({s['dtype']}, {floors['threads']} threads), "
             f"copy {floors['copy_bytes_per_s'] / 1e9:.1f} GB/s. Run took {report['seconds'] / 60:.1f} min.", ""]
     out += ["| visual | runtime | vision ms | prefill ms | prefill x HF | prefill / FLOP floor | TTFT ms | "
-            "decode ms/token | decode / floor | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "decode ms/token | decode / floor | peak RSS GiB | load (1 min) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = report["rows"]
     for r in rows:
         if "failed" in r:
-            out.append(f"| {r['visual']} | {r['label']} | failed: {r['failed'][:60]} |||||||")
+            out.append(f"| {r['visual']} | {r['label']} | failed: {r['failed'][:60]} ||||||||")
             continue
         hf = _median(rows, "hf_sdpa", r["visual"], "prefill_ms")
         speedup = f"{hf / r['prefill_ms']['median']:.2f}" if hf and r["prefill_ms"] else "-"
@@ -861,9 +870,9 @@ def format_markdown(report: dict) -> str:
         out.append(f"| {r['visual']} | {r['label']} | {_ms(r['vision_ms'])} | {_ms(r['prefill_ms'])} | {speedup} | "
                    f"{'-' if ratio is None else f'{ratio:.2f}'} | {_ms(r['time_to_first_token_ms'])} | "
                    f"{_ms(r['decode_per_token_ms'])} | {'-' if decode_ratio is None else f'{decode_ratio:.2f}'} | "
-                   f"{_gib(r['peak_rss_bytes'])} |")
+                   f"{_gib(r['peak_rss_bytes'])} | {_load(r.get('load_average'))} |")
     for peer, reason in report.get("skipped", {}).items():
-        out.append(f"| | {PEERS[peer][1]} | skipped: {reason} ||||||||")
+        out.append(f"| | {PEERS[peer][1]} | skipped: {reason} |||||||||")
     out += ["", "| target | visual | engine | value | required | |", "|---|---|---|---|---|---|"]
     for t in report["targets"]:
         verdict = "-" if t["met"] is None else ("met" if t["met"] else "**missed**")
@@ -887,9 +896,19 @@ def format_markdown(report: dict) -> str:
             continue
         for visual, summary in profile["profiles"].items():
             ops = ", ".join(f"{o['op']} {o['ms']:.0f} ms ({o['share']:.0%})" for o in summary["by_op_type"][:8])
+            nodes = ", ".join(f"{n['node']} {n['ms']:.0f} ms" for n in summary["slowest_nodes"][:5])
             out += ["", f"Profile of {peer}'s prefill at {visual} visual tokens (ONNX Runtime, one run, "
-                        f"{summary['model_run_ms']:.0f} ms): {ops}."]
+                        f"{summary['model_run_ms']:.0f} ms): {ops}. Slowest nodes: {nodes}."]
     return "\n".join(out) + "\n"
+
+
+def _load(load) -> str:
+    """1-minute load average while a peer ran: before/after it, or the mean (min-max) of samples."""
+    if not load:
+        return "-"
+    if "mean" in load:
+        return f"{load['mean']:.1f} ({load['min']:.1f}-{load['max']:.1f})"
+    return f"{load['before'][0]:.1f}/{load['after'][0]:.1f}"
 
 
 def plot(report: dict, path: Path) -> Path:
