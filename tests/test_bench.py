@@ -55,6 +55,8 @@ def test_smoke_run_reports_every_peer(smoke):
         ratio = row["ratio_to_flop_floor"]["prefill"]
         assert ratio == pytest.approx(row["prefill_ms"]["median"] / row["flop_floor_ms"]["prefill"])
         assert row["peak_rss_bytes"] > 0 and row["run_peak_rss_bytes"] > 0
+        load = row["load_average"]  # what the peer's times were measured under on a shared machine
+        assert len(load["before"]) == len(load["after"]) == 3 and min(load["before"] + load["after"]) >= 0
     floors = report["floors"]
     assert floors["matmul_flops_per_s"] > 0 and floors["copy_bytes_per_s"] > 0
     assert floors["threads"] == settings["threads"]
@@ -264,7 +266,9 @@ def test_markdown_marks_a_busy_machine_and_a_smoke_run():
               "ffn_layers": [3, 4], "floors": {"matmul_flops_per_s": 1e11, "copy_bytes_per_s": 1e10, "threads": 2},
               "seconds": 60, "rows": [], "targets": [], "memory": {}, "validation": {}, "checks": [], "profiles": {}}
     text = format_markdown(report)
-    assert "busy machine" in text and "Smoke run" in text
+    assert "shared, loaded machine" in text and "Smoke run" in text
+    quiet = {**report["machine"], "load_average_before": [0.5, 0, 0], "load_average_after": [0.9, 0, 0]}
+    assert "loaded machine" not in format_markdown({**report, "machine": quiet})
 
 
 # --- bad input -------------------------------------------------------------------------------------------
