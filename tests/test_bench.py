@@ -129,6 +129,10 @@ def _dims(model):
             "intermediate": layer.mlp.gate_proj.weight.shape[0], "vocab": adapter.vocab_size}
 
 
+def _visual_tokens(model, batch) -> int:
+    return int(adapter_for(model).family.visual_positions(batch["input_ids"]).shape[1])
+
+
 def _counted(fn) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
@@ -152,10 +156,10 @@ def test_prefill_flops_equal_the_counted_matmuls(tiny, tiny_batch, prune, ffn_la
     # FastV's score (attention) has no matmul of its own, so the count is the decoder's alone
     capa = apply_capa(model, CapaConfig(prune=prune, variant="attention", ffn_layers=ffn_layers),
                       _random_ffn(adapter, ffn_layers) if ffn_layers else None)
-    features = adapter.image_features(pixel_values=tiny_batch["pixel_values"])
+    features = adapter.image_features(**{k: tiny_batch[k] for k in adapter.family.vision_keys})
     counted = _counted(lambda: capa(tiny_batch["input_ids"], attention_mask=tiny_batch["attention_mask"],
                                     image_features=features, last_logits_only=True))
-    length, visual = tiny_batch["input_ids"].shape[1], 576
+    length, visual = tiny_batch["input_ids"].shape[1], _visual_tokens(model, tiny_batch)
     expected = prefill_flops(_dims(model), length, visual, prune, ffn_layers, causal=False)
     assert counted == pytest.approx(expected, rel=1e-4)
     assert prefill_flops(_dims(model), length, visual, prune, ffn_layers) < expected  # causal half of the scores
@@ -167,7 +171,7 @@ def test_decode_flops_equal_the_counted_matmuls(tiny, tiny_batch):
     out = capa(**tiny_batch, use_cache=True, last_logits_only=True)
     cache = out.past_key_values
     length = tiny_batch["input_ids"].shape[1]
-    lengths = cache_lengths(_dims(model), length, 576, [(2, 64)])
+    lengths = cache_lengths(_dims(model), length, _visual_tokens(model, tiny_batch), [(2, 64)])
     assert lengths == [cache.length(i) for i in range(len(lengths))]
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     counted = _counted(lambda: capa(token, past_key_values=cache, last_logits_only=True))
