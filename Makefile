@@ -10,16 +10,17 @@ OUT ?= out
 
 .PHONY: demo test cuda-check clean
 
-$(STAMP): pyproject.toml CMakeLists.txt
+# the op manifest is copied into the package at install time: a changed one needs a reinstall
+$(STAMP): pyproject.toml CMakeLists.txt plugins/contrib_topk/CapaContribTopK_PluginConfig.yaml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.0" "pytest>=8"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/capa-export analyze --out $(OUT)/analysis
-	$(VENV)/bin/capa-export build --model tiny-llava --profile cpu
+	$(VENV)/bin/capa-export analyze --out $(OUT)/analysis --force
+	$(VENV)/bin/capa-export build --model tiny-llava --profile cpu --force
 	$(VENV)/bin/capa-export run engines/tiny-llava-cpu --prompt "What is in the picture?" --max-new-tokens 12
 
 test: $(STAMP)

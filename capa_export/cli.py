@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .artifacts import check_replaceable
 from .dtypes import NAMES as FLOAT_TYPE_NAMES
+from . import logs
 from .errors import CapaError
 from .method.scoring import VARIANTS
 from .pipeline import DEFAULT_MODEL
@@ -18,12 +19,38 @@ DEFAULT_QUESTION = "What is in the picture? Describe it briefly."
 
 
 # --- argument helpers ----------------------------------------------------------------------------
-def _stage(text: str) -> tuple[int, int]:
+def _stage(text: str) -> tuple[int, int | float] | str:
+    """LAYER:KEEP, KEEP a count (2:64) or a fraction of the visual tokens (2:0.25); or none / auto."""
+    if text in ("none", "auto"):
+        return text
     try:
         layer, keep = text.split(":")
-        return int(layer), int(keep)
+        return int(layer), float(keep) if any(c in keep for c in ".eE") else int(keep)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP (e.g. 2:64)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEEP with KEEP a count or a fraction "
+                                         f"(e.g. 2:64 or 2:0.25), none or auto") from None
+
+
+def _keep(text: str) -> int | float:
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (64) or a fraction (0.25)") from None
+
+
+def _schedule(stages, allow_auto: bool = False):
+    """--prune's values: the stages, [] for none, "auto" where the command takes it; None if not given."""
+    if stages is None:
+        return None
+    words = [s for s in stages if isinstance(s, str)]
+    if not words:
+        return list(stages)
+    if len(stages) > 1:
+        raise CapaError(f"--prune {words[0]} stands alone; give it, or LAYER:KEEP stages, not both")
+    if words[0] == "auto" and not allow_auto:
+        raise CapaError("--prune auto is taken by build only (it reads analyze's suggestion); give LAYER:KEEP stages, "
+                        "or none")
+    return [] if words[0] == "none" else "auto"
 
 
 def _lowering(text: str) -> str:
@@ -75,6 +102,23 @@ def _add_pixel_cap(parser):
                              f"{MAX_IMAGE_PIXELS})")
 
 
+def _add_serving(parser):
+    parser.add_argument("--instances", type=int, default=1, help="model instances, each with its engine (default: 1)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="requests per engine run (default: the engine's profile maximum)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=5000,
+                        help="how long a request may wait for others to batch with (default: 5000)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op threads per instance (default: its own choice)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="new tokens for requests that do not say (default: 32)")
+    parser.add_argument("--trust", default=None, metavar="PUBKEY",
+                        help="PEM public key (capa-export keygen): the engine's signature must verify with it")
+    parser.add_argument("--stream", action="store_true",
+                        help="add the decoupled model capa_stream: the answer piece by piece over gRPC streaming "
+                             "(one more engine instance)")
+
+
 def _add_trust(parser):
     parser.add_argument("--trust", default=None, metavar="PUBKEY",
                         help="PEM public key (capa-export keygen): the engine's signature (manifest.sig) must verify "
@@ -85,6 +129,12 @@ def _add_trust(parser):
     parser.add_argument("--allow-engine-code", action="store_true",
                         help="TensorRT only: deserialise plans that carry plugin code (version-compatible engines); "
                              "only for engines from builders you trust")
+
+
+def _add_force(parser):
+    parser.add_argument("--force", action="store_true",
+                        help="replace a complete folder of the same kind at --out (a folder of another kind, or "
+                             "not ours, is never replaced)")
 
 
 def _add_calibration(parser):
@@ -102,7 +152,8 @@ def _add_calibrated(parser, note: str):
 
 def _add_capa(parser):
     parser.add_argument("--prune", type=_stage, nargs="*", default=[(2, 64)], metavar="K:k",
-                        help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K); "
+                        help="pruning stages LAYER:KEEP (score at K-1, keep k visual tokens from layer K; KEEP a "
+                             "count, 2:64, or a fraction of the image's visual tokens, 2:0.25); "
                              "several for a progressive schedule; none to disable (default: 2:64)")
     parser.add_argument("--variant", choices=VARIANTS, default="contrib",
                         help="token score: contrib (CAPA), value_norm, attention (FastV) (default: contrib)")
@@ -121,14 +172,15 @@ def _add_capa(parser):
 def _capa_config(args):
     from .config import CapaConfig
 
-    return CapaConfig(prune=args.prune, variant=args.variant, queries=args.queries, ffn_layers=args.ffn_layers,
+    return CapaConfig(prune=_schedule(args.prune), variant=args.variant, queries=args.queries, ffn_layers=args.ffn_layers,
                       ffn_threshold=args.ffn_threshold, ffn_range=args.ffn_range, ffn_ridge=args.ridge,
                       ffn_rank=args.rank)
 
 
 def _input_sample(args):
-    from .inputs import CalibrationSample, builtin_samples, open_image
+    from .inputs import CalibrationSample, builtin_samples, check_prompt, open_image
 
+    check_prompt(args.prompt)
     if args.image:
         return CalibrationSample(open_image(args.image, args.max_image_pixels), args.prompt, args.image)
     sample = builtin_samples(1, seed=1)[0]
@@ -158,7 +210,7 @@ def cmd_analyze(args) -> int:
     settings = AnalysisSettings(sink_ratio=args.sink_ratio, keep=args.keep, ffn_threshold=args.ffn_threshold)
     start = time.perf_counter()
     out, report = analyze(args.model, args.out, sample=_input_sample(args), calibration_samples=_calibration_samples(args),
-                          settings=settings, dtype=args.dtype, device=args.device)
+                          settings=settings, dtype=args.dtype, device=args.device, force=args.force)
     print(format_table(report))
     print(f"analysis of {args.model} written to {out}/ (report.json, sinks.png, attention_vs_contribution.png, "
           f"ffn_linearity.png) in {time.perf_counter() - start:.1f} s")
@@ -168,16 +220,23 @@ def cmd_analyze(args) -> int:
 def cmd_calibrate(args) -> int:
     from .pipeline import calibrate
 
-    check_replaceable(args.out)
+    from .manifest import CALIBRATION
+
+    check_replaceable(args.out, CALIBRATION, args.force)
     calibration = _calibration_samples(args)
     start = time.perf_counter()
     out, config, approx = calibrate(args.model, args.out, config=_capa_config(args), calibration_samples=calibration,
-                                    dtype=args.dtype, device=args.device)
+                                    dtype=args.dtype, device=args.device, force=args.force)
     if approx is not None:
-        print(f"{'layer':>5} {'train err':>9} {'held-out':>9} {'text rows':>9}  approximated")
-        for layer, errors in approx.errors().items():
+        errors_by_layer = approx.errors()
+        # text rows are measured by `analyze` (FFN linearity), not by calibration: no column of nan
+        with_text = any(e.get("text") == e.get("text") and e.get("text") is not None for e in errors_by_layer.values())
+        print(f"{'layer':>5} {'train err':>9} {'held-out':>9}" + (f" {'text rows':>9}" if with_text else "") +
+              "  approximated")
+        for layer, errors in errors_by_layer.items():
             mark = "yes" if layer in config.ffn_layers else "-"
-            print(f"{layer:>5} {errors['train']:>9.4f} {errors['heldout']:>9.4f} {errors['text']:>9.4f}  {mark}")
+            text = f" {errors['text']:>9.4f}" if with_text else ""
+            print(f"{layer:>5} {errors['train']:>9.4f} {errors['heldout']:>9.4f}{text}  {mark}")
     print(f"CAPA config: {config.describe()}")
     print(f"calibration of {args.model} on {len(calibration)} inputs written to {out}/ in "
           f"{time.perf_counter() - start:.1f} s")
@@ -193,8 +252,12 @@ def cmd_generate(args) -> int:
     config = result.config
     seq, visual, kept = result.prompt_tokens, result.visual_tokens, len(result.keep_indices)
     print(f"model {args.model}: {config.describe()}")
-    print(f"prompt: {seq} tokens ({visual} visual); kept {kept} visual tokens from layer "
-          f"{config.prune[0][0] if config.prune else '-'}: sequence {seq} -> {seq - visual + kept}")
+    # keep_indices are the last stage's: name its layer (and the whole schedule when there are several)
+    stages = ", ".join(f"{layer}:{keep}" for layer, keep in config.prune)
+    where = (f"from layer {config.prune[-1][0]}" + (f" (stages {stages})" if len(config.prune) > 1 else "")
+             if config.prune else "(no pruning)")
+    print(f"prompt: {seq} tokens ({visual} visual); kept {kept} visual tokens {where}: sequence {seq} -> "
+          f"{seq - visual + kept}")
     print(f"first kept visual tokens: {result.keep_indices[:16]}")
     print(f"answer ({len(result.tokens)} tokens, {result.seconds:.2f} s): {result.text!r}")
     print(f"greedy-token agreement with the unpruned model: {result.agreement_with_unpruned:.0%}")
@@ -210,9 +273,9 @@ def cmd_export(args) -> int:
     from .pipeline import export
 
     start = time.perf_counter()
-    out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=args.prune,
+    out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=_schedule(args.prune),
                            dtype=args.dtype or "fp32", pruning=args.pruning, attention=args.attention,
-                           device=args.device)
+                           device=args.device, force=args.force)
     print(format_summary(manifest))
     print(f"exported {args.model} ({manifest['dtype']}) to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
@@ -227,7 +290,9 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     path, report = build(args.model, args.profile, out=args.out, calibration_dir=args.calibrated, backend=args.backend,
                          pruning=args.pruning, plugin_library=args.plugin_library, calibration_samples=calibration,
-                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign)
+                         validation_samples=samples, max_new_tokens=args.validate_tokens, sign_key=args.sign,
+                         log=logs.info, force=args.force, prune=_schedule(args.prune, allow_auto=True),
+                         keep=args.keep, analysis_dir=args.analysis)
     print(report["table"])
     if report.get("signature") == "signed":
         print(f"signed with {args.sign}: {path}/manifest.sig")
@@ -258,7 +323,9 @@ def _run_inputs(args) -> list:
     if args.jsonl:
         pairs = _jsonl_pairs(args.jsonl)
         return [(open_image(path, args.max_image_pixels), prompt, path) for path, prompt in pairs]
-    prompts = args.prompt or [DEFAULT_QUESTION]
+    from .inputs import check_prompt
+
+    prompts = [check_prompt(p) for p in (args.prompt or [DEFAULT_QUESTION])]
     images = args.image or []
     if len(images) > 1 and len(images) != len(prompts):
         raise CapaError(f"{len(images)} --image and {len(prompts)} --prompt: give one image for all prompts, or one "
@@ -288,6 +355,8 @@ def _jsonl_pairs(path: str) -> list[tuple[str, str]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CapaError(f"--jsonl {path} line {number} is not a JSON object with string fields \"image\" and "
                             f"\"prompt\"") from None
+        if not prompt.strip():
+            raise CapaError(f"--jsonl {path} line {number}: the prompt is empty; give a question about the image")
         pairs.append((str(file.parent / image), prompt))
     if not pairs:
         raise CapaError(f"--jsonl {path} holds no lines")
@@ -295,6 +364,7 @@ def _jsonl_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def cmd_run(args) -> int:
+    from .config import describe_keep
     from .runtime import CapaEngine
 
     if args.max_new_tokens < 1:
@@ -305,7 +375,7 @@ def cmd_run(args) -> int:
     with CapaEngine(args.engine, verify=not args.no_verify, trust=args.trust, plugin_library=args.plugin_library,
                     allow_engine_code=args.allow_engine_code, provider=args.provider, threads=args.threads) as engine:
         header = (f"engine {args.engine}: {engine.manifest['backend']} {engine.manifest['dtype']}, "
-                  f"keep {engine.manifest['k']} visual tokens")
+                  f"keep {describe_keep(engine.manifest['k']) if engine.manifest['k'] else 'all visual tokens'}")
         single = len(inputs) == 1 and not args.json
         if len(inputs) <= engine.max_batch:  # else the batch is refused in one line, with nothing before it
             print(header, file=sys.stderr)
@@ -371,6 +441,40 @@ def cmd_bench(args) -> int:
     return 0 if not report["failed"] and all(c["passed"] for c in report["checks"]) else 1
 
 
+def _serving_options(args) -> dict:
+    return dict(instances=args.instances, max_batch=args.max_batch, queue_delay_us=args.max_queue_delay_us,
+                threads=args.threads, trust=args.trust, default_max_new_tokens=args.max_new_tokens, stream=args.stream)
+
+
+def cmd_triton_repo(args) -> int:
+    from .serving.triton_repo import MODEL_NAME, TRITON_VERSION, write_repository
+
+    out = write_repository(args.engine, args.out, copy=args.copy, **_serving_options(args))
+    print(f"model repository {out} (model '{MODEL_NAME}', tested with Triton {TRITON_VERSION}): "
+          f"tritonserver --model-repository {Path(out).resolve()}, or capa-export serve --repository {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import tempfile
+
+    from .serving.serve import serve
+    from .serving.triton_repo import write_repository
+
+    announce = lambda line: print(f"capa-export serve: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    server = dict(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                  ready_timeout_s=args.ready_timeout, announce=announce)
+    if args.repository:
+        if args.engine:
+            raise CapaError("give an engine folder or --repository, not both")
+        return serve(Path(args.repository), **server)
+    if not args.engine:
+        raise CapaError("give the engine folder to serve (or --repository DIR written by capa-export triton-repo)")
+    with tempfile.TemporaryDirectory(prefix="capa-serve-") as tmp:
+        repository = write_repository(args.engine, Path(tmp) / "repository", **_serving_options(args))
+        return serve(repository, **server)
+
+
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import backends
@@ -397,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn-threshold", type=float, default=0.15,
                    help="relative error under which a layer's FFN counts as linear (default: 0.15)")
     p.add_argument("--out", default="out/analysis", help="output folder (default: out/analysis)")
+    _add_force(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("calibrate", help="fit the FFN approximation and write a CAPA config",
@@ -408,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pixel_cap(p)
     _add_capa(p)
     p.add_argument("--out", default="out/calibration", help="output folder (default: out/calibration)")
+    _add_force(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("generate", help="run the CAPA model in PyTorch on one image + prompt",
@@ -429,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, dtype_help="dtype of the exported graphs: the engine precision (default: fp32)")
     _add_calibrated(p, "default: calibrate now")
     p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
-                   help="override the pruning schedule (k is fixed in the exported graph)")
+                   help="override the pruning schedule (a count is fixed in the exported graph; a fraction "
+                        "is computed from each image's visual tokens inside it)")
     p.add_argument("--pruning", type=_lowering, default="function",
                    help="function: one CapaContribTopK node with its ONNX local function (TensorRT runs its "
                         "plugin, other runtimes the standard-op body); inline: the body inlined, for runtimes "
@@ -438,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: each layer's attention as one ONNX Attention op (opset 23; ONNX Runtime >= 1.23, "
                         "TensorRT >= 10.14); explicit: MatMul/Softmax/MatMul (default: fused)")
     p.add_argument("--out", default="out/onnx", help="output folder (default: out/onnx)")
+    _add_force(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build", help="calibrate + export + build an engine + validate, in one command",
@@ -455,17 +563,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruning", type=_lowering, default=None,
                    help="override the profile's lowering: function or inline (see export --help)")
     p.add_argument("--plugin-library", default=None, help="TensorRT plugin library (TensorRT backend only)")
+    p.add_argument("--prune", type=_stage, nargs="*", default=None, metavar="K:k",
+                   help="pruning stages LAYER:KEEP over the profile's and the calibration's (KEEP a count, 2:64, or "
+                        "a fraction of each image's visual tokens, 2:0.25), none, or auto: analyze's suggested layer "
+                        "and FFN range (from --analysis DIR, else analysed now)")
+    p.add_argument("--keep", type=_keep, default=None, metavar="N",
+                   help="visual tokens kept by the single pruning stage, a count or a fraction (at layer 2, or the "
+                        "suggested layer with --prune auto)")
+    p.add_argument("--analysis", default=None, metavar="DIR",
+                   help="an `analyze` folder of this model whose suggestion --prune auto takes")
     p.add_argument("--image", default=None, help="validate on this image too (default: a built-in picture)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for the validation image")
     p.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared end to end (default: 8)")
     p.add_argument("--sign", default=None, metavar="KEY",
                    help="PEM Ed25519 private key (capa-export keygen): sign the validated engine (manifest.sig)")
     p.add_argument("--out", default=None, help="engine folder (default: engines/<model>-<profile>)")
+    _add_force(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("validate", help="compare an engine with the PyTorch CapaModel (Polygraphy)",
                        description="Graph-by-graph Polygraphy comparison and end-to-end greedy-token agreement; "
-                                   "writes validation.json, marks the engine complete or not; exit 1 on failure.")
+                                   "writes revalidation.json beside the build's validation.json, marks the engine "
+                                   "complete or not; exit 1 on failure.")
     p.add_argument("engine", help="engine folder")
     p.add_argument("--model", default=None,
                    help="model to compare with: needed unless the manifest names an embedded model (a path or hub id "
@@ -549,12 +668,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", default=None, metavar="BENCHMARKS.md",
                    help="also write the run's table into this Markdown file (its section for the size)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository for an engine",
+                       description="A Python-backend model ('capa') that runs the engine with CapaEngine: "
+                                   "config.pbtxt (inputs image/prompt/max_new_tokens, outputs text/tokens/"
+                                   "keep_indices/prompt_tokens/timings/batch_size, dynamic batching, instances) and model.py. "
+                                   "The engine is checked now and when Triton loads it.")
+    p.add_argument("engine", help="engine folder")
+    p.add_argument("out", help="new (or empty) folder for the model repository")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the engine into the repository (default: reference it by absolute path)")
+    _add_serving(p)
+    p.set_defaults(func=cmd_triton_repo)
+
+    p = sub.add_parser("serve", help="serve an engine with Triton Inference Server (KServe v2 HTTP/gRPC)",
+                       description="Write a model repository for the engine (as triton-repo) and run the "
+                                   "tritonserver of nvidia-pytriton on it until SIGINT/SIGTERM; binds to "
+                                   "127.0.0.1 unless --host says otherwise.")
+    p.add_argument("engine", nargs="?", default=None, help="engine folder")
+    p.add_argument("--repository", default=None, metavar="DIR",
+                   help="serve a model repository written by triton-repo instead of an engine folder (its "
+                        "config.pbtxt then sets instances, batching and the rest)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port; 0: none (default: 8002)")
+    p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: 300)")
+    _add_serving(p)
+    p.set_defaults(func=cmd_serve)
+    for command in sub.choices.values():
+        _add_log_level(command)
     return parser
+
+
+def _add_log_level(parser):
+    from .logs import DEFAULT_LEVEL, LEVELS
+
+    group = parser.add_argument_group("output")
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument("--log-level", choices=tuple(LEVELS), default=DEFAULT_LEVEL,
+                        help=f"status lines and progress at info; libraries' warnings only at debug (default: "
+                             f"{DEFAULT_LEVEL})")
+    choice.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                        help="results and errors only (--log-level warning)")
+    choice.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                        help="also the libraries' warnings and Polygraphy's own lines (--log-level debug)")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .logs import configure
+
+    configure(args.log_level)
     try:
         return args.func(args)
     except CapaError as exc:

@@ -583,7 +583,7 @@ def _load_from_private_copy(data: bytes, digest: str, mode: int, label: str) -> 
     return VerifiedLibrary(library, path, digest)
 
 
-def verify_file_table(root: str | Path, files: dict, *, unchecked=("manifest.json", "validation.json", "manifest.sig"),
+def verify_file_table(root: str | Path, files: dict, *, unchecked=("manifest.json", "validation.json", "revalidation.json", "manifest.sig"),
                       source: str = "manifest.json", hashes: bool = True) -> None:
     """The folder holds exactly the files the table lists ({relative name: {bytes, sha256}}, as the
     ENGINE_MANIFEST schema checks), plus the top-level unchecked reports, each with its size and

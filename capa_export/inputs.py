@@ -20,6 +20,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 #: refused by name: no family takes video input yet
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROMPTS_FILE = "prompts.txt"
+#: an image smaller than this on a side is taken with a warning (a patch of the smallest encoder is 14 px)
+MIN_IMAGE_SIDE = 14
 DEFAULT_QUESTIONS = (
     "What is in the picture?",
     "Describe the image in detail.",
@@ -86,7 +88,22 @@ def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
     small file can claim gigabytes of pixels)."""
     if Path(path).suffix.lower() in VIDEO_SUFFIXES:
         raise CapaError(f"{path} is a video; video inputs are not supported yet: give an image (PNG or JPEG)")
-    return folders.open_image(path, max_pixels=max_pixels)
+    image = folders.open_image(path, max_pixels=max_pixels)
+    if min(image.size) < MIN_IMAGE_SIDE:
+        from .logs import logger
+
+        # taken (a processor resizes any image), but a person should know the answer rests on a few pixels
+        logger.warning(f"warning: image {path} is {image.size[0]} x {image.size[1]} pixels, smaller than "
+                       f"{MIN_IMAGE_SIDE} on a side: it is upscaled to the model's input and says little")
+    return image
+
+
+def check_prompt(prompt, where: str = "--prompt") -> str:
+    """A question with something in it; an empty one is refused (the model would answer the image
+    alone, which is not what a person who typed a prompt meant)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise CapaError(f"{where} {prompt!r} is empty; give a question about the image")
+    return prompt
 
 
 def folder_samples(folder: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> list[CalibrationSample]:

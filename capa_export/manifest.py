@@ -40,11 +40,13 @@ MANIFEST_FILES = tuple(k.file for k in KINDS.values())
 
 MANIFEST_FILE = ENGINE.file
 VALIDATION_FILE = "validation.json"
+#: `validate`'s report, written beside the build's validation.json (which it never replaces)
+REVALIDATION_FILE = "revalidation.json"
 #: The detached Ed25519 signature of manifest.json (capa_export.signing).
 SIGNATURE_FILE = "manifest.sig"
 #: Reports and the signature, not engine content: rewritten by `validate`, so outside the checksum
 #: table (the signature covers the manifest, which covers the table).
-UNCHECKED = (MANIFEST_FILE, VALIDATION_FILE, SIGNATURE_FILE)
+UNCHECKED = (MANIFEST_FILE, VALIDATION_FILE, REVALIDATION_FILE, SIGNATURE_FILE)
 #: The schema each kind's manifest is checked against when read back (None: not read from
 #: folders received from others).
 SCHEMAS = {"engine": ENGINE_MANIFEST, "calibration": CALIBRATION_MANIFEST}

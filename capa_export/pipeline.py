@@ -13,7 +13,8 @@ and writes its folder under a temporary name, renamed when complete.
 An engine folder (`build`; the manifest's format is in manifest.py):
 
     <engine>/manifest.json      what, from what, settings, graph contract, versions, checksums, validation summary
-             validation.json    Polygraphy comparisons per graph and output, token agreement
+             validation.json    Polygraphy comparisons per graph and output, token agreement (build's)
+             revalidation.json  the same from the latest `validate` (build's report is kept)
              calibration/       capa_config.json, ffn_approx.safetensors/.json
              processor/         tokenizer + image processor (save_pretrained)
              onnx/              vision/embed/prefill/decode.onnx, weights.data, export.json
@@ -33,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backends
-from .artifacts import check_replaceable, commit_directory, make_work_dir, replace_directory, write_json
+from .artifacts import check_replaceable, commit_directory, make_work_dir, output_lock, replace_directory, write_json
 from .config import CapaConfig
 from .errors import CapaError
 from .inputs import CalibrationSample, builtin_samples, encode
 from .contract import GRAPHS
 from .folders import read_json
-from .manifest import (ANALYSIS, CALIBRATION, ENGINE, ONNX, SIGNATURE_FILE, VALIDATION_FILE, read_json_manifest,
-                       read_manifest, write_manifest)
+from .manifest import (ANALYSIS, CALIBRATION, ENGINE, ONNX, REVALIDATION_FILE, SIGNATURE_FILE, VALIDATION_FILE,
+                       read_json_manifest, read_manifest, write_manifest)
 from .method.capa_model import apply_capa
 from .method.ffn import META_FILE, FfnApproximation, fit_ffn_approximation
 from .models import adapter_for, load_model
@@ -78,13 +79,14 @@ def fit_calibration(model, processor, config: CapaConfig, samples: list[Calibrat
     return config, approx
 
 
-def calibrated_config(model, processor, calibration_dir: str | None, calibration_samples=None, progress=True):
+def calibrated_config(model, processor, calibration_dir: str | None, calibration_samples=None, progress=True,
+                      base: CapaConfig | None = None):
     """From a `calibrate` folder, or calibrated now on the given (default: built-in) inputs with
-    the default CapaConfig and automatic FFN layer selection."""
+    `base` (default: the default CapaConfig with automatic FFN layer selection)."""
     if calibration_dir:
         return load_calibration(model, calibration_dir)
-    return fit_calibration(model, processor, CapaConfig(ffn_layers="auto"), calibration_samples or builtin_samples(8),
-                           progress)
+    return fit_calibration(model, processor, base or CapaConfig(ffn_layers="auto"),
+                           calibration_samples or builtin_samples(8), progress)
 
 
 def with_prune(config: CapaConfig, prune) -> CapaConfig:
@@ -95,12 +97,12 @@ def with_prune(config: CapaConfig, prune) -> CapaConfig:
 # --- stages -----------------------------------------------------------------------------------------
 def analyze(model_name: str = DEFAULT_MODEL, out: str | Path = "out/analysis", *, sample: CalibrationSample,
             calibration_samples: list[CalibrationSample], settings=None, dtype=None, device=None,
-            progress: bool = True) -> tuple[Path, dict]:
+            progress: bool = True, force: bool = False) -> tuple[Path, dict]:
     from .analysis import AnalysisSettings
     from .analysis import analyze as analyze_model
     from .analysis.plots import write_plots
 
-    check_replaceable(out)  # before the work, not after
+    check_replaceable(out, ANALYSIS, force)  # before the work, not after
     settings = settings or AnalysisSettings()
     model, processor = load_model(model_name, dtype, device)
     report, raw = analyze_model(model, processor, sample, calibration_samples, settings, progress=progress)
@@ -109,14 +111,15 @@ def analyze(model_name: str = DEFAULT_MODEL, out: str | Path = "out/analysis", *
         write_manifest(tmp, ANALYSIS, report)
         write_plots(report, raw["per_layer"], tmp)
 
-    return replace_directory(out, write), report
+    with output_lock(out):
+        return replace_directory(out, write, ANALYSIS, force), report
 
 
 def calibrate(model_name: str = DEFAULT_MODEL, out: str | Path = "out/calibration", *, config: CapaConfig,
               calibration_samples: list[CalibrationSample], dtype=None, device=None,
-              progress: bool = True) -> tuple[Path, CapaConfig, FfnApproximation | None]:
+              progress: bool = True, force: bool = False) -> tuple[Path, CapaConfig, FfnApproximation | None]:
     """Fit the FFN approximation and write a calibration folder."""
-    check_replaceable(out)
+    check_replaceable(out, CALIBRATION, force)
     model, processor = load_model(model_name, dtype, device)
     adapter = adapter_for(model)
     config.check_for_model(adapter.num_layers)
@@ -134,7 +137,8 @@ def calibrate(model_name: str = DEFAULT_MODEL, out: str | Path = "out/calibratio
             "ffn_errors": {str(k): v for k, v in (approx.errors() if approx else {}).items()},
         })
 
-    return replace_directory(out, write), config, approx
+    with output_lock(out):
+        return replace_directory(out, write, CALIBRATION, force), config, approx
 
 
 @dataclass
@@ -172,25 +176,26 @@ def generate(model_name: str = DEFAULT_MODEL, *, sample: CalibrationSample, conf
     agreement = float((tokens == baseline[:, : tokens.shape[1]]).float().mean())
     return GenerateResult(tokens[0].tolist(), processor.tokenizer.decode(tokens[0], skip_special_tokens=True),
                           prefill.keep_indices[0].tolist(), agreement, int(batch["input_ids"].shape[1]),
-                          int(capa.visual_slots(batch["input_ids"]).shape[1]), seconds, config)
+                          int(capa.visual_slots(batch["input_ids"], batch).shape[1]), seconds, config)
 
 
-def calibrated_in_fp32(model_name: str, calibration_samples=None, device=None, progress: bool = True):
+def calibrated_in_fp32(model_name: str, calibration_samples=None, device=None, progress: bool = True,
+                       base: CapaConfig | None = None):
     """(CapaConfig, FfnApproximation | None) fitted now on the model loaded in fp32, whose memory is
     given back before returning: the caller loads the model again in the dtype it needs, so an fp32
     copy never sits beside an fp16 one."""
     model, processor = load_model(model_name, "fp32", device)
-    config, approx = calibrated_config(model, processor, None, calibration_samples, progress)
+    config, approx = calibrated_config(model, processor, None, calibration_samples, progress, base)
     del model
     return config, approx
 
 
 def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, calibration_dir: str | None = None,
            prune=None, dtype: str = "fp32", pruning: str = "function", attention: str = "fused", device=None,
-           progress: bool = True) -> tuple[Path, dict]:
+           progress: bool = True, force: bool = False) -> tuple[Path, dict]:
     from .export.exporter import export_model
 
-    check_replaceable(out)
+    check_replaceable(out, ONNX, force)
     if calibration_dir:
         model, processor = load_model(model_name, dtype, device)  # in the graph's dtype: no second copy
         config, approx = load_calibration(model, calibration_dir)
@@ -198,8 +203,10 @@ def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, cal
         config, approx = calibrated_in_fp32(model_name, device=device, progress=progress)
         model, processor = load_model(model_name, dtype, device)
     config = with_prune(config, prune)
-    path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, attention=attention,
-                        model_name=model_name, progress=progress)
+    with output_lock(out):
+        check_replaceable(out, ONNX, force)  # again: another command may have written it meanwhile
+        path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, attention=attention,
+                            model_name=model_name, progress=progress)
     return path, read_json_manifest(path, ONNX, "an ONNX export")
 
 
@@ -219,9 +226,10 @@ def check_engine_model(manifest: dict, adapter, engine_dir: Path) -> None:
 
 def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_tokens: int = 8,
                     write: bool = True, sign_key=None, plugin_library: str | None = None,
-                    allow_engine_code: bool = False) -> dict:
+                    allow_engine_code: bool = False, report_file: str = VALIDATION_FILE) -> dict:
     """Validate an engine directory against the CapaModel (fp32) rebuilt from its own calibration/.
-    Writes validation.json and rewrites manifest.json with complete = passed, holding a lock on the
+    Writes report_file (build: validation.json; `validate`: revalidation.json, beside the build's)
+    and rewrites manifest.json with complete = passed, holding a lock on the
     folder (a second writer is refused). A signature the rewrite made stale is removed; with
     sign_key, a passed engine is signed again."""
     from . import signing
@@ -264,7 +272,7 @@ def validate_engine(engine_dir: Path, model, processor, samples=None, max_new_to
                   "required_agreement": required, "agreement_measure": measure, "max_new_tokens": max_new_tokens,
                   "graphs": graphs, "end_to_end": end_to_end, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         if write:
-            write_json(engine_dir / VALIDATION_FILE, report)
+            write_json(engine_dir / report_file, report)
             fields = {k: v for k, v in manifest.items() if k not in ("complete", "files")}
             fields["validation"] = {"passed": passed, "agreement": [e["agreement"] for e in end_to_end],
                                     "graphs": {g: r["passed"] for g, r in graphs.items()}}
@@ -308,17 +316,41 @@ def validate(engine_dir: str | Path, model_name: str | None = None, samples=None
     manifest = read_manifest(engine_dir, verify=True, require_complete=False, trust=trust)
     model, processor = load_model(reference_model(manifest, model_name, engine_dir), "fp32")
     return validate_engine(Path(engine_dir), model, processor, samples, max_new_tokens, sign_key=sign_key,
-                           plugin_library=plugin_library, allow_engine_code=allow_engine_code)
+                           plugin_library=plugin_library, allow_engine_code=allow_engine_code,
+                           report_file=REVALIDATION_FILE)
 
 
 def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str | Path | None = None,
           calibration_dir: str | None = None, backend: str | None = None, pruning: str | None = None,
           plugin_library: str | None = None, calibration_samples=None, validation_samples=None,
-          max_new_tokens: int = 8, progress: bool = True, log=print, sign_key=None) -> tuple[Path, dict]:
+          max_new_tokens: int = 8, progress: bool = True, log=print, sign_key=None,
+          force: bool = False, prune=None, keep: int | None = None, analysis_dir: str | None = None
+          ) -> tuple[Path, dict]:
     """Model -> CAPA (calibrating unless calibration_dir) -> ONNX -> engine -> validation.
-    sign_key (a PEM private key, bytes or path): a validated engine is signed (manifest.sig)."""
+    sign_key (a PEM private key, bytes or path): a validated engine is signed (manifest.sig).
+    force: replace a complete engine at `out` (without it, that is refused). Two builds into one
+    folder at once: the second is refused (output_lock).
+    prune: [(K, k), ...] stages, [] for none, or "auto" (analyze's suggested layer and FFN range,
+    from the report in analysis_dir, else from an analysis run now); keep: the single stage's k
+    (capa_export.choices). Without either, the profile's / calibration's schedule."""
+    final = Path(out) if out else DEFAULT_ENGINE_ROOT / f"{Path(model_name).name}-{BuildProfile.load(profile_name).name}"
+    with output_lock(final):
+        return _build(model_name, profile_name, final, calibration_dir, backend, pruning, plugin_library,
+                      calibration_samples, validation_samples, max_new_tokens, progress, log, sign_key, force,
+                      prune, keep, analysis_dir)
+
+
+def _build(model_name, profile_name, out, calibration_dir, backend, pruning, plugin_library, calibration_samples,
+           validation_samples, max_new_tokens, progress, log, sign_key, force, prune, keep,
+           analysis_dir) -> tuple[Path, dict]:
+    from . import choices
     from .export.exporter import export_model
     from .signing import check_private_key, sign_folder
+
+    choices.check_choice(prune, keep)
+    if analysis_dir is not None and prune != "auto":
+        raise CapaError(f"--analysis {analysis_dir} is read by --prune auto only; add --prune auto, or leave it out")
+    suggestion = choices.read_suggestion(analysis_dir) if analysis_dir else None  # a bad report: refused now
 
     if sign_key is not None:
         check_private_key(sign_key)  # before minutes of work, not after
@@ -326,12 +358,16 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
     profile = BuildProfile.load(profile_name)
     if pruning:
         profile.pruning = pruning
+    if prune != "auto" or suggestion is not None:
+        chosen = choices.stages(prune, keep, suggestion)
+        if chosen is not None:
+            profile.prune = CapaConfig(prune=chosen).prune
     engine_backend = backends.get(backend or profile.backend)
     engine_backend.check_precision(profile)  # before any work: bf16 where nothing here can run it
     name = f"{Path(model_name).name}-{profile.name}"
     final = Path(out) if out else DEFAULT_ENGINE_ROOT / name
-    check_replaceable(final)
-    check_replaceable(final.with_name(final.name + ".failed"))
+    check_replaceable(final, ENGINE, force)
+    check_replaceable(final.with_name(final.name + ".failed"), ENGINE, force)
     if plugin_library is not None and not Path(plugin_library).is_file():
         raise CapaError(f"plugin library {plugin_library} does not exist; build it with cmake (target "
                         f"capa_contrib_topk_plugin) or leave --plugin-library out")
@@ -345,6 +381,20 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
     adapter = adapter_for(model)
     dims = adapter.family.dim_ranges(processor, profile.shapes)
     num_layers = adapter.num_layers
+    base = None
+    if prune == "auto":
+        fingerprint = {k: v for k, v in adapter.fingerprint().items() if k != "weight_sample"}
+        if suggestion is not None:
+            choices.read_suggestion(analysis_dir, fingerprint)  # the analysis must be of this model
+        else:
+            log(f"analysing {model_name} for --prune auto (keep a report with `capa-export analyze`, then "
+                f"pass --analysis DIR)")
+            suggestion = _suggest_now(model_name, model, processor, profile.precision, keep, calibration_samples,
+                                      progress)
+        profile.prune = CapaConfig(prune=choices.stages("auto", keep, suggestion)).prune
+        base = CapaConfig(ffn_layers="auto" if suggestion.ffn_range else [], ffn_range=suggestion.ffn_range)
+        log(f"      --prune auto: prune at layer {profile.prune[0][0]} keeping {profile.prune[0][1]}, FFN range "
+            f"{list(suggestion.ffn_range) if suggestion.ffn_range else 'none'} ({suggestion.source})")
     if profile.prune is not None:
         override = CapaConfig(prune=profile.prune)
         override.check_for_model(num_layers)
@@ -352,16 +402,16 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
     log(f"[1/4] CAPA config for {model_name} "
         f"({'from ' + calibration_dir if calibration_dir else 'calibrating on built-in inputs'})")
     if calibration_dir or profile.precision == "fp32":
-        config, approx = calibrated_config(model, processor, calibration_dir, calibration_samples, progress)
+        config, approx = calibrated_config(model, processor, calibration_dir, calibration_samples, progress, base)
     else:
         del model, adapter
-        config, approx = calibrated_in_fp32(model_name, calibration_samples, progress=progress)
+        config, approx = calibrated_in_fp32(model_name, calibration_samples, progress=progress, base=base)
         model, processor = load_model(model_name, profile.precision)
         adapter = adapter_for(model)
     config = with_prune(config, profile.prune)
     config.check_for_model(num_layers)
     check_keep_for_engine(config, dims)
-    engine_backend.check(profile, config, plugin_library=plugin_library)
+    engine_backend.check(profile, config, plugin_library=plugin_library, max_visual=dims["visual_tokens"][2])
 
     work = make_work_dir(final)
     try:
@@ -406,10 +456,26 @@ def build(model_name: str = DEFAULT_MODEL, profile_name: str = "cpu", out: str |
         raise
 
 
+def _suggest_now(model_name, model, processor, precision, keep, calibration_samples, progress):
+    """analyze's suggestion for this model, computed now (in fp32, as `analyze` does)."""
+    from .analysis import AnalysisSettings
+    from .analysis import analyze as analyze_model
+    from .choices import DEFAULT_KEEP, suggestion_from_report
+
+    if precision != "fp32":
+        model, processor = load_model(model_name, "fp32")
+    sample = builtin_samples(1, seed=1)[0]
+    report, _ = analyze_model(model, processor, sample, calibration_samples or builtin_samples(8),
+                              AnalysisSettings(keep=keep or DEFAULT_KEEP), progress=progress)
+    return suggestion_from_report(report, "an analysis of this model on the built-in inputs")
+
+
 def check_keep_for_engine(config: CapaConfig, dims: dict) -> None:
     """Every keep count within the fewest visual tokens an image the engine takes can give."""
     fewest = dims["visual_tokens"][0]
     for layer, keep in config.prune:
+        if isinstance(keep, float):  # a fraction of each image's tokens always fits
+            continue
         if keep > fewest:
             where = (f"the smallest image the profile allows ({dims['pixels'][0]} pixels, shapes.pixels)"
                      if "pixels" in dims else "an image")

@@ -151,9 +151,16 @@ class CapaEngine:
     def _tensor(self, graph: str, handle):
         return self.graphs[graph].tensor(handle)
 
-    def check_inputs(self, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
+    def visual_positions(self, batch: dict) -> torch.Tensor:
+        """The pruning candidates' slots, as the engine's CAPA config chose them (layout tokens or not)."""
+        return self.family.visual_positions(batch["input_ids"], batch,
+                                            layout_candidates=self.manifest["capa_config"].get("prune_layout_tokens",
+                                                                                               False))
+
+    def check_inputs(self, batch: dict, max_new_tokens: int) -> None:
         """What the engine cannot serve, refused with one line before anything runs."""
-        batch, length = input_ids.shape
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows, length = input_ids.shape
         if max_new_tokens < 1:
             raise CapaError(f"max_new_tokens={max_new_tokens} must be >= 1")
         if length > self.max_sequence:
@@ -162,11 +169,11 @@ class CapaEngine:
         if length + max_new_tokens > self.max_past:
             raise CapaError(f"{length} prompt tokens + {max_new_tokens} new ones exceed the engine's KV length "
                             f"{self.max_past} (shapes.past); ask for fewer tokens or rebuild with a larger profile")
-        if batch > self.max_batch:
-            raise CapaError(f"batch {batch} exceeds the engine's profile maximum {self.max_batch} (shapes.batch)")
+        if rows > self.max_batch:
+            raise CapaError(f"batch {rows} exceeds the engine's profile maximum {self.max_batch} (shapes.batch)")
         if bool((mask[:, -1] == 0).any()):
             raise CapaError("attention_mask has padding at the end of a row (right padding): pad on the left")
-        slots = self.family.visual_positions(input_ids)  # refuses rows with different image-token counts
+        slots = self.visual_positions(batch)  # refuses rows with different candidate counts
         if self.queries == "text" and slots.shape[1] and int(slots.max()) >= length - 1:
             raise CapaError("the prompt has no text after the image to score visual tokens with")
 
@@ -198,13 +205,13 @@ class CapaEngine:
         mask = batch.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask.to(torch.int64)
         batch.update(input_ids=input_ids, attention_mask=mask)
-        self.check_inputs(input_ids, mask, max_new_tokens)
+        self.check_inputs(batch, max_new_tokens)
         self.check_images(batch)
         family = self.family
         timings = {}
         start = time.perf_counter()
         vision = self._run("vision", {k: batch[k] for k in family.vision_keys})
-        features = self._tensor("vision", vision["image_features"])
+        features = family.pack_image_features(self._tensor("vision", vision["image_features"]), batch)
         timings["vision"] = time.perf_counter() - start
         start = time.perf_counter()
         embeds = self._tensor("embed", self._run("embed", {"input_ids": input_ids})["inputs_embeds"])
@@ -213,7 +220,7 @@ class CapaEngine:
         timings["embed"] = time.perf_counter() - start
         start = time.perf_counter()
         out = self._run("prefill", {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
-                                    "visual_positions": family.visual_positions(input_ids)})
+                                    "visual_positions": self.visual_positions(batch)})
         token = self._tensor("prefill", out["logits"]).argmax(-1)[:, None].cpu()
         timings["prefill"] = time.perf_counter() - start
         timings["time_to_first_token"] = timings["vision"] + timings["embed"] + timings["prefill"]

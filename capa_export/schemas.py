@@ -34,6 +34,8 @@ SHORT_STRING = {"type": "string", "maxLength": 1024}
 NATURAL = {"type": "integer", "minimum": 0}
 POSITIVE = {"type": "integer", "minimum": 1}
 LAYER_LIST = {"type": "array", "items": NATURAL, "maxItems": 4096, "expect": "a list of layer indices (integers >= 0)"}
+#: a prune stage's keep: a count of visual tokens or a fraction of them
+KEEP = {"anyOf": [POSITIVE, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}]}
 SHAPE_RANGE = {"type": "array", "items": POSITIVE, "minItems": 3, "maxItems": 3,
                "expect": "[min, opt, max], three integers >= 1"}
 NULLABLE_NUMBER = {"type": ["number", "null"]}
@@ -49,8 +51,9 @@ CAPA_CONFIG = {
     "additionalProperties": False,
     "properties": {
         "prune": {"type": "array", "maxItems": 64,
-                  "items": {"type": "array", "prefixItems": [POSITIVE, POSITIVE], "minItems": 2, "maxItems": 2,
-                            "expect": "a [layer K, keep k] pair of integers >= 1"}},
+                  "items": {"type": "array", "prefixItems": [POSITIVE, KEEP], "minItems": 2, "maxItems": 2,
+                            "expect": "a [layer K, keep] pair: K an integer >= 1, keep a count (an integer >= 1) "
+                                      "or a fraction in (0, 1]"}},
         "variant": SHORT_STRING,
         "queries": SHORT_STRING,
         "ffn_layers": {"anyOf": [LAYER_LIST, {"const": "auto"}], "expect": "a list of layer indices or \"auto\""},
@@ -60,6 +63,7 @@ CAPA_CONFIG = {
                       "expect": "null or [first, last] layer indices"},
         "ffn_ridge": {"type": "number", "minimum": 0},
         "ffn_rank": {"type": ["integer", "null"], "minimum": 1},
+        "prune_layout_tokens": {"type": "boolean"},
     },
 }
 
@@ -113,7 +117,7 @@ ENGINE_MANIFEST = {
         "backend_description": {"type": "object"},
         "dtype": {"enum": ["fp32", "fp16", "bf16"]},
         "pruning": {"enum": ["function", "inline"]},
-        "k": {"type": ["integer", "null"], "minimum": 1, "expect": "null or an integer >= 1"},
+        "k": {"anyOf": [{"type": "null"}, KEEP], "expect": "null, a count >= 1 or a fraction in (0, 1]"},
         # ModelFamily.dim_ranges: the derived dimensions' [min, opt, max] (visual_tokens, patches, pixels)
         "vision_dims": {"type": "object", "maxProperties": 16, "additionalProperties": SHAPE_RANGE},
         "layer_segment": {**LAYER_LIST, "minItems": 1, "expect": "a non-empty list of segment indices (integers >= 0)"},

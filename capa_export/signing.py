@@ -32,6 +32,7 @@ from .schemas import ENGINE_MANIFEST, SHA256
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 VALIDATION_FILE = "validation.json"
+REVALIDATION_FILE = "revalidation.json"
 PRIVATE_KEY_FILE = "capa-signing-key.pem"
 PUBLIC_KEY_FILE = "capa-signing-key.pub.pem"
 #: Signed before the manifest bytes: a signature made for anything else never verifies here.
@@ -143,7 +144,7 @@ def sign_folder(directory: str | Path, private_key, *, password: bytes | None = 
     with folder_lock(directory):
         data = read_bytes(directory / MANIFEST_FILE, max_bytes=MAX_JSON_BYTES, name=f"{directory}/{MANIFEST_FILE}")
         manifest = parse_json(data, f"{directory}/{MANIFEST_FILE}", schema=ENGINE_MANIFEST)
-        verify_file_table(directory, manifest["files"], unchecked=(MANIFEST_FILE, VALIDATION_FILE, SIGNATURE_FILE))
+        verify_file_table(directory, manifest["files"], unchecked=(MANIFEST_FILE, VALIDATION_FILE, REVALIDATION_FILE, SIGNATURE_FILE))
         record = {"format_version": 1, "algorithm": "ed25519",
                   "public_key_sha256": public_key_fingerprint(key.public_key()),
                   "manifest_sha256": hashlib.sha256(data).hexdigest(),
@@ -188,7 +189,7 @@ def verify_folder(directory: str | Path, public_key) -> dict:
     directory = Path(directory)
     data = signed_manifest_bytes(directory, public_key)
     manifest = parse_json(data, f"{directory}/{MANIFEST_FILE}", schema=ENGINE_MANIFEST)
-    verify_file_table(directory, manifest["files"], unchecked=(MANIFEST_FILE, VALIDATION_FILE, SIGNATURE_FILE),
+    verify_file_table(directory, manifest["files"], unchecked=(MANIFEST_FILE, VALIDATION_FILE, REVALIDATION_FILE, SIGNATURE_FILE),
                       source=MANIFEST_FILE)
     return manifest
 

@@ -8,7 +8,7 @@ from capa_export import CapaConfig, CapaError
     (dict(prune=[(0, 64)]), r"layer K=0 must be >= 1"),
     (dict(prune=[(2, 64), (2, 32)]), "strictly increasing layers"),
     (dict(prune=[(2, 64), (4, 64)]), "must be fewer"),
-    (dict(prune=[(2,)]), "pair of integers"),
+    (dict(prune=[(2,)]), r"\(layer K, keep\) pair"),
     (dict(variant="fastv"), "variant 'fastv' is unknown"),
     (dict(queries="all"), "queries 'all' is unknown"),
     (dict(ffn_layers="some"), "ffn_layers"),
@@ -40,3 +40,49 @@ def test_unknown_field_in_json(tmp_path):
     (tmp_path / "capa_config.json").write_text('{"prune": [], "keep": 3}')
     with pytest.raises(CapaError, match="key keep is unknown"):
         CapaConfig.load(tmp_path)
+
+
+# --- keep as a fraction of the visual tokens ---------------------------------------------------------
+@pytest.mark.parametrize("prune, message", [
+    ([(2, 0.0)], r"keep fraction 0.0 must be in \(0, 1\]"),
+    ([(2, 1.5)], r"keep fraction 1.5 must be in \(0, 1\]"),
+    ([(2, 0.5), (4, 0.5)], "must be fewer"),
+    ([(2, 64), (4, 0.1)], "mix a count and a fraction"),
+    ([(2, True)], "keep a count"),
+])
+def test_invalid_fractions(prune, message):
+    with pytest.raises(CapaError, match=message):
+        CapaConfig(prune=prune)
+
+
+@pytest.mark.parametrize("text", ["0.25", "0.3", "0.1", "1.0", "0.001", "0.4999", "0.125"])
+def test_keep_count_is_the_rounded_decimal_fraction(text):
+    """k = round(f * N), halves up, at least 1, with f read as the decimal the user wrote (exact
+    rational arithmetic as the reference, not the float product)."""
+    from fractions import Fraction
+
+    from capa_export.config import keep_count
+
+    for n in [1, 2, 5, 7, 64, 255, 256, 576, 2880, 9999]:
+        expected = max(1, (Fraction(text) * n + Fraction(1, 2)).__floor__())
+        assert keep_count(float(text), n) == expected, (text, n)
+
+
+def test_a_fraction_round_trips_through_json_and_always_fits(tmp_path):
+    config = CapaConfig(prune=[(2, 0.5), (6, 0.125)])
+    config.save(tmp_path)
+    loaded = CapaConfig.load(tmp_path)
+    assert loaded == config and isinstance(loaded.prune[0][1], float)
+    loaded.check_for_visual_tokens(1)  # a fraction of any N is at least one token
+    assert "keep 0.5 of the visual tokens from layer 2" in loaded.describe()
+
+
+def test_cli_reads_a_count_or_a_fraction():
+    import argparse
+
+    from capa_export.cli import _stage
+
+    assert _stage("2:64") == (2, 64) and isinstance(_stage("2:64")[1], int)
+    assert _stage("2:0.25") == (2, 0.25) and isinstance(_stage("2:0.25")[1], float)
+    with pytest.raises(argparse.ArgumentTypeError, match="2:64 or 2:0.25"):
+        _stage("2:quarter")

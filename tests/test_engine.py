@@ -56,12 +56,14 @@ def test_one_graph_holds_the_op_as_a_local_function(cpu_engine):
     nodes = [n for n in model.graph.node if n.op_type == "CapaContribTopK"]
     assert len(nodes) == 1 and nodes[0].domain == "capa" == SPEC.onnx_domain == SPEC.namespace
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert set(attrs) == set(SPEC.attributes) == {"k", "variant", "plugin_version", "plugin_namespace"}
-    assert attrs["k"] == 64 and attrs["variant"] == 0
-    assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"capa" and len(nodes[0].input) == 3
+    assert set(SPEC.attributes) == {"k", "variant", "plugin_version", "plugin_namespace"}
+    assert set(attrs) == set(SPEC.attributes) | {"tensorrt_plugin_shape_input_indices"}
+    assert attrs["k"] == 64 and attrs["variant"] == 0 and attrs["tensorrt_plugin_shape_input_indices"] == [3]
+    assert attrs["plugin_version"] == b"2" and attrs["plugin_namespace"] == b"capa"
+    assert len(nodes[0].input) == 4 == len(SPEC.inputs)  # probs, values, o_weight and k (a constant here)
     (function,) = model.functions
     assert (function.domain, function.name) == ("capa", "CapaContribTopK")
-    assert set(function.attribute) == set(attrs) and "TopK" in {n.op_type for n in function.node}
+    assert set(function.attribute) == set(SPEC.attributes) and "TopK" in {n.op_type for n in function.node}
     # the weights reach the node in the graph's dtype (no fp32 copy of W_O): one o_proj initializer, used
     # by the layer's projection and by the node
     assert nodes[0].input[2].endswith("o_proj.weight")

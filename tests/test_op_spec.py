@@ -26,6 +26,11 @@ def _cxx_constants() -> dict[str, str]:
     return dict(re.findall(r'constexpr char const\* (k\w+) = "([^"]*)";', header))
 
 
+def _cxx_int_constants() -> dict[str, int]:
+    header = (OP_DIR / "trt_plugin.h").read_text()
+    return {name: int(value) for name, value in re.findall(r"constexpr int32_t (k\w+) = (\d+);", header)}
+
+
 def _enum(name: str) -> dict[str, int]:
     header = (OP_DIR / "contrib_topk.h").read_text()
     body = re.search(rf"typedef enum {name} \{{(.*?)\}} {name};", header, re.S)
@@ -47,6 +52,20 @@ def test_constants_come_from_the_manifest() -> None:
     assert spec.ATTRIBUTES["k"].required and spec.ATTRIBUTES["k"].onnx_type == "INT"
     assert spec.ATTRIBUTES["plugin_version"].default == spec.PLUGIN_VERSION
     assert spec.ATTRIBUTES["plugin_namespace"].default == spec.PLUGIN_NAMESPACE
+    assert spec.SHAPE_INPUT_INDICES == tuple(body["shape_input_indices"])
+    assert spec.SHAPE_INPUT_ATTRIBUTE == body["onnx_shape_input_attribute"]
+
+
+def test_k_is_a_shape_input_named_to_the_onnx_parser() -> None:
+    # Version 2: the fourth input k (int64 [1]) sizes the output; TensorRT's ONNX parser reads the
+    # indices of shape inputs from this INTS node attribute (onnx-tensorrt, addPluginWithCreator).
+    assert spec.INPUTS == ("probs", "values", "o_weight", "k")
+    assert spec.SHAPE_INPUT_INDICES == (spec.INPUTS.index("k"),)
+    assert spec.SHAPE_INPUT_ATTRIBUTE == "tensorrt_plugin_shape_input_indices"
+    # Not a creator field: the parser passes only the attributes the creator names.
+    assert spec.SHAPE_INPUT_ATTRIBUTE not in spec.ATTRIBUTES
+    # Attribute k: 0 = from the input, else the count fixed at build time.
+    assert spec.ATTRIBUTES["k"].options == {"min": "0", "max": str(2**31 - 1)}
 
 
 def test_installed_copy_is_the_source_copy() -> None:
@@ -61,6 +80,10 @@ def test_plugin_header_matches_the_manifest() -> None:
     assert (c["kPluginName"], c["kPluginVersion"], c["kPluginNamespace"]) == (
         spec.OP_NAME, spec.PLUGIN_VERSION, spec.PLUGIN_NAMESPACE)
     assert [c["kFieldK"], c["kFieldVariant"], c["kFieldPluginVersion"], c["kFieldPluginNamespace"]] == list(spec.ATTRIBUTES)
+    n = _cxx_int_constants()
+    assert n["kShapeInputK"] == spec.SHAPE_INPUT_INDICES[0]
+    # Device inputs: every input but the shape inputs (TensorRT hands those to getOutputShapes only).
+    assert n["kNbDeviceInputs"] == len(spec.INPUTS) - len(spec.SHAPE_INPUT_INDICES)
 
 
 def test_creator_fields_match_the_manifest() -> None:
@@ -110,8 +133,15 @@ def test_manifest_options_agree_with_the_codes() -> None:
          "{k: int32}, attributes_required: [k], variants: {a: 1}, dtypes: {float32: 0}, inputs: [], outputs: []}}\n",
          "variant codes must be 0..0"),
         ("versions: [", "cannot read the op manifest"),
+        ("name: X\nnamespace: n\nonnx_domain: n\ninterface: I\nversions: {'2': {attributes: [k], attribute_types: "
+         "{k: int32}, attributes_required: [k], variants: {a: 0}, dtypes: {float32: 0}, inputs: [a, k], outputs: [o], "
+         "shape_input_indices: [2], onnx_shape_input_attribute: s}}\n", "shape_input_indices must list indices of inputs 0..1"),
+        ("name: X\nnamespace: n\nonnx_domain: n\ninterface: I\nversions: {'2': {attributes: [k], attribute_types: "
+         "{k: int32}, attributes_required: [k], variants: {a: 0}, dtypes: {float32: 0}, inputs: [a, k], outputs: [o], "
+         "shape_input_indices: [1]}}\n", "without onnx_shape_input_attribute"),
     ],
-    ids=["no_versions", "no_attribute_types", "attribute_without_default", "variant_codes_gap", "bad_yaml"],
+    ids=["no_versions", "no_attribute_types", "attribute_without_default", "variant_codes_gap", "bad_yaml",
+         "shape_input_out_of_range", "shape_input_without_attribute"],
 )
 def test_bad_manifest_is_a_capa_error_naming_the_file(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"

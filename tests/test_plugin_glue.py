@@ -151,7 +151,7 @@ def test_ctypes_style_load_self_registers_once_through_the_loaded_libnvinfer(rep
     assert auto["register_calls"] == 1 and auto["registered"] == [EXPECTED_KEY]
     assert not auto["exports_getCreators"] and not auto["exports_setLoggerFinder"]
     # Its errors reach the process's getLogger().
-    assert "field k=0" in report["autoreg_logs"][0]["error"]
+    assert "field k=-1" in report["autoreg_logs"][0]["error"]
     # Both variants in one process conflict, as documented.
     assert report["autoreg_then_vc_load_library"][0]["loaded"] is False
 
@@ -162,13 +162,18 @@ def test_creator_matches_the_manifest(report: dict) -> None:
     assert [creator["name"], creator["version"], creator["namespace"]] == EXPECTED_KEY
     assert [f["name"] for f in creator["fields"]] == list(spec.ATTRIBUTES)
     assert [f["type"] for f in creator["fields"]] == [PLUGIN_FIELD_TYPES[a.type] for a in spec.ATTRIBUTES.values()]
+    # The parser passes only the attributes the creator names: the shape-input list is not one.
+    assert spec.SHAPE_INPUT_ATTRIBUTE not in [f["name"] for f in creator["fields"]]
 
 
 # ---- createPlugin ---------------------------------------------------------------------------------
 
+K_RANGE = rf"\[{spec.ATTRIBUTES['k'].options['min']}, {spec.ATTRIBUTES['k'].options['max']}\]"
+
 # label -> (k, variant) when the fields are valid, else a regex of the logged error.
 CREATE_CASES = {
     "parser_fields": (16, 0),
+    "parser_fields_k_from_input": (0, 1),  # k = 0: the shape input's value
     "runtime_fields": (16, 2),
     "int64_fields": (7, 1),
     "k_only": (3, spec.ATTRIBUTES["variant"].default),
@@ -176,8 +181,9 @@ CREATE_CASES = {
     "k_max_int32": (2**31 - 1, 0),
     "no_fields": r"field k is missing",
     "null_collection": r"no field collection",
-    "k_zero": r"field k=0 is out of range \[1, 2147483647\]",
-    "k_negative": r"field k=-5 is out of range",
+    "k_zero": (0, 0),
+    "k_zero_int64": (0, 0),
+    "k_negative": r"field k=-5 is out of range " + K_RANGE,
     "k_int64_above_int32": r"field k=2147483648 is out of range",
     "k_int64_negative": r"field k=-1099511627776 is out of range",
     "k_float": r"field k must be INT32 or INT64",
@@ -186,7 +192,7 @@ CREATE_CASES = {
     "variant_3": r"field variant=3 is out of range \[0, 2\]",
     "variant_negative": r"field variant=-1 is out of range",
     "variant_int64_huge": r"field variant=8589934592 is out of range",
-    "plugin_version_2": r"plugin_version='2'",
+    "plugin_version_1": r"plugin_version='1' but this creator is version " + spec.PLUGIN_VERSION,
     "plugin_namespace_other": r"plugin_namespace='other'",
     "plugin_version_as_int": r"plugin_version must be a CHAR string",
     "unknown_field": r"unknown field 'topk'",
@@ -228,13 +234,26 @@ def test_clone_and_attach_to_context(report: dict) -> None:
 
 def test_output_shapes(report: dict) -> None:
     cases = by_label(report, "output_shapes")
-    for label in ("static", "dynamic_batch_and_keys"):
+    # keep_indices: [probs_0, k] (the manifest's output_dims): the batch expression itself; k the
+    # attribute when > 0 (a constant), else the k shape input's own value expression.
+    for label in ("static", "dynamic_batch_and_keys", "attribute_with_equal_input", "attribute_with_symbolic_input"):
         entry = cases[label]
-        # keep_indices: [probs_0, k_0] (the manifest's output_dims): the batch expression itself, k constant.
-        assert entry["rc"] == 0 and entry["nb_dims"] == 2 and entry["d0_is_input_batch"]
-        assert entry["d1_constant"] and entry["d1_value"] == 16
+        assert entry["rc"] == 0 and entry["nb_dims"] == 2 and entry["d0_is_input_batch"], entry
+        assert entry["d1_constant"] and entry["d1_value"] == 16 and not entry["d1_is_shape_input"], entry
+    for label, value in (("from_input_symbolic", None), ("from_input_constant", 12), ("from_input_k_device_input_too", None)):
+        entry = cases[label]
+        assert entry["rc"] == 0 and entry["nb_dims"] == 2 and entry["d0_is_input_batch"], entry
+        assert entry["d1_is_shape_input"], entry
+        assert entry["d1_constant"] == (value is not None) and (value is None or entry["d1_value"] == value), entry
+    shape_input = spec.INPUTS[spec.SHAPE_INPUT_INDICES[0]]
     errors = {"probs_rank_3": "rank 4", "heads_not_multiple": "not a multiple", "keys_mismatch": "keys",
-              "o_weight_columns": "H\\*d", "k_above_n": "k=16 exceeds"}
+              "o_weight_columns": "H\\*d", "k_above_n": "k=16 exceeds the number of keys N=8",
+              "attribute_disagrees_with_input": "input k holds 8 but attribute k=16",
+              "from_input_above_n": "k=200 exceeds the number of keys N=96",
+              "from_input_zero": "input k holds 0", "from_input_negative": "input k holds -3",
+              "from_input_missing": f"attribute k=0 takes k from the shape input.*{spec.SHAPE_INPUT_ATTRIBUTE}",
+              "two_shape_inputs": f"at most one shape input, {shape_input}",
+              "shape_input_two_values": "holding one value"}
     for label, pattern in errors.items():
         assert cases[label]["rc"] != 0 and re.search(pattern, cases[label]["error"]), cases[label]
 
@@ -245,42 +264,61 @@ def test_output_types(report: dict) -> None:
     for label in ("fp32", "fp16", "bf16"):
         assert cases[label]["rc"] == 0 and cases[label]["type"] == int32
     assert cases["mixed"]["rc"] != 0 and cases["int8"]["rc"] != 0
+    # k among the device inputs (tolerated, never read): an integer tensor.
+    for name in ("int64", "int32"):
+        entry = cases[f"fp16_k_device_input_{TRT_DATA_TYPES[name]}"]
+        assert entry["rc"] == 0 and entry["type"] == int32
+    assert cases[f"fp16_k_device_input_{TRT_DATA_TYPES['float32']}"]["rc"] != 0
 
 
 def test_supports_format_combination_table(report: dict) -> None:
     entry = report["formats"][0]
-    supported = {tuple(row) for row in entry["supported"]}
     float_types = {TRT_DATA_TYPES[name] for name in spec.DTYPES}
     all_types = set(TRT_DATA_TYPES.values())
-    expected = set()
-    for first in all_types:
-        if first in float_types:
-            expected.add((0, first, first, FORMAT_LINEAR))
-        # values / o_weight: the type of probs (the harness sets it), linear.
-        expected |= {(1, first, first, FORMAT_LINEAR), (2, first, first, FORMAT_LINEAR)}
-        expected.add((3, first, TRT_DATA_TYPES["int32"], FORMAT_LINEAR))
-    assert supported == expected
+
+    def expected(nb_inputs: int) -> set:
+        rows = set()
+        for first in all_types:
+            if first in float_types:
+                rows.add((0, first, first, FORMAT_LINEAR))
+            # values / o_weight: the type of probs (the harness sets it), linear.
+            rows |= {(1, first, first, FORMAT_LINEAR), (2, first, first, FORMAT_LINEAR)}
+            if nb_inputs == 4:  # k as a device input: INT32 or INT64
+                rows |= {(3, first, TRT_DATA_TYPES[t], FORMAT_LINEAR) for t in ("int32", "int64")}
+            rows.add((nb_inputs, first, TRT_DATA_TYPES["int32"], FORMAT_LINEAR))
+        return rows
+
+    # The shape input k is not among the device inputs TensorRT asks about (IPluginV3: shape
+    # inputs are seen only by getOutputShapes); a 4th device input k is tolerated.
+    assert {tuple(row) for row in entry["supported"]} == expected(len(spec.INPUTS) - len(spec.SHAPE_INPUT_INDICES))
+    assert {tuple(row) for row in entry["supported_k_device_input"]} == expected(len(spec.INPUTS))
     assert not entry["pos_out_of_range"] and not entry["wrong_io_count"]
 
 
 def test_configure_plugin(report: dict) -> None:
     cases = by_label(report, "configure")
-    for label in ("attention", "value_norm_fp16", "empty_batch_profile"):
+    for label in ("attention", "value_norm_fp16", "empty_batch_profile", "from_input", "from_input_k_device_input",
+                  "from_input_k_device_input_int32"):
         assert cases[label]["rc"] == 0, cases[label]
     rejections = {
         "mixed_types": "share one type", "int8_inputs": "share one type", "output_not_int32": "INT32",
         "k_above_smallest_n": "k=40 exceeds .*smallest shapes", "heads_not_multiple": "not a multiple",
-        "two_inputs": "expects 3 inputs",
+        "two_inputs": "expects the device inputs probs, values, o_weight",
+        # k from the shape input: the profile's k range (the output's second dim) against N's.
+        "from_input_smallest_k_above_smallest_n": "k=40 exceeds the number of keys N=32 .*smallest shapes",
+        "from_input_largest_k_above_largest_n": "k=120 exceeds the number of keys N=100 .*largest shapes",
+        "from_input_k_zero": "k=0: at least one token", "from_input_k_device_input_float": "input 3 \\(k\\)",
     }
     for label, pattern in rejections.items():
         assert cases[label]["rc"] != 0 and re.search(pattern, cases[label]["error"]), cases[label]
     if gpu_present(report):
         assert cases["contrib"]["rc"] == 0, cases["contrib"]
+        assert cases["from_input_contrib"]["rc"] == 0, cases["from_input_contrib"]
         # H = 1000 exceeds every GPU's shared memory: refused at build time, not at the first enqueue.
         assert cases["contrib_heads_1000"]["rc"] != 0
         assert re.search(r"H=1000 heads needs \d+ bytes of shared memory", cases["contrib_heads_1000"]["error"])
     else:
-        for label in ("contrib", "contrib_heads_1000"):
+        for label in ("contrib", "contrib_heads_1000", "from_input_contrib"):
             assert cases[label]["rc"] != 0 and "cudaGetDevice failed" in cases[label]["error"]
 
 
@@ -292,14 +330,22 @@ def test_workspace_size_follows_the_profiles_largest_shapes(report: dict) -> Non
     for entry in report["workspace"]:
         # fp32 scores [B, N], plus [B, H_kv, N] fp32 norms for value_norm, each 256-byte aligned.
         expected = _align256(entry["max_b"] * entry["max_n"] * 4)
-        if entry["label"] == "value_norm":
+        if entry["label"].startswith("value_norm"):  # value_norm_k_from_input: the same layout
             expected += _align256(entry["max_b"] * entry["h_kv"] * entry["max_n"] * 4)
         assert entry["bytes"] == expected, entry
 
 
 def test_on_shape_change(report: dict) -> None:
-    entry = report["on_shape_change"][0]
-    assert entry["rc_valid"] == 0 and entry["rc_k_above_n"] != 0 and "k=16 exceeds" in entry["error"]
+    # Every actual shape: k (the output's second dim) within [1, N], and equal to the attribute when > 0.
+    cases = by_label(report, "on_shape_change")
+    for label in ("attribute", "from_input", "from_input_k_device_input", "from_input_k_equals_n"):
+        assert cases[label]["rc"] == 0 and cases[label]["error"] == "", cases[label]
+    rejections = {"attribute_k_above_n": "k=16 exceeds the number of keys N=8",
+                  "attribute_output_disagrees": "must be \\[B, k\\] with k=16",
+                  "from_input_k_above_n": "k=100 exceeds the number of keys N=96",
+                  "from_input_k_zero": "k=0: at least one token"}
+    for label, pattern in rejections.items():
+        assert cases[label]["rc"] != 0 and re.search(pattern, cases[label]["error"]), cases[label]
 
 
 # ---- enqueue --------------------------------------------------------------------------------------
@@ -309,10 +355,15 @@ def test_enqueue(report: dict) -> None:
     cases = by_label(report, "enqueue")
     assert cases["empty_batch"]["rc"] == 0 and cases["empty_batch"]["error"] == ""  # B = 0: a no-op
     assert cases["no_workspace"]["rc"] != 0 and "workspace" in cases["no_workspace"]["error"]
-    for label in ("launch_contrib", "launch_attention"):
+    # k is read from the output's dims: [2, 200] over N = 96 keys is refused before any launch.
+    assert cases["k_from_output_above_n"]["rc"] != 0
+    assert "k not in [1, N]" in cases["k_from_output_above_n"]["error"]
+    for label in ("launch_contrib", "launch_attention", "launch_attention_k_from_input"):
         entry = cases[label]
         if entry["on_gpu"]:
             assert entry["rc"] == 0 and entry["sync_error"] == "no error", entry
+            # All-zero inputs: every score ties, so each of the 2 rows keeps the k = 16 lowest indices.
+            assert entry["kept"] == list(range(16)) * 2, entry
         else:
             # Fails cleanly, naming the CUDA call and CUDA's own error text (not "no error").
             assert entry["rc"] != 0

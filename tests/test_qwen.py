@@ -8,7 +8,9 @@ the M-RoPE layout written out from its definition; the CapaModel (itself tested 
 engines."""
 
 import json
+import math
 import shutil
+from fractions import Fraction
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +25,7 @@ from capa_export.models import adapter_for, load_model
 from capa_export.runtime import CapaEngine
 
 QWEN_MODELS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+KEEP_FRACTION = "0.3"  # of each image's visual tokens (k = 77 of 256, 154 of 512: rounding is exercised)
 
 
 def picture(height, width, seed=0):
@@ -133,10 +136,21 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen_engine(checkpoint, tmp_path_factory):
-    """`capa-export build --model DIR` (cpu profile: fp32, keep 64 from layer 2), built once."""
+    """`capa-export build --model DIR --prune 2:0.25` (cpu profile: fp32; keep a quarter of each
+    image's visual tokens from layer 2: k computed from N inside the prefill graph), built once.
+    (The LLaVA engines of test_engine.py keep a count.)"""
     out = tmp_path_factory.mktemp("engines") / "qwen-cpu"
-    assert main(["build", "--model", str(checkpoint), "--out", str(out)]) == 0
+    assert main(["build", "--model", str(checkpoint), "--out", str(out), "--prune", f"2:{KEEP_FRACTION}"]) == 0
     return out
+
+
+def expected_keep(num_visual: int) -> int:
+    """k for the engine's keep fraction, from its decimal definition: round(f * N), halves up, >= 1."""
+    return max(1, math.floor(Fraction(KEEP_FRACTION) * num_visual + Fraction(1, 2)))
+
+
+def visual_tokens(batch, processor) -> int:
+    return int((batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
 
 
 def test_checkpoint_directory_builds_a_validated_engine(qwen_engine):
@@ -161,13 +175,26 @@ def test_engine_equals_the_capa_model_on_new_image_sizes(qwen_engine, checkpoint
     expected, prefill = capa.generate(**batch, max_new_tokens=5)
     with CapaEngine(qwen_engine) as engine:
         tokens, keep, _ = engine.generate_ids(batch, max_new_tokens=5)
-    assert keep.tolist() == prefill.keep_indices.tolist() and keep.shape == (1, 64)
+    assert keep.tolist() == prefill.keep_indices.tolist()
+    assert keep.shape == (1, expected_keep(visual_tokens(batch, processor)))
     assert tokens.tolist() == expected.tolist()
 
 
-def test_run_prints_an_answer(qwen_engine, capsys):
-    code, _, err = run_cli(capsys, "run", qwen_engine, "--max-new-tokens", "3")
-    assert code == 0 and "kept 64 visual tokens" in err
+def test_run_prints_an_answer(qwen_engine, checkpoint, tmp_path, capsys):
+    """The k computed inside the engine for this image is the fraction's, from the image's own N."""
+    image = picture(448, 700, seed=3)
+    image.save(tmp_path / "image.png")
+    code, out, err = run_cli(capsys, "run", qwen_engine, "--image", tmp_path / "image.png", "--max-new-tokens", "3")
+    _, processor = load_model(str(checkpoint))
+    num_visual = visual_tokens(adapter_free_encode(processor, image), processor)
+    assert code == 0 and out.strip() and f"kept {expected_keep(num_visual)} visual tokens" in err
+
+
+def adapter_free_encode(processor, image):
+    """The processor's own encoding of one image + question (no capa-export code)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=[image], text=[prompt], return_tensors="pt")
 
 
 def test_image_outside_the_engine_pixel_range_is_refused(qwen_engine, tmp_path, capsys):

@@ -18,11 +18,11 @@ def subcommand_options():
 def test_every_cli_command_and_option_in_the_readme_exists():
     known = subcommand_options()
     readme = (ROOT / "README.md").read_text()
-    shown = re.findall(r"^capa-export (\w+)(.*)$", readme, flags=re.M)
+    shown = re.findall(r"^capa-export ([\w-]+)(.*)$", readme, flags=re.M)
     assert {name for name, _ in shown} >= {"analyze", "calibrate", "export", "build", "validate", "run"}
     current = None
     for line in readme.splitlines():
-        match = re.match(r"^capa-export (\w+)(.*)$", line)
+        match = re.match(r"^capa-export ([\w-]+)(.*)$", line)
         if match:
             current = match.group(1)
             assert current in known, f"README shows `capa-export {current}`, which does not exist"

@@ -65,46 +65,76 @@ def register_plugin(lib: Path) -> None:
 
 
 def make_plugin_node(inputs: list[str], output: str, k: int, variant: str):
-    """The plugin node as the exporter emits it: op_type and domain from the op's manifest."""
+    """The plugin node as the exporter emits it: op_type and domain from the op's manifest; inputs
+    probs, values, o_weight, k with k named a shape input (attribute k = 0: k is that input's value)."""
     from onnx import helper
 
     return helper.make_node(
         spec.OP_NAME, inputs, [output], name=spec.OP_NAME, domain=spec.ONNX_DOMAIN, k=int(k),
         variant=native.variant_code(variant), plugin_version=spec.PLUGIN_VERSION, plugin_namespace=spec.PLUGIN_NAMESPACE,
+        **{spec.SHAPE_INPUT_ATTRIBUTE: list(spec.SHAPE_INPUT_INDICES)},
     )
+
+
+def _k_input_nodes(k: int | None, n_divisor: int | None) -> list:
+    """Nodes computing the int64 [1] tensor "k": the constant k, or N // n_divisor from probs' shape
+    (integer arithmetic: TensorRT evaluates it as a shape tensor)."""
+    from onnx import TensorProto, helper
+
+    if n_divisor is None:
+        return [helper.make_node("Constant", [], ["k"], value=helper.make_tensor("k_value", TensorProto.INT64, [1], [k]))]
+    return [
+        helper.make_node("Shape", ["probs"], ["n"], start=3, end=4),
+        helper.make_node("Constant", [], ["n_divisor"],
+                         value=helper.make_tensor("n_divisor_value", TensorProto.INT64, [1], [n_divisor])),
+        helper.make_node("Div", ["n", "n_divisor"], ["k"]),
+    ]
 
 
 def run_plugin_engine(probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, k: int, variant: str) -> np.ndarray:
     """Build a one-node CapaContribTopK engine from ONNX with Polygraphy and run it. int32 [B, k]."""
+    return run_plugin_engine_shapes([(probs, values)], o_weight, variant, k=k)[0]
+
+
+def run_plugin_engine_shapes(cases: list[tuple[torch.Tensor, torch.Tensor]], o_weight: torch.Tensor, variant: str,
+                             k: int | None = None, n_divisor: int | None = None) -> list[np.ndarray]:
+    """One engine whose profile spans every (probs, values) of `cases` (N may differ), run on each.
+    k fixed (attribute and constant input) or, with `n_divisor`, computed in the graph as
+    N // n_divisor (attribute k = 0). int32 [B, k] per case."""
     lib = _require_trt()
     from onnx import helper
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
 
     register_plugin(lib)
-    elem = TORCH_TO_ONNX[probs.dtype]
+    probs0, values0 = cases[0]
+    elem = TORCH_TO_ONNX[probs0.dtype]
     graph = helper.make_graph(
-        [make_plugin_node(["probs", "values", "o_weight"], "keep", k=k, variant=variant)],
+        [*_k_input_nodes(k, n_divisor),
+         make_plugin_node(["probs", "values", "o_weight", "k"], "keep", k=0 if n_divisor else k, variant=variant)],
         "capa_contrib_topk",
         [
-            helper.make_tensor_value_info("probs", elem, ["B", probs.shape[1], probs.shape[2], "N"]),
-            helper.make_tensor_value_info("values", elem, ["B", values.shape[1], "N", values.shape[3]]),
+            helper.make_tensor_value_info("probs", elem, ["B", probs0.shape[1], probs0.shape[2], "N"]),
+            helper.make_tensor_value_info("values", elem, ["B", values0.shape[1], "N", values0.shape[3]]),
             helper.make_tensor_value_info("o_weight", elem, list(o_weight.shape)),
         ],
-        [helper.make_tensor_value_info("keep", 6, ["B", k])],  # INT32
+        [helper.make_tensor_value_info("keep", 6, ["B", "K" if n_divisor else k])],  # INT32
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(spec.ONNX_DOMAIN, 1)])
     profile = Profile()
-    profile.add("probs", min=tuple(probs.shape), opt=tuple(probs.shape), max=tuple(probs.shape))
-    profile.add("values", min=tuple(values.shape), opt=tuple(values.shape), max=tuple(values.shape))
+    for name, index in (("probs", 0), ("values", 1)):
+        shapes = sorted((tuple(case[index].shape) for case in cases), key=lambda shape: shape[0] * shape[2] * shape[3])
+        profile.add(name, min=tuple(map(min, zip(*shapes))), opt=shapes[-1], max=tuple(map(max, zip(*shapes))))
+    kept = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "contrib_topk.onnx")
         with open(path, "wb") as f:
             f.write(model.SerializeToString())
         engine = EngineFromNetwork(NetworkFromOnnxPath(path), config=CreateConfig(profiles=[profile]))
         with TrtRunner(engine) as runner:
-            feed = {"probs": probs.cuda(), "values": values.cuda(), "o_weight": o_weight.cuda()}
-            out = runner.infer(feed)["keep"]
-    return out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+            for probs, values in cases:
+                out = runner.infer({"probs": probs.cuda(), "values": values.cuda(), "o_weight": o_weight.cuda()})["keep"]
+                kept.append(out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out))
+    return kept
 
 
 @pytest.mark.parametrize("how", ["load_library", "ctypes_autoreg"])
@@ -144,3 +174,21 @@ def test_plugin_engine_matches_reference(variant: str, dtype: torch.dtype) -> No
         np.testing.assert_allclose(
             np.sort(scores[kept[0]].numpy()), np.sort(scores[expected[0]].numpy()), rtol=1e-3
         )
+
+
+@pytest.mark.parametrize("variant", ["attention", "contrib"])
+def test_plugin_engine_k_computed_from_n(variant: str) -> None:
+    # Version 2: attribute k = 0, input k = N // 6 computed in the graph (a shape input); one engine
+    # over N in [60, 96] keeps N // 6 tokens at each N.
+    _require_trt()
+    from capa_export.method.scoring import contrib_topk
+
+    gen = torch.Generator().manual_seed(1)
+    o_weight = torch.randn(64, 8 * 32, generator=gen) / 16
+    cases = []
+    for n in (60, 96):
+        probs = torch.softmax(torch.randn(2, 8, 4, n, generator=gen), dim=-1)
+        cases.append((probs, torch.randn(2, 2, n, 32, generator=gen)))
+    for (probs, values), kept in zip(cases, run_plugin_engine_shapes(cases, o_weight, variant, n_divisor=6)):
+        n = probs.shape[-1]
+        np.testing.assert_array_equal(kept, contrib_topk(probs, values, o_weight, n // 6, variant).numpy())

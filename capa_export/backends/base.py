@@ -37,9 +37,10 @@ class Backend(abc.ABC):
     def check_precision(self, profile) -> None:
         """Refuse, in one line, a precision this backend cannot run here."""
 
-    def check(self, profile, config, *, plugin_library: str | None = None) -> None:
+    def check(self, profile, config, *, plugin_library: str | None = None, max_visual: int | None = None) -> None:
         """Refuse, in one line and before any work, what this backend cannot build (limits, a
-        missing provider or plugin library)."""
+        missing provider or plugin library). max_visual: the most visual tokens an image the engine
+        takes gives (a keep fraction's largest k), when known."""
 
     @abc.abstractmethod
     def build(self, onnx_dir: Path, profile, out_dir: Path, contract: GraphContract, *, fixed_dims: dict,

@@ -196,7 +196,7 @@ class OnnxRuntimeBackend(Backend):
             raise CapaError(f"profile {profile.name} is bf16, which ONNX Runtime runs only with CUDAExecutionProvider "
                             f"(onnxruntime-gpu and a GPU); here build the cpu (fp32) or edge (fp16) profile")
 
-    def check(self, profile, config, *, plugin_library=None) -> None:
+    def check(self, profile, config, *, plugin_library=None, max_visual=None) -> None:
         usable_providers(profile.providers)
 
     def build(self, onnx_dir, profile, out_dir, contract, *, fixed_dims, plugin_library=None) -> dict:

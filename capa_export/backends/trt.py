@@ -26,6 +26,7 @@ import importlib.util
 from pathlib import Path
 
 from ..artifacts import write_json
+from ..config import keep_count
 from ..contract import profile_ranges
 from ..errors import CapaError
 from ..folders import confined_file, read_json
@@ -98,10 +99,15 @@ def load_plugin_library(path: Path, sha256: str | None = None) -> str:
     return sha256
 
 
-def check_topk_limit(config, pruning: str, plugin_loaded: bool) -> None:
+def check_topk_limit(config, pruning: str, plugin_loaded: bool, max_visual: int | None = None) -> None:
     """TensorRT's TopK takes k <= 3840. The plugin has no such limit; the function body (imported
-    when the plugin is not loaded) and the inlined lowering use TopK."""
+    when the plugin is not loaded) and the inlined lowering use TopK. A keep fraction is checked at
+    the largest image's k (max_visual tokens) once that is known."""
     for _, keep in config.prune:
+        if isinstance(keep, float):  # k = keep * N: the most the profile's largest image gives
+            keep = max_visual and keep_count(keep, max_visual)
+            if not keep:
+                continue
         if keep <= TOPK_MAX:
             continue
         if pruning == "inline":
@@ -249,10 +255,10 @@ class TensorRTBackend(Backend):
     def unavailable_reason(self):
         return unavailable_reason()
 
-    def check(self, profile, config, *, plugin_library=None) -> None:
+    def check(self, profile, config, *, plugin_library=None, max_visual=None) -> None:
         # before minutes of export, not after
         plugin = plugin_library_or_none(plugin_library) if profile.pruning == "function" else None
-        check_topk_limit(config, profile.pruning, plugin is not None)
+        check_topk_limit(config, profile.pruning, plugin is not None, max_visual)
 
     def build(self, onnx_dir, profile, out_dir, contract, *, fixed_dims, plugin_library=None) -> dict:
         return build(onnx_dir, profile, out_dir, contract, fixed_dims, plugin_library)

@@ -81,13 +81,15 @@ def export_graphs(capa: CapaModel, processor, directory: Path, pruning: str, pro
     contract = capa.family.graph_contract(capa.layer_segments())
     examples = example_inputs(capa, processor)
     modules = graph_modules(capa, pruning)
-    from tqdm import tqdm
+    from ..logs import Progress
 
-    for name in tqdm(graphs, desc="exporting", unit="graph", disable=not progress):
+    steps = Progress(graphs, "exporting", "graph", enabled=progress)
+    for name in steps:
         spec = contract[name]
         path = directory / f"{name}.onnx"
-        _export_one(modules[name], spec.forward_arguments(examples[name]), path, spec.input_names,
-                    spec.output_names, spec.dynamic_shapes(), quiet=True)
+        with steps.alive(f"tracing {name}.onnx"):  # the prefill graph takes minutes on a real model
+            _export_one(modules[name], spec.forward_arguments(examples[name]), path, spec.input_names,
+                        spec.output_names, spec.dynamic_shapes(), quiet=True)
         if name == "prefill":
             place_selection(path, pruning)
     return contract
@@ -238,7 +240,9 @@ def format_summary(manifest: dict) -> str:
         rows.append(f"{name:<8} {info['nodes']:>6} {info['parameters']:>12,}  {ops}")
         if name == "prefill":
             special = {op: n for op, n in info["ops"].items() if op in (SPEC.name, "TopK")}
-            rows.append(f"{'':<8} pruning: {manifest['pruning']} ({special}); k = {manifest['k']}; "
+            nodes = ", ".join(f"{n} {op}" for op, n in special.items()) or "no selection node"
+            rows.append(f"{'':<8} pruning: {manifest['pruning']} ({nodes}); "
+                        f"k = {manifest['k']}{' of N' if isinstance(manifest['k'], float) else ''}; "
                         f"FFN approximated in layers {manifest['ffn_layers'] or 'none'}")
     weights = manifest["weights"]
     rows.append(f"weights.data: {weights['bytes_stored'] / 2**20:.1f} MiB stored for "

@@ -33,15 +33,18 @@ def pruning_lowering(name: str) -> str:
 
 def select_with_function(variant: str):
     """Eager: the capa::contrib_topk op. Exported: one CapaContribTopK node, inputs in the graph's
-    dtype (the function body accumulates in fp32; no fp32 copy of W_O), int32 [B, k] output."""
+    dtype (the function body accumulates in fp32; no fp32 copy of W_O) and k as an int64 [1]
+    tensor (computed from N for a keep fraction), int32 [B, k] output."""
 
-    def select(probs, values, o_weight, keep: int) -> torch.Tensor:
+    def select(probs, values, o_weight, keep) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             dtype = values.dtype
+            static = isinstance(keep, int) and not isinstance(keep, torch.SymInt)
+            k = torch.full((1,), keep, dtype=torch.int64, device=probs.device)
             indices = torch.onnx.ops.symbolic(
                 f"{SPEC.onnx_domain}::{SPEC.name}",
-                (probs.to(dtype), values, o_weight.to(dtype)),
-                attrs=node_attributes(keep, variant),
+                (probs.to(dtype), values, o_weight.to(dtype), k),
+                attrs=node_attributes(keep if static else 0, variant),
                 dtype=torch.int32,
                 shape=(probs.shape[0], keep),
                 version=1,
@@ -90,7 +93,9 @@ class PrefillGraph(nn.Module):
         # [B, 1, D] rather than [B, D]: the same MatMul (and folded weight layout) as decode, so the
         # lm_head bytes are shared in weights.data instead of stored once per layout
         logits = capa.adapter.lm_head(capa.adapter.final_norm(state.hidden[:, -1:]))[:, 0]
-        keep = state.stage_keep[-1] if state.stage_keep else visual_positions - visual_positions[:, :1]
+        # unpruned: every candidate kept (0..N-1; candidates need not be contiguous)
+        keep = state.stage_keep[-1] if state.stage_keep else \
+            torch.cumsum(torch.ones_like(visual_positions), dim=1) - 1
         outputs = [logits, keep]
         outputs += state.segment_masks
         for key, value in zip(state.keys, state.values):
@@ -145,6 +150,6 @@ def graph_inputs(capa: CapaModel, batch: dict, decode_tokens: torch.Tensor | Non
         "vision": capa.vision_inputs(batch),
         "embed": {"input_ids": ids},
         "prefill": {"inputs_embeds": capa.embed(**batch), "attention_mask": mask.to(torch.int64),
-                    "position_ids": family.prefill_positions(batch), "visual_positions": capa.visual_slots(ids)},
+                    "position_ids": family.prefill_positions(batch), "visual_positions": capa.visual_slots(ids, batch)},
         "decode": decode,
     }

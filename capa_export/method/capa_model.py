@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import CapaConfig
+from ..config import CapaConfig, keep_count
 from ..errors import CapaError
 from ..models import adapter_for
 
@@ -194,7 +194,8 @@ class CapaModel(nn.Module):
         embeds = self.adapter.embed_tokens(input_ids)
         vision = self.vision_inputs(processor_outputs)
         if image_features is None and vision:
-            image_features = self.adapter.image_features(**vision)
+            image_features = self.family.pack_image_features(self.adapter.image_features(**vision),
+                                                             {"input_ids": input_ids, **processor_outputs})
         if image_features is not None:
             embeds = self.family.merge_image_features(input_ids, embeds, image_features)
         elif bool((input_ids == self.family.image_token_id).any()):
@@ -202,9 +203,11 @@ class CapaModel(nn.Module):
                             f"were given")
         return embeds
 
-    def visual_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, N] indices of the image tokens; every row must hold the same number."""
-        return self.family.visual_positions(input_ids)
+    def visual_slots(self, input_ids: torch.Tensor, processor_outputs: dict | None = None) -> torch.Tensor:
+        """[B, N] indices of the pruning candidates (the image tokens, less the family's layout
+        tokens unless the config prunes those too); every row must hold the same number."""
+        return self.family.visual_positions(input_ids, processor_outputs,
+                                            layout_candidates=self.config.prune_layout_tokens)
 
     def _prefill(self, input_ids, processor_outputs, image_features, attention_mask, position_ids, use_cache,
                  last_logits_only):
@@ -220,7 +223,7 @@ class CapaModel(nn.Module):
             raise CapaError("attention_mask has padding at the end of a row (right padding); CAPA scores with the "
                             "tokens after the image and decodes after the last token: pad on the left "
                             "(tokenizer.padding_side = 'left')")
-        visual_slots = self.visual_slots(input_ids)
+        visual_slots = self.visual_slots(input_ids, processor_outputs)
         if self.prune_at:
             if visual_slots.shape[1] == 0:
                 raise CapaError("pruning is configured but the input holds no image tokens")
@@ -281,7 +284,8 @@ class CapaModel(nn.Module):
         for index in range(adapter.num_layers):
             if index in self.prune_at:
                 segment_masks.append(padding_mask)
-                keep_local = select(*scoring, self.prune_at[index])
+                # a keep fraction is of the original N (in an exported graph: k computed from N)
+                keep_local = select(*scoring, keep_count(self.prune_at[index], num_visual))
                 keep_seq, visual_slots = drop_visual(visual_slots, keep_local, hidden.shape[1])
                 visual_ids = visual_ids.gather(1, keep_local)
                 stage_keep.append(visual_ids)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..artifacts import write_json
 from ..errors import CapaError
+from ..logs import Progress
 from ..models import adapter_for, fingerprints_match
 
 WEIGHTS_FILE = "ffn_approx.safetensors"
@@ -247,7 +247,7 @@ def collect_moments(model, inputs, layers, *, holdout_every: int = 4, with_text:
 
     capa.collector = collector
     capa.collect_layers = set(layers)
-    for i, batch in enumerate(tqdm(inputs, desc="calibrating", unit="input", disable=not progress)):
+    for i, batch in enumerate(Progress(inputs, "calibrating", "input", enabled=progress)):
         state["heldout"] = (i % holdout_every) == holdout_every - 1
         capa(**batch)
     return train, held, text

@@ -140,13 +140,32 @@ class ModelFamily(abc.ABC):
         return AutoProcessor.from_pretrained(path, **kwargs)
 
     # --- what happens between the graphs (torch, used by the CapaModel and the engine runtime) ----
-    def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, N] sequence indices of the image tokens; every row must hold the same number."""
+    def layout_token_mask(self, batch: dict) -> torch.Tensor | None:
+        """[B, L] True at image tokens that carry layout rather than content (LLaVA-NeXT's row
+        newlines), from the processor outputs; None when the family has none."""
+        return None
+
+    def visual_positions(self, input_ids: torch.Tensor, batch: dict | None = None,
+                         layout_candidates: bool = False) -> torch.Tensor:
+        """[B, N] sequence indices of the pruning candidates: the image tokens, less the layout
+        tokens (`layout_token_mask`) unless `layout_candidates`; those stay in the sequence like text.
+        `batch`: the processor outputs (families with layout tokens need them). Every row must hold
+        the same number."""
         is_visual = input_ids == self.image_token_id
+        if not layout_candidates:
+            layout = self.layout_token_mask({**(batch or {}), "input_ids": input_ids})
+            if layout is not None:
+                is_visual = is_visual & ~layout.to(is_visual.device)
         counts = is_visual.sum(dim=1)
         if bool((counts != counts[0]).any()):
             raise CapaError(f"every batch row must hold the same number of image tokens; got {counts.tolist()}")
         return is_visual.nonzero()[:, 1].view(input_ids.shape[0], int(counts[0]))
+
+    def pack_image_features(self, image_features: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The vision output -> the features of the image-token slots, in order (from the processor
+        outputs `batch`); the identity unless the family arranges features on the host (LLaVA-NeXT's
+        unpadding and row newlines)."""
+        return image_features
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
                              image_features: torch.Tensor) -> torch.Tensor:

@@ -109,17 +109,13 @@ class LlavaFamily(ModelFamily):
     model_types = ("llava",)
     adapter = LlavaAdapter
     #: random-weight models of real sizes for `capa-export bench` (decoder dims; the vision tower is
-    #: CLIP-L/336). "visual" is the number of visual tokens fed: 2,880 is a LLaVA-NeXT-sized prompt
-    #: given to a LLaVA-1.5 decoder (the LLaVA-NeXT family itself is not supported yet).
+    #: CLIP-L/336). "visual" is the number of visual tokens fed (LLaVA-NeXT sizes: llava_next.py).
     bench_sizes = {
         # LLaVA-1.5 token geometry with a small decoder: what a CPU can time in seconds
         "mid": dict(hidden=1024, layers=16, heads=16, kv_heads=16, intermediate=2816, vocab=32064,
                     vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, visual=576),
         "llava-1.5-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
                              vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, visual=576),
-        "llava-next-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064,
-                              vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
-                              visual=2880),
     }
 
     def prompt(self, processor, question: str) -> str:

@@ -22,6 +22,10 @@ W_O) and accumulates the Gram form in fp32:
     then TopK(k) (ties to the lower index, as ONNX specifies), the kept indices sorted ascending
     (a second TopK), int32 [B, k] as the plugin returns.
 
+k is the node's fourth input (int64 [1]): a constant for a count keep (the `k` attribute then holds
+the same count, a build-time constant for the plugin), computed from N inside the graph for a
+keep fraction (the attribute is then 0 and the plugin reads k as a TensorRT shape input).
+
 Limits of the body (not of the plugin): TopK's k <= 3840 on TensorRT; the U intermediate is
 B*H*N*D elements.
 """
@@ -32,6 +36,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from .spec import SPEC
+
+#: the op's inputs: probs, values, o_weight, k
+INPUTS = tuple(SPEC.inputs)
 
 #: lowest opset of the function body (TopK with k as an input, Shape with start/end); a model
 #: gets the body at its own default-domain opset (a function's imports must agree with the model's)
@@ -107,18 +114,24 @@ def make_function(variant: str, opset: int = BODY_OPSET) -> onnx.FunctionProto:
         raise ValueError(f"variant {variant!r} is unknown; expected one of {', '.join(SPEC.variants)}")
     body = _Body()
     scores = _scores(body, variant)
-    k = body.attribute_int("k")
+    k = INPUTS[3]
     _, top = body("TopK", [scores, k], outputs=2, axis=-1, largest=1, sorted=1)  # ties: lower index first
     ascending, _ = body("TopK", [top, k], outputs=2, axis=-1, largest=0, sorted=1)
     body.nodes.append(helper.make_node("Cast", [ascending], [SPEC.outputs[0]], to=TensorProto.INT32))
-    return helper.make_function(SPEC.onnx_domain, SPEC.name, list(SPEC.inputs), list(SPEC.outputs), body.nodes,
+    return helper.make_function(SPEC.onnx_domain, SPEC.name, list(INPUTS), list(SPEC.outputs), body.nodes,
                                 [helper.make_opsetid("", opset)], attributes=list(SPEC.attributes))
 
 
 def node_attributes(k: int, variant: str) -> dict:
-    """The node's attributes: exactly the plugin creator's fields."""
-    return {"k": int(k), "variant": SPEC.variants[variant], "plugin_version": SPEC.version,
-            "plugin_namespace": SPEC.namespace}
+    """The node's attributes: the plugin creator's fields (k: the count when it is a build-time
+    constant, 0 when it comes from the k input), and for TensorRT's ONNX parser the list of inputs
+    it passes to the plugin as shape inputs (k). The parser hands the creator only its own fields;
+    the function body does not use the extra attribute, which ONNX allows on a function call."""
+    attributes = {"k": int(k), "variant": SPEC.variants[variant], "plugin_version": SPEC.version,
+                  "plugin_namespace": SPEC.namespace}
+    if SPEC.shape_input_attribute:
+        attributes[SPEC.shape_input_attribute] = list(SPEC.shape_input_indices)
+    return attributes
 
 
 def make_node(inputs: list[str], output: str, k: int, variant: str = "contrib", name: str | None = None):
@@ -152,12 +165,14 @@ def attach_function(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def single_op_model(k: int, variant: str, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    """A model of one CapaContribTopK node (dynamic B, H, Q, N, d, D), for tests and tools."""
-    names = list(SPEC.inputs)
+    """A model of one CapaContribTopK node (dynamic B, H, Q, N, d, D; k a constant), for tests and tools."""
+    names = list(INPUTS)
     inputs = [helper.make_tensor_value_info(names[0], dtype, ["B", "H", "Q", "N"]),
               helper.make_tensor_value_info(names[1], dtype, ["B", "H_kv", "N", "d"]),
               helper.make_tensor_value_info(names[2], dtype, ["D", "Hd"])]
     output = helper.make_tensor_value_info(SPEC.outputs[0], TensorProto.INT32, ["B", k])
-    graph = helper.make_graph([make_node(names, SPEC.outputs[0], k, variant)], "capa_contrib_topk", inputs, [output])
+    k_value = helper.make_tensor(names[3], TensorProto.INT64, [1], [k])
+    graph = helper.make_graph([make_node(names, SPEC.outputs[0], k, variant)], "capa_contrib_topk", inputs, [output],
+                              initializer=[k_value])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", BODY_OPSET)])
     return attach_function(model)

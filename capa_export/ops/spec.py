@@ -6,14 +6,18 @@ op, the TensorRT backend, the native bindings -- reads these constants instead o
 tests check the C++ headers and the built plugin against the same file.
 
     OP_NAME           plugin name and ONNX op_type: "CapaContribTopK"
-    PLUGIN_VERSION    "1"
+    PLUGIN_VERSION    "2"
     PLUGIN_NAMESPACE  "capa"
     ONNX_DOMAIN       domain of the ONNX local function / node ("capa": TensorRT >= 10.10 takes the
                       plugin namespace from the node's domain)
     ATTRIBUTES        name -> Attribute(type, onnx_type, default, required, options)
     VARIANTS          name -> code (the `variant` attribute and the C API)
     DTYPES            input element type name (torch/numpy spelling) -> C API code
-    INPUTS, OUTPUTS   tensor names, in order
+    INPUTS, OUTPUTS   tensor names, in order (version 2: probs, values, o_weight, k)
+    SHAPE_INPUT_INDICES      indices into INPUTS that TensorRT takes as shape inputs ((3,): k)
+    SHAPE_INPUT_ATTRIBUTE    the node attribute (INTS) that names them to TensorRT's ONNX parser:
+                             "tensorrt_plugin_shape_input_indices"; not a creator field, so not in
+                             ATTRIBUTES
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ class OpSpec:
     dtypes: dict[str, int]
     output_types: dict[str, str]
     source: Path
+    #: indices into `inputs` that TensorRT takes as shape inputs (their values size the output)
+    shape_input_indices: tuple[int, ...] = ()
+    #: the ONNX node attribute (INTS) listing `shape_input_indices` for TensorRT's ONNX parser
+    shape_input_attribute: str | None = None
 
 
 def spec_path() -> Path:
@@ -122,19 +130,28 @@ def load_spec(path: Path | str | None = None, version: str | None = None) -> OpS
     dtypes = {str(k): int(v) for k, v in _need(body, "dtypes", where).items()}
     if sorted(variants.values()) != list(range(len(variants))):
         raise CapaError(f"{where}: variant codes must be 0..{len(variants) - 1}, got {variants}")
+    inputs = tuple(str(x) for x in _need(body, "inputs", where))
+    shape_inputs = body.get("shape_input_indices") or []
+    if not isinstance(shape_inputs, list) or not all(isinstance(i, int) and 0 <= i < len(inputs) for i in shape_inputs):
+        raise CapaError(f"{where}: shape_input_indices must list indices of inputs 0..{len(inputs) - 1}, got {shape_inputs}")
+    shape_attribute = body.get("onnx_shape_input_attribute")
+    if shape_inputs and not shape_attribute:
+        raise CapaError(f"{where}: shape_input_indices given without onnx_shape_input_attribute")
     return OpSpec(
         name=str(_need(doc, "name", str(path))),
         version=str(version),
         namespace=str(_need(doc, "namespace", str(path))),
         onnx_domain=str(_need(doc, "onnx_domain", str(path))),
         interface=str(_need(doc, "interface", str(path))),
-        inputs=tuple(str(x) for x in _need(body, "inputs", where)),
+        inputs=inputs,
         outputs=tuple(str(x) for x in _need(body, "outputs", where)),
         attributes=attributes,
         variants=variants,
         dtypes=dtypes,
         output_types={str(k): str(v) for k, v in (body.get("output_types") or {}).items()},
         source=path,
+        shape_input_indices=tuple(shape_inputs),
+        shape_input_attribute=str(shape_attribute) if shape_attribute else None,
     )
 
 
@@ -148,3 +165,5 @@ VARIANTS: dict[str, int] = SPEC.variants
 DTYPES: dict[str, int] = SPEC.dtypes
 INPUTS: tuple[str, ...] = SPEC.inputs
 OUTPUTS: tuple[str, ...] = SPEC.outputs
+SHAPE_INPUT_INDICES: tuple[int, ...] = SPEC.shape_input_indices
+SHAPE_INPUT_ATTRIBUTE: str | None = SPEC.shape_input_attribute

@@ -35,9 +35,16 @@ void log(ILogger::Severity severity, std::string const& message) noexcept {
 
 void logError(std::string const& message) noexcept { log(ILogger::Severity::kERROR, message); }
 
-char const* const kIoError = "expects 3 inputs (probs, values, o_weight) and 1 output (keep_indices)";
+char const* const kIoError =
+    "expects the device inputs probs, values, o_weight (a 4th, k, is ignored), the shape input k and 1 output "
+    "(keep_indices)";
 
 bool isFloatType(DataType type) { return type == DataType::kFLOAT || type == DataType::kHALF || type == DataType::kBF16; }
+
+bool isIndexType(DataType type) { return type == DataType::kINT32 || type == DataType::kINT64; }
+
+// Device inputs TensorRT may hand over: the three tensors, or those and k (see trt_plugin.h).
+bool validInputCount(int32_t nbInputs) { return nbInputs == kNbDeviceInputs || nbInputs == kNbDeviceInputs + 1; }
 
 int dtypeCode(DataType type) {
     switch (type) {
@@ -70,8 +77,9 @@ bool shapeFromDims(Dims const& probs, Dims const& values, Dims const& weight, in
     return s.B >= 0 && s.H >= 0 && s.H_kv >= 0 && s.Q >= 0 && s.N >= 0 && s.d >= 0 && s.D >= 0;
 }
 
-// Checks what is known of the dimensions (-1 = dynamic is skipped). Empty string when valid.
-std::string checkDims(Dims const& probs, Dims const& values, Dims const& weight, int32_t k) {
+// Checks what is known of the dimensions and of k (-1 = dynamic / unknown is skipped). Empty string
+// when valid.
+std::string checkDims(Dims const& probs, Dims const& values, Dims const& weight, int64_t k) {
     if (probs.nbDims != 4) return "input 0 (probs) must be [B, H, Q, N], rank 4";
     if (values.nbDims != 4) return "input 1 (values) must be [B, H_kv, N, d], rank 4";
     if (weight.nbDims != 2) return "input 2 (o_weight) must be [D, H*d], rank 2";
@@ -86,6 +94,7 @@ std::string checkDims(Dims const& probs, Dims const& values, Dims const& weight,
     if (known(probs.d[1]) && known(values.d[3]) && known(weight.d[1]) && weight.d[1] != probs.d[1] * values.d[3])
         return "o_weight has " + std::to_string(weight.d[1]) + " columns, expected H*d = " +
             std::to_string(probs.d[1] * values.d[3]);
+    if (k == 0) return "k=0: at least one token must be kept";
     if (known(probs.d[3]) && k > probs.d[3])
         return "k=" + std::to_string(k) + " exceeds the number of keys N=" + std::to_string(probs.d[3]);
     return {};
@@ -114,7 +123,7 @@ IPluginV3* ContribTopKPlugin::clone() noexcept {
 int32_t ContribTopKPlugin::configurePlugin(
     DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept {
     try {
-        if (in == nullptr || out == nullptr || nbInputs != 3 || nbOutputs != 1) {
+        if (in == nullptr || out == nullptr || !validInputCount(nbInputs) || nbOutputs != 1) {
             logError(kIoError);
             return -1;
         }
@@ -122,15 +131,23 @@ int32_t ContribTopKPlugin::configurePlugin(
             logError("probs, values and o_weight must share one type: FP32, FP16 or BF16");
             return -1;
         }
-        if (out[0].desc.type != DataType::kINT32) {
-            logError("output 0 (keep_indices) must be INT32");
+        if (nbInputs > kNbDeviceInputs && !isIndexType(in[kShapeInputK].desc.type)) {
+            logError("input 3 (k) must be INT32 or INT64");
             return -1;
         }
-        // k <= N must hold for every N the profile allows: check the smallest shapes; the largest
-        // ones must be consistent too (and bound H for the device check below).
+        if (out[0].desc.type != DataType::kINT32 || out[0].min.nbDims != 2 || out[0].max.nbDims != 2) {
+            logError("output 0 (keep_indices) must be INT32 [B, k]");
+            return -1;
+        }
+        // The profile's range of k is the output's second dim (getOutputShapes made it the
+        // attribute or the shape input's value). k <= N holds for every shape only if the smallest
+        // k fits the smallest N and the largest k the largest N (exact when k is a constant: then
+        // k <= the smallest N); every actual shape is checked again in onShapeChange.
+        int64_t const kMin = mK > 0 ? mK : out[0].min.d[1];
+        int64_t const kMax = mK > 0 ? mK : out[0].max.d[1];
         for (bool smallest : {true, false}) {
-            std::string const error = smallest ? checkDims(in[0].min, in[1].min, in[2].min, mK)
-                                               : checkDims(in[0].max, in[1].max, in[2].max, mK);
+            std::string const error = smallest ? checkDims(in[0].min, in[1].min, in[2].min, kMin)
+                                               : checkDims(in[0].max, in[1].max, in[2].max, kMax);
             if (!error.empty()) {
                 logError(error + (smallest ? " (smallest shapes of the optimisation profile)"
                                            : " (largest shapes of the optimisation profile)"));
@@ -139,7 +156,9 @@ int32_t ContribTopKPlugin::configurePlugin(
         }
         // What the kernels cannot run on this GPU fails here, at build time, not at the first enqueue.
         capa_contrib_topk_shape s{};
-        if (!shapeFromDims(in[0].max, in[1].max, in[2].max, mK, s)) {
+        // The kernels' limits do not depend on k; any valid k will do when the profile's is unknown.
+        int32_t const kForCheck = kMax > 0 ? static_cast<int32_t>(kMax) : 1;
+        if (!shapeFromDims(in[0].max, in[1].max, in[2].max, kForCheck, s)) {
             logError("the optimisation profile's largest shapes are unknown or beyond int32");
             return -1;
         }
@@ -166,7 +185,7 @@ int32_t ContribTopKPlugin::configurePlugin(
 
 int32_t ContribTopKPlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept {
-    if (outputTypes == nullptr || inputTypes == nullptr || nbInputs != 3 || nbOutputs != 1) {
+    if (outputTypes == nullptr || inputTypes == nullptr || !validInputCount(nbInputs) || nbOutputs != 1) {
         logError(kIoError);
         return -1;
     }
@@ -174,20 +193,55 @@ int32_t ContribTopKPlugin::getOutputDataTypes(
         logError("probs, values and o_weight must share one type: FP32, FP16 or BF16");
         return -1;
     }
+    if (nbInputs > kNbDeviceInputs && !isIndexType(inputTypes[kShapeInputK])) {
+        logError("input 3 (k) must be INT32 or INT64");
+        return -1;
+    }
     outputTypes[0] = DataType::kINT32;
     return 0;
 }
 
-int32_t ContribTopKPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
-    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept {
+int32_t ContribTopKPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* shapeInputs,
+    int32_t nbShapeInputs, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept {
     try {
-        if (inputs == nullptr || outputs == nullptr || nbInputs != 3 || nbOutputs != 1) {
+        if (inputs == nullptr || outputs == nullptr || !validInputCount(nbInputs) || nbOutputs != 1) {
             logError(kIoError);
             return -1;
         }
+        // k: the shape input's value (its one "dimension": k is an int64 [1] tensor), or the attribute.
+        IDimensionExpr const* kInput = nullptr;
+        if (nbShapeInputs > 1 || (nbShapeInputs == 1 && (shapeInputs == nullptr || shapeInputs[0].nbDims != 1 ||
+                                                          shapeInputs[0].d[0] == nullptr))) {
+            logError("expects at most one shape input, k, holding one value (shape [1]); got " +
+                std::to_string(nbShapeInputs) + " shape inputs" +
+                (nbShapeInputs == 1 && shapeInputs != nullptr ? " with " + std::to_string(shapeInputs[0].nbDims) + " values"
+                                                              : std::string()));
+            return -1;
+        }
+        if (nbShapeInputs == 1) kInput = shapeInputs[0].d[0];
+        if (mK == 0 && kInput == nullptr) {
+            logError("attribute k=0 takes k from the shape input, but the node has none (input 3 must be named by "
+                     "tensorrt_plugin_shape_input_indices)");
+            return -1;
+        }
+        int64_t kKnown = -1; // -1: k is not a build-time constant
+        if (mK > 0) {
+            kKnown = mK;
+            if (kInput != nullptr && kInput->isConstant() && kInput->getConstantValue() != mK) {
+                logError("input k holds " + std::to_string(kInput->getConstantValue()) + " but attribute k=" +
+                    std::to_string(mK) + " (the attribute must be 0 or equal to the input)");
+                return -1;
+            }
+        } else if (kInput->isConstant()) {
+            kKnown = kInput->getConstantValue();
+            if (kKnown < 1) {
+                logError("input k holds " + std::to_string(kKnown) + ": at least one token must be kept");
+                return -1;
+            }
+        }
         // Validate what is constant at build time; dynamic dimensions are checked in configurePlugin.
         Dims dims[3];
-        for (int32_t i = 0; i < 3; ++i) {
+        for (int32_t i = 0; i < kNbDeviceInputs; ++i) {
             if (inputs[i].nbDims < 0 || inputs[i].nbDims > Dims::MAX_DIMS) {
                 logError("input " + std::to_string(i) + " has an invalid rank " + std::to_string(inputs[i].nbDims));
                 return -1;
@@ -196,12 +250,12 @@ int32_t ContribTopKPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbIn
             for (int32_t j = 0; j < inputs[i].nbDims; ++j)
                 dims[i].d[j] = inputs[i].d[j]->isConstant() ? inputs[i].d[j]->getConstantValue() : -1;
         }
-        std::string const error = checkDims(dims[0], dims[1], dims[2], mK);
+        std::string const error = checkDims(dims[0], dims[1], dims[2], kKnown);
         if (!error.empty()) {
             logError(error);
             return -1;
         }
-        IDimensionExpr const* k = exprBuilder.constant(mK);
+        IDimensionExpr const* k = mK > 0 ? exprBuilder.constant(mK) : kInput;
         if (k == nullptr) {
             logError("IExprBuilder::constant(k) returned nullptr");
             return -1;
@@ -218,30 +272,38 @@ int32_t ContribTopKPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbIn
 
 bool ContribTopKPlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept {
-    if (inOut == nullptr || nbInputs != 3 || nbOutputs != 1 || pos < 0 || pos > 3) return false;
+    if (inOut == nullptr || !validInputCount(nbInputs) || nbOutputs != 1 || pos < 0 || pos > nbInputs) return false;
     PluginTensorDesc const& desc = inOut[pos].desc;
     if (desc.format != TensorFormat::kLINEAR) return false;
     if (pos == 0) return isFloatType(desc.type);
-    if (pos < 3) return desc.type == inOut[0].desc.type;
+    if (pos < kNbDeviceInputs) return desc.type == inOut[0].desc.type;
+    if (pos < nbInputs) return isIndexType(desc.type); // k as a device input: never read
     return desc.type == DataType::kINT32;
 }
 
 size_t ContribTopKPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept {
+    // The workspace ([B, N] scores, per-key norms) does not depend on k.
     capa_contrib_topk_shape s{};
-    if (inputs == nullptr || nbInputs != 3 || !shapeFromDims(inputs[0].max, inputs[1].max, inputs[2].max, mK, s))
+    if (inputs == nullptr || !validInputCount(nbInputs) ||
+        !shapeFromDims(inputs[0].max, inputs[1].max, inputs[2].max, 1, s))
         return 0;
     return capa_contrib_topk_workspace_size(&s, mVariant);
 }
 
 int32_t ContribTopKPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept {
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept {
     try {
-        if (in == nullptr || nbInputs != 3 || nbOutputs != 1) {
+        if (in == nullptr || out == nullptr || !validInputCount(nbInputs) || nbOutputs != 1) {
             logError(kIoError);
             return -1;
         }
-        std::string const error = checkDims(in[0].dims, in[1].dims, in[2].dims, mK);
+        // This shape's k is the output's second dim (the attribute, or the shape input's value).
+        if (out[0].dims.nbDims != 2 || out[0].dims.d[1] < 0 || (mK > 0 && out[0].dims.d[1] != mK)) {
+            logError("output 0 (keep_indices) must be [B, k]" + (mK > 0 ? " with k=" + std::to_string(mK) : std::string()));
+            return -1;
+        }
+        std::string const error = checkDims(in[0].dims, in[1].dims, in[2].dims, out[0].dims.d[1]);
         if (!error.empty()) {
             logError(error);
             return -1;
@@ -253,11 +315,17 @@ int32_t ContribTopKPlugin::onShapeChange(
     return -1;
 }
 
-int32_t ContribTopKPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
+int32_t ContribTopKPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
     try {
+        // k is read from the output's dims: TensorRT sized keep_indices [B, k] from getOutputShapes.
+        if (outputDesc == nullptr || outputDesc[0].dims.nbDims != 2 || dim32(outputDesc[0].dims.d[1]) < 0) {
+            logError("enqueue: output 0 (keep_indices) is not [B, k] with an int32 k");
+            return -1;
+        }
+        int32_t const k = dim32(outputDesc[0].dims.d[1]);
         capa_contrib_topk_shape s{};
-        if (inputDesc == nullptr || !shapeFromDims(inputDesc[0].dims, inputDesc[1].dims, inputDesc[2].dims, mK, s)) {
+        if (inputDesc == nullptr || !shapeFromDims(inputDesc[0].dims, inputDesc[1].dims, inputDesc[2].dims, k, s)) {
             logError("enqueue: inputs are not [B, H, Q, N], [B, H_kv, N, d], [D, H*d] with int32 dimensions");
             return -1;
         }
@@ -369,7 +437,9 @@ IPluginV3* ContribTopKPluginCreator::createPlugin(
             std::string error;
             std::string text;
             switch (which) {
-            case 0: error = readInt(field, 1, std::numeric_limits<int32_t>::max(), k); break;
+            case 0: // 0: k comes from the shape input (a fraction of N computed in the graph)
+                error = readInt(field, 0, std::numeric_limits<int32_t>::max(), k);
+                break;
             case 1:
                 error = readInt(field, CAPA_VARIANT_CONTRIB, CAPA_VARIANT_ATTENTION, variant);
                 if (!error.empty()) error += " (0=contrib, 1=value_norm, 2=attention)";
@@ -391,7 +461,7 @@ IPluginV3* ContribTopKPluginCreator::createPlugin(
             }
         }
         if (!seen[0]) {
-            logError("field k is missing (k = number of visual tokens kept, >= 1)");
+            logError("field k is missing (k = number of visual tokens kept, or 0 to read it from the shape input k)");
             return nullptr;
         }
         return new ContribTopKPlugin(k, variant);

@@ -20,10 +20,12 @@
 namespace capa {
 
 constexpr char const* kPluginName = "CapaContribTopK";
-constexpr char const* kPluginVersion = "1";
+constexpr char const* kPluginVersion = "2";
 constexpr char const* kPluginNamespace = "capa";
 
-// Creator fields: the ONNX node's attributes (the parser passes INT as INT32, STRING as CHAR).
+// Creator fields: the ONNX node's attributes (the parser passes INT as INT32, STRING as CHAR; it
+// passes only attributes named by getFieldNames, so the node's tensorrt_plugin_shape_input_indices
+// never reaches createPlugin).
 constexpr char const* kFieldK = "k";
 constexpr char const* kFieldVariant = "variant";
 constexpr char const* kFieldPluginVersion = "plugin_version";
@@ -33,6 +35,15 @@ constexpr char const* kFieldPluginNamespace = "plugin_namespace";
 // setLoggerFinder (trt_plugin_vc.cpp) or the process's getLogger() (trt_plugin_autoreg.cpp).
 // May return nullptr; messages then go to stderr.
 nvinfer1::ILogger* pluginLogger() noexcept;
+
+// Version 2's tensors. The ONNX node has four inputs: probs, values, o_weight and k (int64 [1], the
+// number of tokens kept). TensorRT's ONNX parser hands the inputs named by the node's
+// tensorrt_plugin_shape_input_indices (= [kShapeInputK]) to addPluginV3 as shape inputs: the plugin
+// sees probs, values, o_weight as its device inputs and k only as the value expression
+// shapeInputs[0].d[0] of getOutputShapes. A 4th device input (k again, INT32 or INT64) is tolerated
+// everywhere and ignored, in case a TensorRT passes shape inputs as device inputs too.
+constexpr int32_t kNbDeviceInputs = 3;
+constexpr int32_t kShapeInputK = 3;
 
 class ContribTopKPlugin final : public nvinfer1::IPluginV3,
                                 public nvinfer1::IPluginV3OneCore,
@@ -74,6 +85,7 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
+    // Tokens kept when fixed at build time (the output's second dim); 0: the k shape input's value.
     int32_t mK;
     int32_t mVariant;
     // Rebuilt by getFieldsToSerialize (never copied: a copied collection would point into the
@@ -91,9 +103,9 @@ public:
     char const* getPluginVersion() const noexcept override { return kPluginVersion; }
     char const* getPluginNamespace() const noexcept override { return kPluginNamespace; }
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override { return &mFieldCollection; }
-    // Accepts exactly the fields k (required, 1..2^31-1, INT32 or INT64), variant (0 contrib,
-    // 1 value_norm, 2 attention; INT32 or INT64), plugin_version ("1") and plugin_namespace
-    // ("capa"); anything else is an error, logged, and nullptr is returned.
+    // Accepts exactly the fields k (required, 0..2^31-1, INT32 or INT64; 0 = k is the shape input's
+    // value), variant (0 contrib, 1 value_norm, 2 attention; INT32 or INT64), plugin_version ("2")
+    // and plugin_namespace ("capa"); anything else is an error, logged, and nullptr is returned.
     nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
         nvinfer1::TensorRTPhase phase) noexcept override;
 
