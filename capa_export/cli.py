@@ -431,24 +431,36 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_benchmark, save
+    from .bench import Settings, format_table, run_benchmark, save, update_benchmarks
 
-    if args.smoke:  # CI: the whole path on the tiny model, a few runs; says nothing about speed
-        args.size, args.dtype, args.keep, args.ffn, args.repeats, args.warmup = "tiny", "fp32", [64], ["none", "affine"], 3, 1
-        args.no_compile = True
-    for name in ("batch", "repeats", "rank"):
-        if getattr(args, name) < 1:
-            raise CapaError(f"--{name} {getattr(args, name)} must be >= 1")
-    if args.warmup < 0:
-        raise CapaError(f"--warmup {args.warmup} must be >= 0")
-    report = run_benchmark(size=args.size, dtype=args.dtype, batch=args.batch, keeps=args.keep, ffn_modes=args.ffn,
-                           rank=args.rank, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                           smoke=args.smoke, with_compile=not args.no_compile, with_engine=not args.no_engine)
-    out = args.out or f"bench/results/{report['date'][:10]}-{args.size}-{args.dtype}-b{args.batch}.json"
-    save(report, out)
+    chosen = {"size": args.size, "dtype": args.dtype, "device": args.device, "batch": args.batch,
+              "visual": args.visual, "keep": args.keep, "text_tokens": args.text_tokens, "new_tokens": args.new_tokens,
+              "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
+              "calibration_count": args.calibration_count, "validate_tokens": args.validate_tokens,
+              "build_jobs": args.build_jobs, "profile": not args.no_profile, "reuse": args.reuse, "work": args.work or ""}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
+    if args.peers:
+        chosen["peers"] = args.peers
+    if args.no_engine:
+        from .bench import ENGINE_PEERS, PEERS
+
+        chosen["peers"] = [p for p in chosen.get("peers", PEERS) if p not in ENGINE_PEERS]
+    settings = Settings.for_smoke(**chosen) if args.smoke else Settings(**chosen)
+    if args.update and Path(args.update).suffix != ".md":
+        raise CapaError(f"--update {args.update} must be a Markdown file (e.g. BENCHMARKS.md)")
+    report = run_benchmark(settings, log=lambda text: print(text, file=sys.stderr))
+    s = report["settings"]
+    default = (Path("out/bench") if s["smoke"] else Path("bench/results")) / \
+        f"{report['date'][:10]}-{s['size']}-{s['dtype']}-b{s['batch']}.json"
+    out = save(report, args.out or default)
     print(format_table(report))
-    print(f"{report['device']}: results in {out} (+ .png)")
-    return 0
+    if args.update:
+        update_benchmarks(args.update, report, out)
+    for peer, reason in report["skipped"].items():
+        print(f"{peer} skipped: {reason}")
+    print(f"{report['machine']['cpu']}: results in {out} (+ .png, .md)"
+          + (f"; section of {args.update} updated" if args.update else ""))
+    return 0 if not report["failed"] and all(c["passed"] for c in report["checks"]) else 1
 
 
 def _serving_options(args) -> dict:
@@ -669,26 +681,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", help="directory for the two key files (default: .)")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("bench", help="time CAPA against HF SDPA, FastV, torch.compile and the engine",
-                       description="Prefill timings per runtime and scenario in one run, with measured floors "
-                                   "(matmul peak, copy bandwidth); JSON + PNG. --smoke runs the tiny model briefly.")
-    from .bench import sizes
+    p = sub.add_parser("bench", help="time CAPA engines against HF, FastV, the CapaModel and ONNX Runtime GenAI",
+                       description="One run, same inputs, one machine: HF SDPA unpruned, FastV and the CapaModel "
+                                   "eager, the ONNX Runtime engines (unpruned, CAPA, CAPA + affine FFN; built and "
+                                   "validated by `build`), ONNX Runtime GenAI as the decode peer. Vision, prefill, "
+                                   "time to first token, decode per token, peak RSS (of every peer and of "
+                                   "calibrate/export/build), each time against its FLOP floor measured in the same "
+                                   "run; JSON + PNG + Markdown. --smoke runs the path on the tiny model.")
+    from .bench import PEERS, sizes
 
-    p.add_argument("--size", choices=tuple(sizes()), default="tiny",
-                   help="an embedded model, or a family's real size with random weights (default: tiny)")
-    p.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default="fp32", help="dtype (default: fp32)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
-    p.add_argument("--keep", type=int, nargs="+", default=[64, 128, 192], help="visual tokens kept after layer 2")
-    p.add_argument("--ffn", nargs="+", choices=("none", "affine", "rank"), default=["none", "affine", "rank"],
-                   help="FFN approximation scenarios (default: all)")
-    p.add_argument("--rank", type=int, default=512, help="rank of the 'rank' scenario (default: 512)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (default: 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    p.add_argument("--no-engine", action="store_true", help="skip the ONNX Runtime engine peer")
-    p.add_argument("--smoke", action="store_true", help="tiny model, 3 runs: checks the path, not the speed")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<size>-<dtype>-b<batch>.json)")
+    p.add_argument("--size", choices=tuple(sizes()), default=None,
+                   help="an embedded model, or a family's real size with random weights (default: mid)")
+    p.add_argument("--visual", type=int, nargs="+", default=None, metavar="N",
+                   help="visual tokens in the prompt, a multiple of one picture's (default: 576 2880)")
+    p.add_argument("--keep", type=int, default=None, help="visual tokens kept after layer 2 (default: 64)")
+    p.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default=None, help="dtype (default: fp32)")
+    p.add_argument("--batch", type=int, default=None, help="prompts per run, all the same (default: 1)")
+    p.add_argument("--text-tokens", type=int, default=None, help="text tokens after the image (default: 46)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default: 16)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per peer (default: 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: every core)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--peers", nargs="+", choices=tuple(PEERS), default=None, help="peers to run (default: all)")
+    p.add_argument("--no-engine", action="store_true", help="skip the ONNX Runtime engines (and their builds)")
+    p.add_argument("--no-profile", action="store_true", help="skip the ONNX Runtime profile of the CAPA engines")
+    p.add_argument("--calibration-count", type=int, default=None, help="built-in calibration inputs (default: 8)")
+    p.add_argument("--validate-tokens", type=int, default=None, help="tokens `build` validates (default: 8)")
+    p.add_argument("--build-jobs", type=int, default=None, help="export/build/GenAI steps run at once (default: 1)")
+    p.add_argument("--work", default=None, help="work folder (default: out/bench/<size>-<dtype>)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the work folder's model, calibrations, engines and GenAI model when their settings "
+                        "match (their build-memory figures are then the earlier run's)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the tiny model, 576 visual tokens, 2 runs: checks the path, not the speed")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default: bench/results/<date>-<size>-<dtype>-b<batch>.json; out/bench/ for --smoke)")
+    p.add_argument("--update", default=None, metavar="BENCHMARKS.md",
+                   help="also write the run's table into this Markdown file (its section for the size)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository for an engine",

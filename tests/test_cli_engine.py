@@ -181,7 +181,7 @@ def test_tensorrt_shape_ranges_cover_decode_tokens(llava):
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--batch", "0"], "--batch 0 must be >= 1"),
     (["bench", "--repeats", "0"], "--repeats 0 must be >= 1"),
-    (["bench", "--keep", "1000", "--no-engine", "--no-compile", "--repeats", "1"], "k must be in [1, 576]"),
+    (["bench", "--keep", "1000", "--no-engine", "--repeats", "1"], "k must be in [1, 576]"),
 ])
 def test_bench_bad_arguments(capsys, argv, message):
     code, _, err = run(capsys, *argv)
