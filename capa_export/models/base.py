@@ -309,6 +309,43 @@ class ModelAdapter(abc.ABC):
         }
 
 
+class HFDecoderAdapter(ModelAdapter):
+    """An adapter whose decoder is a transformers Llama-style decoder (Llama, Qwen2: embed_tokens,
+    rotary_emb, RMS norms with a `weight` gain normalised in fp32, the attention module's
+    `apply_rotary_pos_emb`). Subclasses set `self._decoder` (the decoder module) and
+    `self._rotary_module` (the Python module of its attention) in their __init__."""
+
+    _decoder: nn.Module
+    _rotary_module: object
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._decoder.embed_tokens(input_ids)
+
+    def rotary(self, hidden, position_ids):
+        # the decoder's own rotary module (Qwen-VL's: M-RoPE, [3, B, L] positions, mrope_section rows)
+        return self._decoder.rotary_emb(hidden, position_ids)
+
+    def apply_rotary(self, q, k, cos, sin):
+        return self._rotary_module.apply_rotary_pos_emb(q, k, cos, sin)
+
+    @property
+    def final_norm(self):
+        return self._decoder.norm
+
+    @property
+    def lm_head(self):
+        return self.model.lm_head
+
+    def norm_gain(self, norm):
+        return norm.weight
+
+    def rms_normalize(self, norm, x):
+        # LlamaRMSNorm / Qwen2RMSNorm: normalise in fp32, cast back, then (outside) the gain
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return x32.to(x.dtype)
+
+
 #: Buffers that must stay fp32 whatever the model dtype: rotary frequencies rounded to fp16 turn
 #: into angle errors of ~0.25 rad at position 600 (inv_freq * position).
 FP32_BUFFERS = ("inv_freq", "original_inv_freq")

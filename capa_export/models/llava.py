@@ -8,11 +8,11 @@ import sys
 
 import torch
 
-from .base import LayerParts, ModelAdapter, ModelFamily
+from .base import HFDecoderAdapter, LayerParts, ModelFamily
 from .registry import register_family
 
 
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(HFDecoderAdapter):
     def __init__(self, model):
         self._decoder = model.model.language_model
         self._text_config = model.config.text_config
@@ -76,31 +76,21 @@ class LlavaAdapter(ModelAdapter):
             selected = [h[:, 1:] for h in selected]  # drop CLS
         return self.model.model.multi_modal_projector(torch.cat(selected, dim=-1))
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._decoder.embed_tokens(input_ids)
 
-    def rotary(self, hidden, position_ids):
-        return self._decoder.rotary_emb(hidden, position_ids)
 
-    def apply_rotary(self, q, k, cos, sin):
-        return self._rotary_module.apply_rotary_pos_emb(q, k, cos, sin)
+def bench_config_parts(spec: dict) -> dict:
+    """The LLaVA config fields of a benchmark size: a CLIP/336 tower (patch 14, layer -2 without
+    CLS) and a Llama decoder of the spec's widths (shared by LLaVA-1.5 and LLaVA-NeXT)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    @property
-    def final_norm(self):
-        return self._decoder.norm
-
-    @property
-    def lm_head(self):
-        return self.model.lm_head
-
-    def norm_gain(self, norm):
-        return norm.weight
-
-    def rms_normalize(self, norm, x):
-        # LlamaRMSNorm: normalise in fp32, cast back, then the gain.
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return x32.to(x.dtype)
+    return dict(
+        vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_intermediate"],
+                                       num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
+                                       image_size=336, patch_size=14),
+        text_config=LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+                                num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                                num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"]),
+        image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
 @register_family
@@ -127,17 +117,10 @@ class LlavaFamily(ModelFamily):
     @classmethod
     def bench_model(cls, size: str, device: str):
         """(random-weight fp32 model, visual tokens to feed) of a benchmark size."""
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
 
         spec = cls.bench_sizes[size]
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_intermediate"],
-                                           num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
-                                           image_size=336, patch_size=14),
-            text_config=LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                                    num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                                    num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"]),
-            image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        config = LlavaConfig(**bench_config_parts(spec))
         with torch.device(device):
             model = LlavaForConditionalGeneration(config)
         return model, spec["visual"]

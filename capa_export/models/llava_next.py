@@ -33,7 +33,7 @@ import torch
 
 from ..contract import FLOAT, FLOAT32, IMAGES, Dim, TensorSpec
 from ..errors import CapaError
-from .llava import LlavaAdapter, LlavaFamily
+from .llava import LlavaAdapter, LlavaFamily, bench_config_parts
 from .registry import register_family
 
 #: the real checkpoints' pinpoints (height, width): 1 x 2, 2 x 1, 2 x 2, 1 x 3 and 3 x 1 crops of 336
@@ -244,18 +244,10 @@ class LlavaNextFamily(LlavaFamily):
     @classmethod
     def bench_model(cls, size: str, device: str):
         """(random-weight fp32 LLaVA-NeXT model, visual tokens to feed) of a benchmark size."""
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
         spec = cls.bench_sizes[size]
-        config = LlavaNextConfig(
-            vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_intermediate"],
-                                           num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
-                                           image_size=336, patch_size=14),
-            text_config=LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                                    num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                                    num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"]),
-            image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
-            image_grid_pinpoints=DEFAULT_PINPOINTS)
+        config = LlavaNextConfig(**bench_config_parts(spec), image_grid_pinpoints=DEFAULT_PINPOINTS)
         with torch.device(device):
             model = LlavaNextForConditionalGeneration(config)
         return model, LlavaNextAdapter(model).family.visual_token_range()[1]

@@ -38,7 +38,7 @@ import torch
 
 from ..contract import FLOAT, FLOAT32, IMAGES, INT64, PATCHES, Dim, TensorSpec
 from ..errors import CapaError
-from .base import LayerParts, ModelAdapter, ModelFamily
+from .base import HFDecoderAdapter, LayerParts, ModelFamily
 from .registry import register_family
 
 #: the Qwen2 tokenizer's special tokens, as every Qwen2-VL / Qwen2.5-VL checkpoint numbers them
@@ -91,7 +91,7 @@ def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class QwenVLAdapter(ModelAdapter):
+class QwenVLAdapter(HFDecoderAdapter):
     """Qwen2-VL; Qwen2.5-VL (below) adds window attention in the vision tower."""
 
     def __init__(self, model):
@@ -190,32 +190,6 @@ class QwenVLAdapter(ModelAdapter):
         return attention.proj(out)
 
     # --- decoder -------------------------------------------------------------------------------------
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._decoder.embed_tokens(input_ids)
-
-    def rotary(self, hidden, position_ids):
-        # the M-RoPE module: [3, B, L] positions -> cos/sin with the mrope_section rows interleaved
-        return self._decoder.rotary_emb(hidden, position_ids)
-
-    def apply_rotary(self, q, k, cos, sin):
-        return self._rotary_module.apply_rotary_pos_emb(q, k, cos, sin)
-
-    @property
-    def final_norm(self):
-        return self._decoder.norm
-
-    @property
-    def lm_head(self):
-        return self.model.lm_head
-
-    def norm_gain(self, norm):
-        return norm.weight
-
-    def rms_normalize(self, norm, x):
-        # Qwen2RMSNorm: normalise in fp32, cast back, then the gain
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return x32.to(x.dtype)
 
 
 class Qwen2_5VLAdapter(QwenVLAdapter):
