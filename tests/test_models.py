@@ -57,3 +57,21 @@ def test_prompt_without_image_slot_is_refused(tiny, tiny_batch):
     vision = {k: tiny_batch[k] for k in adapter_for(model).family.vision_keys}
     with pytest.raises(CapaError, match="0 image-token slots"):
         apply_capa(model, CapaConfig(prune=[]))(input_ids=ids, **vision)
+
+
+def test_a_processor_of_another_model_is_named_as_the_cause():
+    """A LLaVA processor with another model's patch size (28: it expands <image> to about 144
+    tokens) for a model whose tower gives 576: the error names the processor, not the prompt."""
+    from capa_export import CapaConfig, apply_capa
+    from capa_export.inputs import builtin_samples
+
+    model, processor = load_model("tiny-llava")
+    processor.patch_size = 28
+    adapter = adapter_for(model)
+    sample = builtin_samples(1)[0]
+    batch = adapter.family.encode(processor, [sample.image], [sample.question])
+    slots = int((batch["input_ids"] == adapter.image_token_id).sum())  # the processor's own expansion
+    assert 0 < slots < 576
+    with pytest.raises(CapaError, match=f"expands each image to {slots} image tokens but the model's vision tower "
+                                        f"gives 576 per image: the processor does not belong to this model"):
+        apply_capa(model, CapaConfig(prune=[]))(**batch)

@@ -19,6 +19,7 @@ rows (Llama: [B, L]; multimodal rotary such as Qwen2-VL's: [3, B, L]), so the sa
 from __future__ import annotations
 
 import abc
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -174,6 +175,14 @@ class ModelFamily(abc.ABC):
         n_slots = int(slots.sum())
         n_features = image_features.numel() // inputs_embeds.shape[-1]
         if n_slots != n_features:
+            images = image_features.shape[0] if image_features.dim() == 3 else 0
+            per_image = image_features.shape[1] if images else 0
+            if images and n_slots and n_slots % images == 0 and n_slots // images != per_image:
+                # each placeholder was expanded, to another count than the vision tower gives
+                raise CapaError(
+                    f"the processor expands each image to {n_slots // images} image tokens but the model's vision "
+                    f"tower gives {per_image} per image: the processor does not belong to this model (its "
+                    f"image_seq_length or image size differs); save the model's own processor with it")
             raise CapaError(
                 f"input_ids has {n_slots} image-token slots but the images give {n_features} features; "
                 f"the prompt needs one image placeholder per image (the processor expands it)"
@@ -312,12 +321,56 @@ class ModelAdapter(abc.ABC):
 class HFDecoderAdapter(ModelAdapter):
     """An adapter whose decoder is a transformers Llama-style decoder (Llama, Qwen2: embed_tokens,
     rotary_emb, RMS norms with a `weight` gain normalised in fp32, the attention module's
-    `apply_rotary_pos_emb`). Subclasses set `self._decoder` (the decoder module) and
-    `self._rotary_module` (the Python module of its attention) in their __init__."""
+    `apply_rotary_pos_emb`; q/k/v biases, where the model has them, applied by its nn.Linear) at
+    `model.model.language_model`, its config at `model.config.text_config`."""
 
-    _decoder: nn.Module
-    _rotary_module: object
+    def __init__(self, model: nn.Module):
+        self._decoder = model.model.language_model
+        self._text_config = model.config.text_config
+        self._rotary_module = sys.modules[type(self._decoder.layers[0].self_attn).__module__]
+        super().__init__(model)
 
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._decoder.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._text_config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._text_config.vocab_size)
+
+    @property
+    def text_model(self):
+        return self._decoder
+
+    def layer(self, index: int) -> LayerParts:
+        layer = self._decoder.layers[index]
+        attention = layer.self_attn
+        cfg = self._text_config
+        num_heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads)
+        return LayerParts(
+            input_norm=layer.input_layernorm,
+            q_proj=attention.q_proj,
+            k_proj=attention.k_proj,
+            v_proj=attention.v_proj,
+            o_proj=attention.o_proj,
+            post_attention_norm=layer.post_attention_layernorm,
+            mlp=layer.mlp,
+            num_heads=num_heads,
+            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or num_heads),
+            head_dim=head_dim,
+            attention_scale=float(getattr(attention, "scaling", head_dim**-0.5)),
+        )
+
+    # --- decoder pieces -------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._decoder.embed_tokens(input_ids)
 

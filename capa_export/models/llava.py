@@ -4,65 +4,18 @@ is taken from the decoder's own modeling module, not hard-wired to Llama)."""
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
-from .base import HFDecoderAdapter, LayerParts, ModelFamily
+from .base import HFDecoderAdapter, ModelFamily
 from .registry import register_family
 
 
 class LlavaAdapter(HFDecoderAdapter):
-    def __init__(self, model):
-        self._decoder = model.model.language_model
-        self._text_config = model.config.text_config
-        attention = self._decoder.layers[0].self_attn
-        self._rotary_module = sys.modules[type(attention).__module__]
-        super().__init__(model)
 
     def describe_vision(self) -> dict:
         return {"image_size": int(self.model.config.vision_config.image_size),
                 "visual_tokens_per_image": int(self.model.config.image_seq_length)}
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._decoder.layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self._text_config.hidden_size)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._text_config.vocab_size)
-
-    @property
-    def text_model(self):
-        return self._decoder
-
-    def layer(self, index: int) -> LayerParts:
-        layer = self._decoder.layers[index]
-        attention = layer.self_attn
-        cfg = self._text_config
-        num_heads = int(cfg.num_attention_heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads)
-        return LayerParts(
-            input_norm=layer.input_layernorm,
-            q_proj=attention.q_proj,
-            k_proj=attention.k_proj,
-            v_proj=attention.v_proj,
-            o_proj=attention.o_proj,
-            post_attention_norm=layer.post_attention_layernorm,
-            mlp=layer.mlp,
-            num_heads=num_heads,
-            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or num_heads),
-            head_dim=head_dim,
-            attention_scale=float(getattr(attention, "scaling", head_dim**-0.5)),
-        )
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # What LlavaModel.get_image_features computes, without its split into a per-image list (which

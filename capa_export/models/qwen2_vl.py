@@ -38,7 +38,7 @@ import torch
 
 from ..contract import FLOAT, FLOAT32, IMAGES, INT64, PATCHES, Dim, TensorSpec
 from ..errors import CapaError
-from .base import HFDecoderAdapter, LayerParts, ModelFamily
+from .base import HFDecoderAdapter, ModelFamily
 from .registry import register_family
 
 #: the Qwen2 tokenizer's special tokens, as every Qwen2-VL / Qwen2.5-VL checkpoint numbers them
@@ -95,10 +95,7 @@ class QwenVLAdapter(HFDecoderAdapter):
     """Qwen2-VL; Qwen2.5-VL (below) adds window attention in the vision tower."""
 
     def __init__(self, model):
-        self._decoder = model.model.language_model
-        self._text_config = model.config.text_config
         self._visual = model.model.visual
-        self._rotary_module = sys.modules[type(self._decoder.layers[0].self_attn).__module__]
         self._vision_module = sys.modules[type(self._visual).__module__]
         super().__init__(model)
 
@@ -110,43 +107,6 @@ class QwenVLAdapter(HFDecoderAdapter):
                 "video_token_id": int(self.model.config.video_token_id),
                 "vision_start_token_id": int(self.model.config.vision_start_token_id),
                 "mrope_section": [int(x) for x in self._decoder.rotary_emb.mrope_section]}
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._decoder.layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self._text_config.hidden_size)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._text_config.vocab_size)
-
-    @property
-    def text_model(self):
-        return self._decoder
-
-    def layer(self, index: int) -> LayerParts:
-        layer = self._decoder.layers[index]
-        attention = layer.self_attn
-        return LayerParts(
-            input_norm=layer.input_layernorm,
-            q_proj=attention.q_proj,  # q, k and v carry biases (nn.Linear applies them)
-            k_proj=attention.k_proj,
-            v_proj=attention.v_proj,
-            o_proj=attention.o_proj,
-            post_attention_norm=layer.post_attention_layernorm,
-            mlp=layer.mlp,
-            num_heads=int(attention.num_heads),
-            num_kv_heads=int(attention.num_key_value_heads),
-            head_dim=int(attention.head_dim),
-            attention_scale=float(attention.scaling),
-        )
 
     # --- vision ------------------------------------------------------------------------------------
     def vision_masks(self, layout: dict) -> dict[int, torch.Tensor]:
