@@ -8,6 +8,7 @@ a new family is one new file here and nothing else changes.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from pathlib import Path
 from typing import Callable
@@ -147,8 +148,10 @@ def _load_pretrained(name_or_path: str, dtype):
     try:
         config = AutoConfig.from_pretrained(name_or_path, **options)
     except (OSError, ValueError) as exc:
+        # offline, huggingface_hub retries the connection for tens of seconds: say how to skip that
+        offline = "" if local or os.environ.get("HF_HUB_OFFLINE") else " (on a machine without the hub, HF_HUB_OFFLINE=1 makes this fail at once)"
         raise CapaError(f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}); give a "
-                        f"directory with config.json, a reachable hub id, or one of: {embedded}") from None
+                        f"directory with config.json, a reachable hub id, or one of: {embedded}{offline}") from None
     family = family_for_model_type(config.model_type, name_or_path)
     if local:  # before the weights: a folder without its processor fails in one line, not after minutes
         check_checkpoint_folder(path)
