@@ -795,13 +795,33 @@ def _first_line(exc: BaseException) -> str:
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
+def decode_bounded(source, formats, max_pixels: int, too_large):
+    """An RGB PIL image from a path or file object, decoded only when it is one of formats and its
+    header claims at most max_pixels pixels (too_large(pixels text) -> the CapaError to raise;
+    PIL's own decompression-bomb limits raise the same). Other decoding errors propagate as PIL
+    raises them, for the caller to name its input."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source, formats=list(formats)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise too_large(f"{width} x {height} = {width * height}")
+                image.load()
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_large(f"more than {Image.MAX_IMAGE_PIXELS}") from None
+
+
 def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS, formats=IMAGE_FORMATS):
     """An image file as an RGB PIL image, refused with one line when it is not a readable image of
     one of formats, or when its header claims more than max_pixels pixels (checked before any pixel
     is decoded; PIL's own decompression-bomb limits give the same line)."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -816,16 +836,7 @@ def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS, formats=
                          f"give a smaller image")
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=list(formats)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise too_large(f"{width} x {height} = {width * height}")
-                image.load()
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise too_large(f"more than {Image.MAX_IMAGE_PIXELS}") from None
+        return decode_bounded(path, formats, max_pixels, too_large)
     except CapaError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -6,14 +6,13 @@ input alone)."""
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import CapaError
-from ..folders import MAX_IMAGE_PIXELS
+from ..folders import MAX_IMAGE_PIXELS, decode_bounded
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
@@ -32,16 +31,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
         return CapaError(f"image: {pixels} pixels; at most {max_pixels} are decoded: send a smaller image")
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise too_large(f"{width} x {height} = {width * height}")
-                image.load()
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise too_large(f"more than {Image.MAX_IMAGE_PIXELS}") from None
+        return decode_bounded(io.BytesIO(data), IMAGE_FORMATS, max_pixels, too_large)
     except CapaError:
         raise
     except UnidentifiedImageError:
