@@ -313,10 +313,17 @@ class CapaModel(nn.Module):
         (rows of non-scoring queries zeroed: they add exactly 0 to every variant), values
         [B, H_kv, N, d], W_O. `trim_queries` drops the leading all-zero rows (eager only: the
         exported graph keeps all L rows to stay free of data-dependent shapes)."""
-        first = 0
         if trim_queries:
             rows = query_weight.nonzero()[:, 1]
             first = int(rows.min()) if rows.numel() else probs.shape[2] - 1
+        else:
+            # Traced: the same cut as a data-dependent slice start (the first row any batch element
+            # scores with; padding is on the left, so every scoring row is at or after it). Without
+            # it the graph gathered and scored all L rows, ~13x the ~46 that count at LLaVA sizes.
+            length = probs.shape[2]
+            first = (query_weight.sum(0) > 0).to(torch.int64).argmax().item()
+            torch._check(first >= 0)
+            torch._check(first < length)
         b, h = probs.shape[:2]
         n = visual_slots.shape[1]
         probs = probs[:, :, first:]
