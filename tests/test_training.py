@@ -78,8 +78,8 @@ def test_attention_loss_reads_the_attention_hf_computes(processor):
         out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           pixel_values=batch["pixel_values"], output_attentions=True)
     hook.remove()
-    rows, ends = batch["question_targets"][:, 0], batch["question_targets"][:, 1]
-    reference = out.attentions[layer_index][rows, :2, ends].double()  # (questions, 2 heads, keys)
+    rows, ends, _ = batch["attention_rows"].unbind(1)
+    reference = out.attentions[layer_index][rows, :2, ends].double()  # (reply positions, 2 heads, keys)
     # the loss against a one-hot target at position j is -log p_j: read p back at a few keys
     for position in (0, 5, 300, int(ends.min())):
         target = torch.zeros_like(batch["attention_target"])

@@ -32,14 +32,14 @@ import torch
 from ..data import shapes_vqa
 from ..models.tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, TinyLlavaSpec, tiny_llava_config, tiny_llava_processor
 
-SCRIPT_VERSION = "2"
+SCRIPT_VERSION = "3"
 #: what the card says about the auxiliary losses (the shipped model is a plain LLaVA; the read-out
 #: heads are discarded, but the attention supervision shapes where its layer looks)
 TRAINING_AIDS = ("cross-entropy on answer tokens, plus training-only linear read-outs (per visual token: colour, "
                  "kind, size, centre; at the answer position after `question_probe_layer` layers: what the question "
                  "asks), plus attention supervision: heads 0 and 1 of decoder layer `attention_layer` are trained to "
-                 "look, from each answer position, at the patches of the shape(s) the question names (counts: <s> "
-                 "and each counted shape's centre patch). So that layer attends to the asked-about region by "
+                 "look, from every position that predicts an answer token, at the patches of the shape(s) the "
+                 "question names (counts: <s> and each counted shape's centre patch). So that layer attends to the asked-about region by "
                  "construction; read token-ranking results with that in mind.")
 NUM_VISUAL_TOKENS = (shapes_vqa.IMAGE_SIZE // 14) ** 2
 MAX_ANSWER_TOKENS = 12   # the longest answer (" triangle") is 9 byte tokens, then </s>
@@ -96,9 +96,11 @@ class ConversationEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def encode(self, questions: list[tuple[str, str]], prompt_ends: list[int] | None = None) -> tuple[list[int], list[bool]]:
+    def encode(self, questions: list[tuple[str, str]], prompt_ends: list[int] | None = None,
+               reply_lengths: list[int] | None = None) -> tuple[list[int], list[bool]]:
         """Ids and answer flags; `prompt_ends`, if given, receives the position of each turn's
-        last prompt token (the ':' of 'ASSISTANT:', from which the answer is predicted)."""
+        last prompt token (the ':' of 'ASSISTANT:', from which the answer is predicted), and
+        `reply_lengths` the number of reply tokens (answer bytes and </s>) of each turn."""
         eos = self.tokenizer.eos_token_id
         ids = [self.tokenizer.bos_token_id] + self._ids("USER: ") + [IMAGE_TOKEN_ID] * NUM_VISUAL_TOKENS
         is_answer = [False] * len(ids)
@@ -110,6 +112,8 @@ class ConversationEncoder:
             if prompt_ends is not None:
                 prompt_ends.append(len(ids) - 1)
             ids += reply
+            if reply_lengths is not None:
+                reply_lengths.append(len(reply))
             is_answer += [False] * len(prompt) + [True] * len(reply)
         return ids, is_answer
 
@@ -123,11 +127,16 @@ class ConversationEncoder:
         return self.processor.apply_chat_template(messages)
 
     def batch(self, samples: list[shapes_vqa.VqaSample]) -> dict[str, torch.Tensor]:
-        encoded, question_rows, regions = [], [], []
+        encoded, question_rows, regions, attention_rows = [], [], [], []
         for row, sample in enumerate(samples):
             ends: list[int] = []
-            encoded.append(self.encode([(q.text, q.answer) for q in sample.questions], ends))
+            lengths: list[int] = []
+            encoded.append(self.encode([(q.text, q.answer) for q in sample.questions], ends, lengths))
             question_rows += [(row, end, *question_targets(q)) for q, end in zip(sample.questions, ends)]
+            # every position that predicts a reply token: ':' predicts the space, the space the
+            # first letter (the first token that depends on the image), and so on to </s>
+            attention_rows += [(row, end + i, len(regions) + turn)
+                               for turn, (end, n) in enumerate(zip(ends, lengths)) for i in range(n)]
             owner = torch.from_numpy(shapes_vqa.patch_shape_index(sample.scene)).flatten()
             regions += [attention_targets(sample.scene, q, owner) for q in sample.questions]
         length = max(len(ids) for ids, _ in encoded)
@@ -147,7 +156,8 @@ class ConversationEncoder:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                 "answer_mask": answer_mask, "patch_labels": torch.stack([patch_labels(s.scene) for s in samples]),
                 "question_targets": torch.tensor(question_rows, dtype=torch.long).reshape(-1, 2 + len(QUESTION_ATTRIBUTES)),
-                "attention_target": attention_target}
+                "attention_target": attention_target,
+                "attention_rows": torch.tensor(attention_rows, dtype=torch.long).reshape(-1, 3)}
 
 
 # --- the attention supervision ----------------------------------------------------------------
@@ -174,8 +184,15 @@ def attention_targets(scene: shapes_vqa.Scene, question: shapes_vqa.Question, ow
 
 def attention_loss(layer, captured: dict, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy between `batch["attention_target"]` and the attention probabilities of heads
-    0 and 1 of `layer` at each question's answer position (recomputed from the layer's normalised
+    0 and 1 of `layer` at every position that predicts a token of a question's reply
+    (`batch["attention_rows"]`: row, position, question; recomputed from the layer's normalised
     input, as its attention computes them: rotary queries and keys, causal, scaled).
+
+    Why every reply position, not only the ':' before it: answers are spelled in bytes and begin
+    with a space, so the first token that depends on the image is predicted one position later,
+    and "square"/"star" differ only at their second letter. Supervised at ':' alone (script
+    version 2), the looked-up colour had to be copied forward a position by the last layer, and
+    colour answers stayed at the prior ("yellow") after 500 steps.
 
     Why: without it, 600-step runs stayed at chance on every question type (the decoder did not
     find the region a question names among 576 visual tokens, though the patch and question
@@ -188,21 +205,21 @@ def attention_loss(layer, captured: dict, batch: dict[str, torch.Tensor]) -> tor
     attention = layer.self_attn
     hidden, (cos, sin) = captured["hidden"], captured["position_embeddings"]
     cos, sin = (t.expand(hidden.shape[0], -1, -1) for t in (cos, sin))  # (1, L, d) when positions are shared
-    targets = batch["question_targets"]
-    rows, ends = targets[:, 0], targets[:, 1]
+    rows, ends, question = batch["attention_rows"].unbind(1)
     head_dim = attention.head_dim
     q = attention.q_proj(hidden[rows, ends]).view(len(rows), -1, head_dim)[:, :2]       # (Q, 2, d)
-    k = attention.k_proj(hidden[rows]).view(len(rows), hidden.shape[1], -1, head_dim)   # (Q, L, kv, d)
+    # keys once per sequence (B, L, 2, d), then read by each reply position's row
+    k = attention.k_proj(hidden).view(hidden.shape[0], hidden.shape[1], -1, head_dim)
     groups = attention.num_key_value_groups
     k = k[:, :, [0 // groups, 1 // groups]]                                               # kv heads of heads 0, 1
+    k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
     cos_q, sin_q = cos[rows, ends][:, None], sin[rows, ends][:, None]
     q = q * cos_q + rotate_half(q) * sin_q
-    k = k * cos[rows][:, :, None] + rotate_half(k) * sin[rows][:, :, None]
-    scores = torch.einsum("qhd,qlhd->qhl", q, k).float() * attention.scaling
+    scores = torch.einsum("qhd,qlhd->qhl", q, k[rows]).float() * attention.scaling
     positions = torch.arange(hidden.shape[1])
     scores = scores.masked_fill(positions[None, None, :] > ends[:, None, None], float("-inf"))
     log_p = torch.log_softmax(scores, dim=-1)
-    target = batch["attention_target"]
+    target = batch["attention_target"][question]
     return -(target * log_p.clamp_min(-1e4)).sum(-1).mean()
 
 
