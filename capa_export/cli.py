@@ -407,10 +407,28 @@ def cmd_eval(args) -> int:
         raise CapaError(f"--max-image-pixels {args.max_image_pixels} must be >= 1")
     if args.engine is None and args.model is None:
         raise CapaError("give an engine folder, or --model (e.g. tiny-llava-vqa) to evaluate the CapaModel")
+    if args.sweep:
+        from .evaluate import parse_sweep_keeps, parse_sweep_variants
+
+        if args.engine is not None:
+            raise CapaError("--sweep runs the CapaModel at each setting: give --model, not an engine folder")
+        keeps, variants = parse_sweep_keeps(args.sweep_keeps), parse_sweep_variants(args.sweep_variants)
     if args.data:
         questions, data = folder_questions(args.data, args.max_image_pixels), args.data
     else:
         questions, data = builtin_questions(args.builtin), f"built-in Shapes-VQA test split, {args.builtin} questions"
+    if args.sweep:
+        from .evaluate import format_sweep_table, sweep
+
+        config = _capa_config(args)
+        layer = config.prune[0][0] if config.prune else 2
+        summary = sweep(questions, args.model, layer=layer, keeps=keeps, variants=variants,
+                        with_ffn=not args.sweep_no_ffn, calibration_dir=args.calibrated,
+                        max_new_tokens=args.max_new_tokens, out=args.out, dtype=args.dtype, device=args.device,
+                        progress=not args.no_progress, data=data)
+        print(format_sweep_table(summary))
+        print(f"sweep: {args.out}/sweep.json, plot: {args.out}/sweep.png", file=sys.stderr)
+        return 0
     summary = evaluate(questions, model_name=args.model, engine_dir=args.engine,
                        config=None if args.engine else _capa_config(args), calibration_dir=args.calibrated,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out,
@@ -669,8 +687,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--trust", default=None, metavar="PUBKEY",
                    help="PEM public key: the engine's signature (manifest.sig) must verify with it")
+    from .evaluate import SWEEP_KEEPS, SWEEP_VARIANTS
+
+    p.add_argument("--sweep", action="store_true",
+                   help="accuracy against visual tokens kept after the --prune layer (default 2) for each ranking "
+                        "variant, without and with the FFN approximation (maps from --calibrated, or fitted on "
+                        "Shapes-VQA training images), beside the unpruned model; writes sweep.json and sweep.png")
+    p.add_argument("--sweep-keeps", default=",".join(map(str, SWEEP_KEEPS)), metavar="K,K,...",
+                   help=f"token counts of the sweep (default: {','.join(map(str, SWEEP_KEEPS))})")
+    p.add_argument("--sweep-variants", default=",".join(SWEEP_VARIANTS), metavar="V,V,...",
+                   help=f"rankings of the sweep (default: {','.join(SWEEP_VARIANTS)}; random: a fixed seed)")
+    p.add_argument("--sweep-no-ffn", action="store_true", help="sweep without the FFN-approximation runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", default="out/eval", help="folder for predictions.jsonl and summary.json (default: out/eval)")
+    p.add_argument("--out", default="out/eval",
+                   help="folder for predictions.jsonl and summary.json, or sweep.json and sweep.png (default: out/eval)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign engines with",

@@ -228,3 +228,223 @@ def format_table(summary: dict) -> str:
     for pair, value in summary["agreement"].items():
         lines.append(f"answers agree, {pair}: {value:.1%}")
     return "\n".join(lines)
+
+
+# --- the sweep: accuracy against tokens kept ------------------------------------------------------
+SWEEP_KEEPS = (16, 32, 64, 128, 192, 576)
+SWEEP_VARIANTS = ("contrib", "value_norm", "attention", "random")
+#: how many Shapes-VQA training images fit the FFN maps of the sweep's "with FFN" runs
+SWEEP_CALIBRATION_IMAGES = 8
+
+
+class RandomSelection:
+    """The `random` baseline of the sweep: k visual tokens drawn uniformly, ascending, from a
+    generator seeded once per run (so every run draws the same sequence of subsets)."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, probs, values, o_weight, keep):
+        import torch
+
+        batch, n = probs.shape[0], probs.shape[-1]
+        drawn = torch.stack([torch.randperm(n, generator=self.generator)[:keep] for _ in range(batch)])
+        return drawn.sort(dim=1).values.to(probs.device)
+
+
+def parse_sweep_keeps(text: str) -> tuple[int, ...]:
+    try:
+        keeps = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise CapaError(f"--sweep-keeps {text!r} must be comma-separated token counts, e.g. 16,32,64,128") from None
+    if not keeps or keeps[0] < 1:
+        raise CapaError(f"--sweep-keeps {text!r} must name token counts >= 1")
+    return keeps
+
+
+def parse_sweep_variants(text: str) -> tuple[str, ...]:
+    variants = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [v for v in variants if v not in SWEEP_VARIANTS]
+    if not variants or unknown:
+        raise CapaError(f"--sweep-variants {text!r}: expected a comma-separated subset of {','.join(SWEEP_VARIANTS)}")
+    return variants
+
+
+def sweep(questions: list[LabelledQuestion], model_name: str, *, layer: int = 2, keeps=SWEEP_KEEPS,
+          variants=SWEEP_VARIANTS, with_ffn: bool = True, calibration_dir: str | Path | None = None,
+          seed: int = 0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, out: str | Path | None = None,
+          dtype=None, device=None, progress: bool = True, data: str = "") -> dict:
+    """Exact match against the number of visual tokens kept after `layer`, for each ranking
+    variant, without and (`with_ffn`) with the FFN approximation, beside the unpruned model on the
+    same questions; each run's agreement with the unpruned answers. The FFN maps come from
+    `calibration_dir`, or are fitted now ("auto" layers) on Shapes-VQA training images (not the
+    test split). Writes sweep.json and sweep.png to `out`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .inputs import CalibrationSample
+    from .method.capa_model import apply_capa
+    from .models import adapter_for, load_model
+    from .pipeline import fit_calibration, load_calibration
+
+    if not questions:
+        raise CapaError("no questions to evaluate; give a data folder with at least one line, or --builtin N >= 1")
+    keeps = tuple(sorted(set(keeps)))
+    model, processor = load_model(model_name, dtype, device)
+    adapter = adapter_for(model)
+    CapaConfig(prune=[(layer, keeps[0])]).check_for_model(adapter.num_layers)
+    unpruned_capa = apply_capa(model, CapaConfig(prune=[]))
+    groups = _sweep_groups(unpruned_capa, processor, questions)
+    # the fewest candidates any question's image gives bounds every keep (refused before the runs)
+    fewest = min(unpruned_capa.visual_slots(batch["input_ids"], batch).shape[1] for _, batch, _ in groups)
+    if keeps[-1] > fewest:
+        raise CapaError(f"--sweep-keeps {keeps[-1]} is above the {fewest} visual tokens "
+                        f"{'an image' if len(questions) == 1 else 'the smallest image'} of this set gives "
+                        f"{model_name}; keep at most {fewest}")
+    ffn_layers, approx, ffn_note = [], None, None
+    if with_ffn:
+        if calibration_dir is not None:
+            calibrated, approx = load_calibration(model, calibration_dir)
+        else:
+            samples = [CalibrationSample(s.image, s.questions[0].text, f"shapes-vqa:train:{s.index}")
+                       for s in shapes_vqa.make_split("train", SWEEP_CALIBRATION_IMAGES, seed)]
+            calibrated, approx = fit_calibration(model, processor, CapaConfig(prune=[], ffn_layers="auto"), samples,
+                                                 progress=False)
+        ffn_layers = list(calibrated.ffn_layers)
+        if not ffn_layers:
+            approx, ffn_note = None, "no layer's FFN fit was below the threshold: no 'with FFN' runs"
+    runs = [("unpruned", None, None, False)]
+    for ffn in ([False, True] if ffn_layers else [False]):
+        runs += [(variant, keep, variant, ffn) for variant in variants for keep in keeps]
+    results, answers_of = [], {}
+    bar = tqdm(total=len(runs) * len(questions), desc="sweep", unit="answer", disable=not progress)
+    for name, keep, variant, ffn in runs:
+        config = CapaConfig(prune=[] if keep is None else [(layer, keep)],
+                            variant="contrib" if variant in (None, "random") else variant,
+                            ffn_layers=ffn_layers if ffn else [])
+        capa = apply_capa(model, config, approx if ffn else None)
+        if variant == "random":
+            capa.select_tokens = RandomSelection(seed)
+        start = time.perf_counter()
+        bar.set_postfix_str(f"{name} keep {keep if keep is not None else 'all'}{' +FFN' if ffn else ''}")
+        answers = [""] * len(questions)
+        for indices, batch, features in groups:
+            with torch.inference_mode():
+                tokens, _ = capa.generate(**batch, image_features=features, max_new_tokens=max_new_tokens,
+                                          eos_token_id=processor.tokenizer.eos_token_id)
+            for i, row in zip(indices, tokens.tolist()):
+                answers[i] = _text_before_eos(processor.tokenizer, row)
+            bar.update(len(indices))
+        answers_of[(name, keep, ffn)] = answers
+        scored = score(questions, answers)
+        results.append({"variant": name, "keep": keep, "ffn": ffn, "exact_match": scored["exact_match"],
+                        "correct": scored["correct"], "per_type": scored["per_type"],
+                        "agreement_with_unpruned": agreement(answers, answers_of[("unpruned", None, False)]),
+                        "seconds": round(time.perf_counter() - start, 2)})
+    bar.close()
+    summary = {
+        "data": data, "questions": len(questions), "model": model_name, "layer": layer, "keeps": list(keeps),
+        "variants": list(variants), "visual_tokens": fewest, "ffn_layers": ffn_layers, "ffn_note": ffn_note,
+        "random_seed": seed, "max_new_tokens": max_new_tokens, "runs": results,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if out is not None:
+        from .folders import atomic_write_json
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "sweep.json", summary)
+        plot_sweep(summary, out / "sweep.png")
+    return summary
+
+
+def _sweep_groups(capa, processor, questions: list[LabelledQuestion], batch_size: int = 16):
+    """The questions in batches of prompts of one length (so no padding enters a forward pass,
+    and each answer is the one the question gets alone), with their image features computed once
+    for every run of the sweep: [(question indices, model inputs, packed image features)]."""
+    import torch
+
+    family = capa.family
+    encoded = [family.encode(processor, [q.image], [q.question]) for q in questions]
+    order = sorted(range(len(questions)), key=lambda i: (encoded[i]["input_ids"].shape[1], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and \
+                encoded[groups[-1][0]]["input_ids"].shape[1] == encoded[i]["input_ids"].shape[1]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    device = capa.adapter.lm_head.weight.device
+    result = []
+    for indices in groups:
+        batch = family.encode(processor, [questions[i].image for i in indices], [questions[i].question for i in indices])
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        with torch.inference_mode():
+            features = family.pack_image_features(capa.adapter.image_features(**capa.vision_inputs(batch)), batch)
+        result.append((indices, batch, features))
+    return result
+
+
+def format_sweep_table(summary: dict) -> str:
+    """Exact match per variant (rows; '+FFN' with the FFN approximation) and tokens kept (columns),
+    then the same table's agreement with the unpruned answers."""
+    keeps = summary["keeps"]
+    unpruned = next(r for r in summary["runs"] if r["variant"] == "unpruned")
+    rows = {}
+    for run in summary["runs"]:
+        if run["variant"] != "unpruned":
+            rows.setdefault(run["variant"] + (" +FFN" if run["ffn"] else ""), {})[run["keep"]] = run
+    lines = [f"{summary['questions']} questions ({summary['data']}), {summary['model']}, pruned after layer "
+             f"{summary['layer']} (of {summary['visual_tokens']} visual tokens); unpruned: "
+             f"{unpruned['exact_match']:.1%}"]
+    if summary["ffn_layers"]:
+        lines[0] += f"; +FFN: affine FFN on visual rows in layers {summary['ffn_layers']}"
+    for title, key in (("exact match", "exact_match"), ("agreement with unpruned", "agreement_with_unpruned")):
+        header = f"{title + ' / kept':<24}" + "".join(f"{k:>8}" for k in keeps)
+        lines += ["", header, "-" * len(header)]
+        for name, by_keep in rows.items():
+            lines.append(f"{name:<24}" + "".join(f"{by_keep[k][key]:>8.1%}" if k in by_keep else f"{'-':>8}"
+                                                 for k in keeps))
+    if summary.get("ffn_note"):
+        lines.append(summary["ffn_note"])
+    return "\n".join(lines)
+
+
+def plot_sweep(summary: dict, path: Path) -> None:
+    """Accuracy against tokens kept, one line per variant (dashed: with the FFN approximation),
+    the unpruned accuracy as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .folders import atomic_write_bytes
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    colours = dict(zip(SWEEP_VARIANTS, ("tab:red", "tab:blue", "tab:green", "tab:grey")))
+    for variant in summary["variants"]:
+        for ffn in (False, True):
+            runs = sorted((r for r in summary["runs"] if r["variant"] == variant and r["ffn"] == ffn),
+                          key=lambda r: r["keep"])
+            if runs:
+                axes.plot([r["keep"] for r in runs], [100 * r["exact_match"] for r in runs], marker="o",
+                          linestyle="--" if ffn else "-", color=colours.get(variant),
+                          label=variant + (" + FFN approx." if ffn else ""))
+    unpruned = next(r for r in summary["runs"] if r["variant"] == "unpruned")
+    axes.axhline(100 * unpruned["exact_match"], color="black", linewidth=1, label="unpruned")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(summary["keeps"], [str(k) for k in summary["keeps"]])
+    axes.set_xlabel(f"visual tokens kept after layer {summary['layer']} (of {summary['visual_tokens']})")
+    axes.set_ylabel("exact match (%)")
+    axes.set_title(f"{summary['model']}: {summary['questions']} questions, {summary['data']}", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())

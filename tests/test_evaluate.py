@@ -12,7 +12,8 @@ from capa_export.cli import main
 from capa_export.config import CapaConfig
 from capa_export.data import shapes_vqa
 from capa_export.data.shapes_vqa import normalize_answer
-from capa_export.evaluate import builtin_questions, evaluate, folder_questions
+from capa_export.evaluate import RandomSelection, builtin_questions, evaluate, folder_questions, model_answers, sweep
+from capa_export.method.capa_model import apply_capa
 from capa_export.models import load_model
 from capa_export.models.tiny import PAD_TOKEN_ID
 
@@ -111,7 +112,47 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert summary["questions"] == 2 and set(summary["runs"]) == {"capa", "unpruned"}
 
 
+def test_random_selection_draws_distinct_ascending_tokens_from_its_seed():
+    probs = torch.zeros(3, 2, 4, 50)
+    first, again = RandomSelection(7)(probs, None, None, 12), RandomSelection(7)(probs, None, None, 12)
+    assert torch.equal(first, again) and first.shape == (3, 12)
+    for row in first:
+        assert row.tolist() == sorted(set(row.tolist())) and 0 <= int(row.min()) and int(row.max()) < 50
+    assert not torch.equal(first, RandomSelection(8)(probs, None, None, 12))
+
+
+def test_sweep_runs_are_the_models_answers_alone(trained, tmp_path):
+    """Each sweep run (questions batched by prompt length, image features computed once) answers as
+    `model_answers` does one question at a time from the raw inputs; keeping every token is the
+    unpruned model; the scores count the answers; the plot is a PNG."""
+    model, processor = trained
+    questions = builtin_questions(5)
+    summary = sweep(questions, MODEL, keeps=(16, 576), variants=("contrib", "attention", "random"), with_ffn=False,
+                    max_new_tokens=MAX_NEW_TOKENS, out=tmp_path, progress=False)
+    runs = {(r["variant"], r["keep"], r["ffn"]): r for r in summary["runs"]}
+    assert set(runs) == {("unpruned", None, False)} | {(v, k, False) for v in ("contrib", "attention", "random")
+                                                        for k in (16, 576)}
+    unpruned = hf_greedy_answers(model, processor, questions)
+    for variant in ("contrib", "attention"):
+        alone = model_answers(apply_capa(model, CapaConfig(prune=[(2, 16)], variant=variant)), processor, questions,
+                              MAX_NEW_TOKENS, progress=False)
+        correct = sum(normalize_answer(a) == normalize_answer(q.answer) for a, q in zip(alone, questions))
+        assert runs[(variant, 16, False)]["correct"] == correct
+        same = sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(alone, unpruned)) / len(questions)
+        assert runs[(variant, 16, False)]["agreement_with_unpruned"] == same
+        assert runs[(variant, 576, False)]["agreement_with_unpruned"] == 1.0
+    hf_correct = sum(normalize_answer(a) == normalize_answer(q.answer) for a, q in zip(unpruned, questions))
+    assert runs[("unpruned", None, False)]["correct"] == hf_correct
+    assert json.loads((tmp_path / "sweep.json").read_text())["keeps"] == [16, 576]
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--model", MODEL, "--sweep", "--sweep-keeps", "64,600"], "--sweep-keeps 600 is above the 576 visual tokens"),
+    (["--model", MODEL, "--sweep", "--sweep-keeps", "0,16"], "must name token counts >= 1"),
+    (["--model", MODEL, "--sweep", "--sweep-keeps", "a"], "must be comma-separated token counts"),
+    (["--model", MODEL, "--sweep", "--sweep-variants", "contrib,bogus"], "expected a comma-separated subset"),
+    (["{tmp}", "--sweep"], "--sweep runs the CapaModel at each setting: give --model"),
     (["--model", MODEL, "--data", "{tmp}/missing"], "does not exist"),
     (["--model", MODEL, "--data", "{tmp}"], "has no data.jsonl"),
     (["--model", MODEL, "--builtin", "0"], "--builtin 0 must be >= 1"),
