@@ -396,7 +396,7 @@ def format_sweep_table(summary: dict) -> str:
     for run in summary["runs"]:
         if run["variant"] != "unpruned":
             rows.setdefault(run["variant"] + (" +FFN" if run["ffn"] else ""), {})[run["keep"]] = run
-    lines = [f"{summary['questions']} questions ({summary['data']}), {summary['model']}, pruned after layer "
+    lines = [f"{summary['data'] or str(summary['questions']) + ' questions'}: {summary['model']}, pruned after layer "
              f"{summary['layer']} (of {summary['visual_tokens']} visual tokens); unpruned: "
              f"{unpruned['exact_match']:.1%}"]
     if summary["ffn_layers"]:
@@ -438,7 +438,7 @@ def plot_sweep(summary: dict, path: Path) -> None:
     axes.set_xticks(summary["keeps"], [str(k) for k in summary["keeps"]])
     axes.set_xlabel(f"visual tokens kept after layer {summary['layer']} (of {summary['visual_tokens']})")
     axes.set_ylabel("exact match (%)")
-    axes.set_title(f"{summary['model']}: {summary['questions']} questions, {summary['data']}", fontsize=9)
+    axes.set_title(f"{summary['model']}: {summary['data'] or str(summary['questions']) + ' questions'}", fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
