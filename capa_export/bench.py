@@ -837,7 +837,7 @@ def format_markdown(report: dict) -> str:
     targets, build memory, checks, and the CAPA engines' prefill profile."""
     s, m, v = report["settings"], report["machine"], report["versions"]
     floors = report["floors"]
-    quiet = is_quiet(m)
+    quiet = is_quiet(m, s.get("threads"))
     out = [f"### {s['size']}, {s['dtype']}, batch {s['batch']}: {report['date'][:10]} on {m['cpu']} "
            f"({m['cores']} cores, {s['threads']} threads)", ""]
     if s["smoke"]:
@@ -902,10 +902,14 @@ def format_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def is_quiet(machine_info: dict) -> bool:
-    """A run counts as a result only when the 1-minute load average stayed below half the cores."""
-    load = max(machine_info["load_average_before"][0], machine_info["load_average_after"][0])
-    return load < 0.5 * (machine_info["cores"] or 1)
+def is_quiet(machine_info: dict, threads: int | None = None) -> bool:
+    """A run counts as a result only when nothing else ran: the 1-minute load average below half
+    the cores when it started, and when it ended no more than the run's own threads (+ 0.5): the
+    last peer's threads are still in the 1-minute average then, so the load after a quiet run is
+    about `threads`, not 0."""
+    cores = machine_info["cores"] or 1
+    own = threads if threads is not None else cores
+    return machine_info["load_average_before"][0] < 0.5 * cores and machine_info["load_average_after"][0] <= own + 0.5
 
 
 def _load(load) -> str:
@@ -942,7 +946,7 @@ def plot(report: dict, path: Path) -> Path:
             ax.invert_yaxis()
     s = report["settings"]
     fig.suptitle(f"capa-export bench: {s['size']} {s['dtype']} batch {s['batch']}, {report['machine']['cpu']}, "
-                 f"{report['date'][:10]}" + ("" if is_quiet(report["machine"]) else
+                 f"{report['date'][:10]}" + ("" if is_quiet(report["machine"], report["settings"].get("threads")) else
                                               " (shared, loaded machine: a development run)"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -310,3 +310,17 @@ def test_genai_peer_is_not_charged_with_torch():
             f"print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_run_is_quiet_when_nothing_else_ran():
+    """The load before the run says whether other work ran; the load after it still holds the
+    run's own threads (a quiet 2-thread run ends near 2), so only more than that marks it loaded."""
+    from capa_export.bench import is_quiet
+
+    def info(before, after):
+        return {"cores": 2, "load_average_before": [before, 0, 0], "load_average_after": [after, 0, 0]}
+
+    assert is_quiet(info(0.35, 1.7), threads=2)
+    assert not is_quiet(info(9.49, 11.97), threads=2)   # the 2026-11-24 run: other sessions' work
+    assert not is_quiet(info(0.3, 4.0), threads=2)      # something started during the run
+    assert not is_quiet(info(0.3, 1.7), threads=1)      # a 1-thread run cannot raise the load to 1.7
