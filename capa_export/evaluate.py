@@ -315,20 +315,20 @@ def sweep(questions: list[LabelledQuestion], model_name: str, *, layer: int = 2,
         ffn_layers = list(calibrated.ffn_layers)
         if not ffn_layers:
             approx, ffn_note = None, "no layer's FFN fit was below the threshold: no 'with FFN' runs"
-    runs = [("unpruned", None, None, False)]
+    runs = [("unpruned", None, False)]
     for ffn in ([False, True] if ffn_layers else [False]):
-        runs += [(variant, keep, variant, ffn) for variant in variants for keep in keeps]
-    results, answers_of = [], {}
+        runs += [(variant, keep, ffn) for variant in variants for keep in keeps]
+    results, unpruned_answers = [], None
     bar = tqdm(total=len(runs) * len(questions), desc="sweep", unit="answer", disable=not progress)
-    for name, keep, variant, ffn in runs:
+    for variant, keep, ffn in runs:
         config = CapaConfig(prune=[] if keep is None else [(layer, keep)],
-                            variant="contrib" if variant in (None, "random") else variant,
+                            variant=variant if variant in ("value_norm", "attention") else "contrib",
                             ffn_layers=ffn_layers if ffn else [])
         capa = apply_capa(model, config, approx if ffn else None)
         if variant == "random":
             capa.select_tokens = RandomSelection(seed)
         start = time.perf_counter()
-        bar.set_postfix_str(f"{name} keep {keep if keep is not None else 'all'}{' +FFN' if ffn else ''}")
+        bar.set_postfix_str(f"{variant} keep {keep if keep is not None else 'all'}{' +FFN' if ffn else ''}")
         answers = [""] * len(questions)
         for indices, batch, features in groups:
             with torch.inference_mode():
@@ -337,11 +337,12 @@ def sweep(questions: list[LabelledQuestion], model_name: str, *, layer: int = 2,
             for i, row in zip(indices, tokens.tolist()):
                 answers[i] = _text_before_eos(processor.tokenizer, row)
             bar.update(len(indices))
-        answers_of[(name, keep, ffn)] = answers
+        if unpruned_answers is None:  # the first run is the unpruned one
+            unpruned_answers = answers
         scored = score(questions, answers)
-        results.append({"variant": name, "keep": keep, "ffn": ffn, "exact_match": scored["exact_match"],
+        results.append({"variant": variant, "keep": keep, "ffn": ffn, "exact_match": scored["exact_match"],
                         "correct": scored["correct"], "per_type": scored["per_type"],
-                        "agreement_with_unpruned": agreement(answers, answers_of[("unpruned", None, False)]),
+                        "agreement_with_unpruned": agreement(answers, unpruned_answers),
                         "seconds": round(time.perf_counter() - start, 2)})
     bar.close()
     summary = {

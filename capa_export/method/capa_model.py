@@ -311,19 +311,18 @@ class CapaModel(nn.Module):
     def _scoring_inputs(self, index, probs, values, visual_slots, query_weight, trim_queries: bool):
         """What the scoring layer already computed, cut to the visual keys: probs [B, H, Q, N]
         (rows of non-scoring queries zeroed: they add exactly 0 to every variant), values
-        [B, H_kv, N, d], W_O. `trim_queries` drops the leading all-zero rows (eager only: the
-        exported graph keeps all L rows to stay free of data-dependent shapes)."""
+        [B, H_kv, N, d], W_O. The leading rows no batch element scores with are cut first (padding
+        is on the left, so every scoring row is at or after the first one): without the cut the
+        exported graph gathered and scored all L rows, ~13x the ~46 that count at LLaVA sizes.
+        `trim_queries` (eager) reads the cut as a Python int; traced, it is a data-dependent
+        slice start (`.item()` with its bounds checked for torch.export)."""
         if trim_queries:
             rows = query_weight.nonzero()[:, 1]
             first = int(rows.min()) if rows.numel() else probs.shape[2] - 1
         else:
-            # Traced: the same cut as a data-dependent slice start (the first row any batch element
-            # scores with; padding is on the left, so every scoring row is at or after it). Without
-            # it the graph gathered and scored all L rows, ~13x the ~46 that count at LLaVA sizes.
-            length = probs.shape[2]
             first = (query_weight.sum(0) > 0).to(torch.int64).argmax().item()
             torch._check(first >= 0)
-            torch._check(first < length)
+            torch._check(first < probs.shape[2])
         b, h = probs.shape[:2]
         n = visual_slots.shape[1]
         probs = probs[:, :, first:]

@@ -39,8 +39,8 @@ TRAINING_AIDS = ("cross-entropy on answer tokens, plus training-only linear read
                  "kind, size, centre; at the answer position after `question_probe_layer` layers: what the question "
                  "asks), plus attention supervision: heads 0 and 1 of decoder layer `attention_layer` are trained to "
                  "look, from every position that predicts an answer token, at the patches of the shape(s) the "
-                 "question names (counts: <s> and each counted shape's centre patch). So that layer attends to the asked-about region by "
-                 "construction; read token-ranking results with that in mind.")
+                 "question names (counts: <s> and each counted shape's centre patch). So that layer attends to the "
+                 "asked-about region by construction; read token-ranking results with that in mind.")
 NUM_VISUAL_TOKENS = (shapes_vqa.IMAGE_SIZE // 14) ** 2
 MAX_ANSWER_TOKENS = 12   # the longest answer (" triangle") is 9 byte tokens, then </s>
 
