@@ -212,3 +212,27 @@ def test_batch_of_two_images_with_left_padding_matches_rows_run_alone(tiny, tiny
         single = capa(**capa.family.encode(processor, [image], [question]), last_logits_only=True)
         assert out.keep_indices[row].tolist() == single.keep_indices[0].tolist()
         torch.testing.assert_close(out.logits[row, -1], single.logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_scoring_rows_equal_the_rows_of_the_full_softmax_in_float64(kv_heads):
+    """The exported scoring layer recomputes only the rows it scores with (ScoringRows); they must be
+    the rows of the layer's full attention probabilities, here computed in float64 by hand with
+    the keys repeated per query head (grouped-query) and a causal + left-padding mask."""
+    from capa_export.method.capa_model import ScoringRows, additive_mask
+
+    torch.manual_seed(0)
+    batch, heads, length, dim, first = 2, 4, 9, 8, 5
+    q = torch.randn(batch, heads, length, dim)
+    k = torch.randn(batch, kv_heads, length, dim)
+    padding = torch.ones(batch, length, dtype=torch.long)
+    padding[1, :2] = 0
+    mask = additive_mask(padding, length, torch.float32)
+    scale = dim ** -0.5
+    k64 = k.double().repeat_interleave(heads // kv_heads, dim=1)
+    logits = (q.double() @ k64.transpose(-1, -2)) * scale
+    allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None] & padding.bool()[:, None, None, :]
+    expected = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)[:, :, first:]
+    rows = ScoringRows(q, k, mask, scale).rows(first)
+    assert rows.shape == (batch, heads, length - first, length)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)

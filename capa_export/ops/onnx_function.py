@@ -12,11 +12,13 @@ standard ops:
 - TensorRT without the plugin imports the body.
 
 The body is the variant the graph was exported with (the node's `variant` attribute names it for the
-plugin; `check_node` verifies they agree). It reads the weights in the graph's dtype (no fp32 copy of
-W_O) and accumulates the Gram form in fp32:
+plugin; `check_node` verifies they agree). It computes in fp32 whatever the graph's dtype (the one
+fp32 constant it adds, W_O^T W_O, is [H*d, H*d]: 4 MiB at H*d = 1024, 64 MiB at 4096):
 
-    contrib     U = v W_O per head [B, H, N, D] -> fp32; G = U U^T per key [B, N, H, H];
-                c_ij^2 = a_ij^T G_j a_ij; scores = sum_i sqrt(max(c_ij^2, 0))
+    contrib     G_j[h, h'] = v_j^h (W_O^h W_O^h'^T) v_j^h'^T per key [B, N, H, H], from the constant
+                M = W_O^T W_O [H*d, H*d] (fp32; runtimes fold it at build): Y = v M per head
+                [B, H, N, H*d], G = sum over d of Y * v; c_ij^2 = a_ij^T G_j a_ij;
+                scores = sum_i sqrt(max(c_ij^2, 0))
     value_norm  scores = sum_{h,i} a_ij^h ||v_j^h||
     attention   scores = sum_{h,i} a_ij^h
     then TopK(k) (ties to the lower index, as ONNX specifies), the kept indices sorted ascending
@@ -26,8 +28,14 @@ k is the node's fourth input (int64 [1]): a constant for a count keep (the `k` a
 the same count, a build-time constant for the plugin), computed from N inside the graph for a
 keep fraction (the attribute is then 0 and the plugin reads k as a TensorRT shape input).
 
-Limits of the body (not of the plugin): TopK's k <= 3840 on TensorRT; the U intermediate is
-B*H*N*D elements.
+Why the constant-M form of the Gram product: the per-head product U = v W_O is [B, H, N, D] and
+its per-key Gram needs it as [B, N, H, D] and [B, N, D, H], two transposes of the largest tensor of
+the body (measured with ONNX Runtime 1.32 on 2 cores, 2026-11-25: the body took 56 ms at N=576 and
+228 ms at N=2880 with them, 34 / 140 ms in this form; Einsum was slower still). Here the large
+intermediate Y is reduced where it lies and only the small G [B, H, N, H] is transposed.
+
+Limits of the body (not of the plugin): TopK's k <= 3840 on TensorRT; the Y intermediate is
+B*H*N*H*d elements.
 """
 
 from __future__ import annotations
@@ -95,13 +103,17 @@ def _scores(body: _Body, variant: str) -> str:
         norms = body("Sqrt", [body("ReduceSum", [body("Mul", [v32, v32]), body.const([-1])], keepdims=0)])
         weighted = body("Mul", [probs32, body("Unsqueeze", [norms, body.const([2])])])
         return body("ReduceSum", [weighted, body.const([1, 2])], keepdims=0)
-    # W_O^h = o_weight[:, h*d:(h+1)*d]^T: o_weight [D, H*d] -> [D, H, d] -> [H, d, D]
-    out_dim, head_dim = body.dim("o_weight", 0), body.dim("values", 3)
-    w_heads = body("Transpose", [body("Reshape", ["o_weight", body("Concat", [out_dim, heads, head_dim], axis=0)])],
-                   perm=[1, 2, 0])
-    u = body("Cast", [body("MatMul", [values, w_heads])], to=TensorProto.FLOAT)  # [B, H, N, D]
-    u_keys = body("Transpose", [u], perm=[0, 2, 1, 3])  # [B, N, H, D]
-    gram = body("MatMul", [u_keys, body("Transpose", [u_keys], perm=[0, 1, 3, 2])])  # [B, N, H, H]
+    # M = W_O^T W_O, rows grouped by head: M_rows[h] = W_O^h^T W_O [d, H*d] (constant: folded at build)
+    head_dim = body.dim("values", 3)
+    w32 = body("Cast", ["o_weight"], to=TensorProto.FLOAT)  # [D, H*d]
+    m = body("MatMul", [body("Transpose", [w32], perm=[1, 0]), w32])  # [H*d, H*d]
+    m_rows = body("Reshape", [m, body("Concat", [heads, head_dim, body.const([-1])], axis=0)])  # [H, d, H*d]
+    v32 = body("Cast", [values], to=TensorProto.FLOAT)  # [B, H, N, d]
+    y = body("MatMul", [v32, m_rows])  # [B, H, N, H*d]: y[h, j, (h', e)] = v_j^h M_hh'[:, e]
+    y_heads = body("Reshape", [y, body("Concat", [body.const([0, 0, 0]), heads, head_dim], axis=0)])  # [B, H, N, H', d]
+    v_keys = body("Unsqueeze", [body("Transpose", [v32], perm=[0, 2, 1, 3]), body.const([1])])  # [B, 1, N, H', d]
+    gram_heads = body("ReduceSum", [body("Mul", [y_heads, v_keys]), body.const([-1])], keepdims=0)  # [B, H, N, H']
+    gram = body("Transpose", [gram_heads], perm=[0, 2, 1, 3])  # [B, N, H, H']
     a_keys = body("Transpose", [probs32], perm=[0, 3, 2, 1])  # [B, N, Q, H]
     quad = body("ReduceSum", [body("Mul", [body("MatMul", [a_keys, gram]), a_keys]), body.const([-1])], keepdims=0)
     zero = body("Constant", [], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]))
