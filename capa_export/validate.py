@@ -5,12 +5,17 @@
    token selection) on the same feeds, and compares every output within the dtype's tolerance.
 2. End to end: greedy generation with the engine vs the CapaModel: token agreement (must be 100%
    in fp32), and, for information, agreement with the unpruned model.
+
+The PyTorch side runs first (`reference_results`), then the model is given back, then the engine's
+graphs run one session at a time: the fp32 model and the engine's sessions are never in memory
+together (they were, and a build peaked at 3x the weight bytes; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,14 +66,7 @@ class EngineGraphRunner(BaseRunner):
         self.graph, self.dtype = graph, dtype
 
     def get_input_metadata_impl(self):
-        from polygraphy.datatype import DataType
-
-        metadata = TensorMetadata()
-        for tensor in self.graph.spec.inputs:
-            array = to_feed_array(tensor, torch.zeros(0), self.dtype)  # the numpy type this runner takes
-            metadata.add(tensor.name, DataType.from_dtype(array.dtype),
-                         [d if isinstance(d, int) else d.name for d in tensor.shape])
-        return metadata
+        return input_metadata(self.graph.spec, self.dtype)
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
@@ -87,58 +85,106 @@ class EngineGraphRunner(BaseRunner):
         pass
 
 
+def input_metadata(spec: GraphSpec, dtype: str) -> TensorMetadata:
+    """Polygraphy's description of a graph's inputs in the numpy types an engine of `dtype` takes."""
+    from polygraphy.datatype import DataType
+
+    metadata = TensorMetadata()
+    for tensor in spec.inputs:
+        array = to_feed_array(tensor, torch.zeros(0), dtype)
+        metadata.add(tensor.name, DataType.from_dtype(array.dtype), [d if isinstance(d, int) else d.name for d in tensor.shape])
+    return metadata
+
+
 def to_feed(spec: GraphSpec, values: dict, dtype: str) -> dict:
     """Tensors keyed by input name -> numpy arrays of the types the engine's graph takes."""
     return {tensor.name: to_feed_array(tensor, values[tensor.name], dtype) for tensor in spec.inputs}
 
 
-def compare_graphs(engine_runners: dict, capa: CapaModel, batches: list[dict], dtype: str,
-                   contract: GraphContract) -> dict:
+@dataclass
+class Reference:
+    """What validation compares an engine with, computed by the PyTorch CapaModel alone: each
+    graph's feeds and outputs (Polygraphy RunResults), and per batch the reference's and the
+    unpruned model's greedy tokens and the kept visual tokens."""
+    dtype: str
+    feeds: dict       # graph -> [feed dict per batch]
+    results: dict     # graph -> RunResults of the reference runner
+    tokens: list      # per batch: {"reference", "unpruned", "keep"} numpy arrays
+
+
+@torch.no_grad()
+def reference_results(capa: CapaModel, unpruned: CapaModel | None, batches: list[dict], dtype: str,
+                      contract: GraphContract, graphs, max_new_tokens: int = 0) -> Reference:
+    """Run the PyTorch side of a validation: the reference graph modules on every graph's feeds,
+    and (given `unpruned`) greedy generation of max_new_tokens by both models."""
     from polygraphy.comparator import Comparator
-    from polygraphy.comparator.compare import SimpleCompareFunc
+
     from .logs import polygraphy_verdicts_hidden
 
-    rtol, atol = TOLERANCES[dtype]
     modules = graph_modules(capa, "reference")
     values = [graph_inputs(capa, b) for b in batches]
-    report = {}
-    for graph, runner in engine_runners.items():
-        with runner:
-            metadata = runner.get_input_metadata(use_numpy_dtypes=False)
+    feeds, results = {}, {}
+    for graph in graphs:
         spec = contract[graph]
-        reference = CapaModelRunner(spec, modules[graph], metadata)
-        with polygraphy_verdicts_hidden():  # its verdicts use its default tolerances; ours are in the report
-            results = Comparator.run([runner, reference],
-                                     data_loader=[to_feed(spec, v[graph], dtype) for v in values])
-            with np.errstate(all="ignore"):  # relative errors of exact zeros
-                accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(check_error_stat="max"))
-        reference_outputs = results[1][1]
-        outputs = {}
-        for iteration, per_output in enumerate(next(iter(accuracy[0].values()))):
-            for name, stats in per_output.items():
-                # |engine - reference| <= atol + rtol * max|reference| over the whole output: a
-                # relative tolerance on the output's scale (element-wise relative errors of
-                # near-zero elements say nothing about fp16 accuracy); kept indices must be exact.
-                scale = float(np.abs(np.asarray(reference_outputs[iteration][name], dtype=np.float64)).max(initial=0.0))
-                r, a = (0.0, 0.0) if name == "keep_indices" else (rtol, atol)
-                entry = outputs.setdefault(name, {"passed": True, "max_abs": 0.0, "normalised": 0.0, "mean_abs": 0.0,
-                                                  "tolerance": {"rtol": r, "atol": a}})
-                max_abs = float(stats.max_absdiff)
-                entry["passed"] &= max_abs <= a + r * scale
-                entry["max_abs"] = max(entry["max_abs"], max_abs)
-                entry["normalised"] = max(entry["normalised"], max_abs / scale if scale else 0.0)
-                entry["mean_abs"] = max(entry["mean_abs"], float(stats.mean_absdiff))
-        report[graph] = {"passed": all(o["passed"] for o in outputs.values()), "outputs": outputs}
-    return report
+        feeds[graph] = [to_feed(spec, v[graph], dtype) for v in values]
+        runner = CapaModelRunner(spec, modules[graph], input_metadata(spec, dtype))
+        with polygraphy_verdicts_hidden():
+            results[graph] = Comparator.run([runner], data_loader=feeds[graph])
+    tokens = []
+    if unpruned is not None:
+        for batch in batches:
+            reference, prefill = capa.generate(**batch, max_new_tokens=max_new_tokens)
+            plain, _ = unpruned.generate(**batch, max_new_tokens=max_new_tokens)
+            tokens.append({"reference": reference.numpy(), "unpruned": plain.numpy(),
+                           "keep": prefill.keep_indices.numpy()})
+    return Reference(dtype, feeds, results, tokens)
 
 
-def token_agreement(engine, capa: CapaModel, unpruned: CapaModel, batch: dict, max_new_tokens: int) -> dict:
-    tokens, keep, timings = engine.generate_ids(batch, max_new_tokens)
-    reference, prefill = capa.generate(**batch, max_new_tokens=max_new_tokens)
-    plain, _ = unpruned.generate(**batch, max_new_tokens=max_new_tokens)
-    reference, plain = reference.numpy(), plain.numpy()
+def compare_graph(runner, reference: Reference, graph: str) -> dict:
+    """One engine graph's outputs against the reference's, within the dtype's tolerance."""
+    from polygraphy.comparator import Comparator, RunResults
+    from polygraphy.comparator.compare import SimpleCompareFunc
+
+    from .logs import polygraphy_verdicts_hidden
+
+    rtol, atol = TOLERANCES[reference.dtype]
+    with polygraphy_verdicts_hidden():  # its verdicts use its default tolerances; ours are in the report
+        engine_results = Comparator.run([runner], data_loader=reference.feeds[graph])
+        results = RunResults([*engine_results.items(), *reference.results[graph].items()])  # names may repeat
+        with np.errstate(all="ignore"):  # relative errors of exact zeros
+            accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(check_error_stat="max"))
+    reference_outputs = next(iter(reference.results[graph].values()))
+    outputs = {}
+    for iteration, per_output in enumerate(next(iter(accuracy[0].values()))):
+        for name, stats in per_output.items():
+            # |engine - reference| <= atol + rtol * max|reference| over the whole output: a
+            # relative tolerance on the output's scale (element-wise relative errors of
+            # near-zero elements say nothing about fp16 accuracy); kept indices must be exact.
+            scale = float(np.abs(np.asarray(reference_outputs[iteration][name], dtype=np.float64)).max(initial=0.0))
+            r, a = (0.0, 0.0) if name == "keep_indices" else (rtol, atol)
+            entry = outputs.setdefault(name, {"passed": True, "max_abs": 0.0, "normalised": 0.0, "mean_abs": 0.0,
+                                              "tolerance": {"rtol": r, "atol": a}})
+            max_abs = float(stats.max_absdiff)
+            entry["passed"] &= max_abs <= a + r * scale
+            entry["max_abs"] = max(entry["max_abs"], max_abs)
+            entry["normalised"] = max(entry["normalised"], max_abs / scale if scale else 0.0)
+            entry["mean_abs"] = max(entry["mean_abs"], float(stats.mean_absdiff))
+    return {"passed": all(o["passed"] for o in outputs.values()), "outputs": outputs}
+
+
+def compare_graphs(engine_runners: dict, capa: CapaModel, batches: list[dict], dtype: str,
+                   contract: GraphContract) -> dict:
+    """Every runner's graph against the reference (both in memory: for tests and small models;
+    `pipeline.validate_engine` computes the reference first and opens one engine graph at a time)."""
+    reference = reference_results(capa, None, batches, dtype, contract, list(engine_runners))
+    return {graph: compare_graph(runner, reference, graph) for graph, runner in engine_runners.items()}
+
+
+def token_agreement(engine, reference_tokens: dict, batch: dict) -> dict:
+    """The engine's greedy tokens (free-running and fed the reference's) against the reference's."""
+    reference, plain, keep_ref = reference_tokens["reference"], reference_tokens["unpruned"], reference_tokens["keep"]
+    tokens, keep, timings = engine.generate_ids(batch, reference.shape[1])  # max_new_tokens, as the reference
     forced, _, _ = engine.generate_ids(batch, reference.shape[1], forced_tokens=reference)
-    keep_ref = prefill.keep_indices.numpy()
     return {
         "engine_tokens": tokens[0].tolist(), "reference_tokens": reference[0].tolist(),
         "agreement": float((tokens == reference).mean()),

@@ -193,3 +193,34 @@ def test_streamed_text_is_the_answer(cpu_engine):
     with CapaEngine(path) as engine:
         result = engine.generate(synthetic_image(4), "Describe it.", max_new_tokens=8, stream=pieces.append)
     assert "".join(pieces) == result.text
+
+
+def test_validation_gives_the_model_back_before_an_engine_session_opens(cpu_engine, monkeypatch):
+    """The fp32 reference and the engine's sessions are never in memory together (a build peaked at
+    3x the weight bytes when they were): by the time validation opens any engine session, the model
+    handed to it is gone, and the validation still passes."""
+    import gc
+    import weakref
+
+    import capa_export.backends.ort as ort_backend
+    from capa_export.models import load_model
+    from capa_export.pipeline import ReferenceModel, validate_engine
+
+    path, _ = cpu_engine
+    model, processor = load_model("tiny-llava", "fp32")
+    model_alive = weakref.ref(model)
+    reference = ReferenceModel(model, processor)
+    del model
+    alive_at_open = []
+    load_session = ort_backend.load_session
+
+    def recording_load_session(*args, **kwargs):
+        gc.collect()
+        alive_at_open.append(model_alive() is not None)
+        return load_session(*args, **kwargs)
+
+    monkeypatch.setattr(ort_backend, "load_session", recording_load_session)
+    report = validate_engine(path, reference, write=False)
+    assert report["passed"]
+    assert len(alive_at_open) == 8  # four graphs one at a time, then the engine's four
+    assert not any(alive_at_open)
