@@ -1,5 +1,6 @@
 # Two commands do all the set-up from nothing:
-#   make demo   creates .venv if missing, then runs the main job on the embedded default model
+#   make demo   creates .venv if missing, then analyses, builds, validates and runs an engine of the
+#               shipped trained model on one of its task's images
 #   make test   creates .venv if missing, then runs the tests
 # torch is pinned to the local CPU wheel here (a looser spec would pull a multi-GB CUDA build);
 # the package itself accepts torch 2.11-2.14.
@@ -18,10 +19,17 @@ $(STAMP): pyproject.toml CMakeLists.txt plugins/contrib_topk/CapaContribTopK_Plu
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve]"
 	touch $(STAMP)
 
+# The demo's model is the shipped tiny-llava-vqa (trained on the built-in Shapes-VQA task), asked about
+# one of the task's test images: the answer it prints can be checked against the image and the
+# expected answer printed after it.
+DEMO_MODEL ?= tiny-llava-vqa
+DEMO_ENGINE ?= engines/$(DEMO_MODEL)-cpu
 demo: $(STAMP)
-	$(VENV)/bin/capa-export analyze --out $(OUT)/analysis --force
-	$(VENV)/bin/capa-export build --model tiny-llava --profile cpu --force
-	$(VENV)/bin/capa-export run engines/tiny-llava-cpu --prompt "What is in the picture?" --max-new-tokens 12
+	$(VENV)/bin/capa-export analyze --model $(DEMO_MODEL) --out $(OUT)/analysis --force
+	$(VENV)/bin/capa-export build --model $(DEMO_MODEL) --prune auto --analysis $(OUT)/analysis --keep 64 --profile cpu --out $(DEMO_ENGINE) --force
+	$(PY) -m capa_export.data --split test --index 0 --out $(OUT)/demo
+	$(VENV)/bin/capa-export run $(DEMO_ENGINE) --image $(OUT)/demo/image.png --prompt "$$(cat $(OUT)/demo/question.txt)" --max-new-tokens 12
+	@echo "expected answer: $$(cat $(OUT)/demo/answer.txt)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

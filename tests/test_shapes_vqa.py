@@ -214,3 +214,25 @@ def test_patch_map_marks_the_patches_the_shapes_cover():
             for r, c in zip(rows, cols):
                 assert (patches[r, c] == colour).mean() >= 0.2
         assert owner.max() <= len(sample.scene.shapes)
+
+
+def test_demo_sample_writer_gives_the_image_question_and_answer_of_the_split(tmp_path, capsys):
+    """`python -m capa_export.data` (what `make demo` asks): the PNG is the sample's own rendering and
+    the expected answer is the one the sample's pixels give (checked above); a bad split or index is
+    one line, exit 2, nothing written."""
+    from PIL import Image
+
+    from capa_export.data.__main__ import main
+
+    assert main(["--split", "test", "--index", "3", "--out", str(tmp_path / "demo")]) == 0
+    sample = shapes_vqa.make_sample("test", 3)
+    written = np.asarray(Image.open(tmp_path / "demo" / "image.png").convert("RGB"))
+    assert np.array_equal(written, np.asarray(sample.image.convert("RGB")))
+    assert (tmp_path / "demo" / "question.txt").read_text().strip() == sample.questions[0].text
+    assert (tmp_path / "demo" / "answer.txt").read_text().strip() == sample.questions[0].answer
+    assert sample.questions[0].answer in capsys.readouterr().out
+    for argv in (["--split", "nope"], ["--index", "-1"]):
+        assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error:" in err[0]
+    assert not (tmp_path / "bad").exists()

@@ -418,3 +418,19 @@ def render_sample_grid(path: str | Path, split: str = "validation", count: int =
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+def write_sample(out: str | Path, split: str = "test", index: int = 0, seed: int = 0) -> tuple[Path, Question]:
+    """One task image as a PNG with its first question and answer beside it (question.txt,
+    answer.txt): what `make demo` asks the trained model's engine, for a person to check."""
+    if index < 0:
+        raise CapaError(f"--index {index} is negative; expected a sample number >= 0")
+    sample = make_sample(split, index, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sample.image.save(out / "image.png")
+    question = sample.questions[0]
+    (out / "question.txt").write_text(question.text + "\n")
+    (out / "answer.txt").write_text(question.answer + "\n")
+    return out / "image.png", question
+
