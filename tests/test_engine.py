@@ -224,3 +224,21 @@ def test_validation_gives_the_model_back_before_an_engine_session_opens(cpu_engi
     assert report["passed"]
     assert len(alive_at_open) == 8  # four graphs one at a time, then the engine's four
     assert not any(alive_at_open)
+
+
+def test_export_keeps_no_reference_to_the_model_weights(tmp_path):
+    """Once export returns and the model is deleted, none of its parameters stays alive: onnxscript's
+    rewrite rules kept the last exported graph, which wraps the parameters (measured: a mid-size
+    build held ~2.7 GB of weights of a deleted model through its later stages)."""
+    import gc
+    import weakref
+
+    from capa_export.models import load_model
+
+    model, processor = load_model("tiny-llava", "fp32")
+    weights = [weakref.ref(p) for p in model.parameters()]
+    export_model(model, processor, CapaConfig(prune=[(2, 64)]), None, tmp_path / "onnx", progress=False,
+                 graphs=("embed", "prefill"))
+    del model
+    gc.collect()
+    assert sum(w() is not None for w in weights) == 0
