@@ -227,10 +227,10 @@ def check_engine_model(manifest: dict, adapter, engine_dir: Path) -> None:
 
 
 def give_back_memory() -> None:
-    """Collect, then ask glibc to return freed heap memory to the system (malloc_trim). Without
-    the trim, the pages of a model deleted between stages stayed in the process (measured on the
-    mid build: RSS 5.3 GB in validation with the 2.3 GB reference already deleted) and the next
-    stage's peak added to them."""
+    """Collect, then ask glibc to return freed heap memory to the system (malloc_trim), so that a
+    stage's freed tensors do not stay in the process under the next stage's peak. (The 5.3 GB a
+    mid build held in validation with its reference deleted was the exporter's leak, fixed in
+    `export.exporter._forget_rewriter_matches`; the trim's own share was not measured apart.)"""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -241,7 +241,7 @@ def give_back_memory() -> None:
 class ReferenceModel:
     """The fp32 model a validation compares with, handed over in a holder so that validation can
     give it back once the PyTorch side is computed (a caller's own variable would keep it alive
-    while the engine's sessions load: a build then peaked at 3x the weight bytes)."""
+    while the engine's sessions load, and the two would add up)."""
 
     def __init__(self, model, processor):
         self.model, self.processor = model, processor

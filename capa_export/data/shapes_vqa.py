@@ -433,4 +433,3 @@ def write_sample(out: str | Path, split: str = "test", index: int = 0, seed: int
     (out / "question.txt").write_text(question.text + "\n")
     (out / "answer.txt").write_text(question.answer + "\n")
     return out / "image.png", question
-
