@@ -105,6 +105,87 @@ def test_attention_targets_are_distributions_on_the_named_shapes():
                 assert all(int(owner[j]) in named for j in on.nonzero()[:, 1])
 
 
+def test_position_targets_are_the_named_shapes_centres_and_the_patches_average_to_them():
+    """Head 0 / head 1 targets are the first / second named shape's centre (both the one shape of
+    a single-shape question; none for a count), scaled as the per-patch targets; and the average of
+    the per-patch targets over a shape's patches (what a head attending uniformly to them reads) is
+    that centre, within half a patch: the two read-outs use one coordinate frame."""
+    centres = train_tiny.patch_centres()
+    half_patch = 1 / (shapes_vqa.IMAGE_SIZE // 14)
+    checked = 0
+    for sample in shapes_vqa.make_split("validation", 12, questions_per_image=6):
+        owner = torch.from_numpy(shapes_vqa.patch_shape_index(sample.scene)).flatten()
+        for question in sample.questions:
+            target = train_tiny.position_targets(sample.scene, question)
+            if question.type == "count":
+                assert target.isnan().all()
+                continue
+            named = question.shapes if len(question.shapes) == 2 else question.shapes * 2
+            for head, i in enumerate(named):
+                shape = sample.scene.shapes[i]
+                expected = torch.tensor([shape.cx, shape.cy]) / shapes_vqa.IMAGE_SIZE * 2 - 1
+                torch.testing.assert_close(target[head], expected)
+                average = centres[owner == i + 1].mean(0)
+                assert (average - expected).abs().max() < half_patch, (question.text, average, expected)
+                checked += 1
+    assert checked > 30
+
+
+def test_relation_targets_are_the_tasks_answers():
+    """For a left / above question the matching relation target is its answer (yes = 1), the other
+    axis is the same comparison or unknown; questions naming fewer than two shapes have none."""
+    seen = {"left": 0, "above": 0}
+    for sample in shapes_vqa.make_split("validation", 40, questions_per_image=6):
+        for question in sample.questions:
+            target = train_tiny.relation_targets(sample.scene, question)
+            if question.type not in seen:
+                assert target.isnan().all()
+                continue
+            axis = ("left", "above").index(question.type)
+            assert target[axis] == (1.0 if question.answer == "yes" else 0.0)
+            a, b = (sample.scene.shapes[i] for i in question.shapes)
+            other = (a.cy, b.cy) if axis == 0 else (a.cx, b.cx)
+            if abs(other[0] - other[1]) < shapes_vqa.MIN_OFFSET:
+                assert target[1 - axis].isnan()
+            else:
+                assert target[1 - axis] == float(other[0] < other[1])
+            seen[question.type] += 1
+    assert min(seen.values()) > 5, seen
+
+
+def test_position_loss_reads_each_supervised_heads_output(processor):
+    """`position_loss` reads head 0's and head 1's share of the attention output: recomputed here
+    from HF's eager attention probabilities and the layer's value projection."""
+    # four heads over two key-value heads: reading the wrong heads or the wrong value head fails
+    model = train_tiny.init_model(dataclasses.replace(SMOKE_SPEC, text_heads=4, text_kv_heads=2), seed=3).eval()
+    for config in (model.config, model.config.text_config):
+        config._attn_implementation = "eager"
+    batch = ConversationEncoder(processor).batch(shapes_vqa.make_split("train", 2, questions_per_image=3))
+    layer_index = 1
+    attention = model.model.language_model.layers[layer_index].self_attn
+    torch.manual_seed(0)
+    heads = (train_tiny.PatchHeads(64), train_tiny.QuestionHeads(64), 1, layer_index,
+             train_tiny.PositionHead(attention.head_dim))
+    values = {}
+    hook = attention.v_proj.register_forward_hook(lambda m, i, out: values.update(v=out))
+    with torch.no_grad():
+        losses = train_tiny.answer_loss(model, batch, heads)
+        out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"], output_attentions=True)
+    hook.remove()
+    rows, ends, question = batch["attention_rows"].unbind(1)
+    target = batch["position_target"][question]
+    keep = ~target.isnan().any(-1).any(-1)
+    assert keep.any() and not keep.all()
+    probs = out.attentions[layer_index].double()                               # (B, H, L, L)
+    v = values["v"].double().view(*values["v"].shape[:2], -1, attention.head_dim)  # (B, L, kv heads, d)
+    groups = attention.num_key_value_groups
+    outputs = torch.stack([torch.einsum("ql,qld->qd", probs[rows, h, ends], v[rows, :, h // groups])
+                           for h in (0, 1)], 1)[keep]
+    expected = torch.nn.functional.mse_loss(heads[4].double()(outputs), target[keep].double())
+    torch.testing.assert_close(losses[4].double(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(processor):
     batch = ConversationEncoder(processor).batch(shapes_vqa.make_split("train", 2, questions_per_image=2))
     config = TrainConfig(steps=8, batch_size=2, warmup_steps=1, learning_rate=3e-3, threads=1, spec=SMOKE_SPEC)
