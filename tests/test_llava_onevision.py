@@ -249,6 +249,16 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
+def test_checkpoint_folder_loads_with_its_processor_options(checkpoint, ov_model):
+    """A `save_pretrained` folder loads through from_pretrained with the processor's OneVision options
+    (features per crop, max-9 cap, strategy): its prompts match the embedded model's token for token."""
+    model, processor = load_model(str(checkpoint))
+    assert (processor.num_image_tokens, processor.vision_aspect_ratio) == (729, "anyres_max_9")
+    assert processor.vision_feature_select_strategy == "full" and model.config.model_type == "llava_onevision"
+    batch = adapter_for(model).family.encode(processor, [picture(*LARGE)], [QUESTION])
+    assert torch.equal(batch["input_ids"], encode(ov_model, LARGE)["input_ids"])
+
+
 @pytest.fixture(scope="module")
 def ov_engine(checkpoint, tmp_path_factory):
     """`capa-export build --model DIR --prune 2:0.3` (cpu profile: fp32; keep 30% of each image's

@@ -65,10 +65,15 @@ def image_only_processor_class():
     if _IMAGE_ONLY is not None:
         return _IMAGE_ONLY
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # the base's own __init__ (token ids, num_image_tokens, vision_aspect_ratio, ...); ProcessorMixin
-        # takes the attributes this signature names: image_processor and tokenizer
-        LlavaOnevisionProcessor.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    # the base's parameters less video_processor, spelled out: ProcessorMixin reads the sub-processors
+    # from this signature, and saves and loads the options it names
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None, vision_feature_select_strategy=None,
+                 chat_template=None, image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9",
+                 **kwargs):
+        LlavaOnevisionProcessor.__init__(self, image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                                         vision_feature_select_strategy=vision_feature_select_strategy,
+                                         chat_template=chat_template, image_token=image_token, video_token=video_token,
+                                         vision_aspect_ratio=vision_aspect_ratio, **kwargs)
 
     def __call__(self, images=None, text=None, videos=None, **kwargs):
         if videos is not None:
