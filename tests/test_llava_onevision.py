@@ -227,6 +227,22 @@ def test_inconsistent_image_inputs_are_refused(ov_model):
         assert len(str(refused.value).splitlines()) == 1
 
 
+def test_a_tower_that_does_not_give_729_features_per_crop_is_refused():
+    """HF's packing needs side x side features per crop: a SigLIP tower read with "full". Another
+    strategy is refused in one line when the model is wrapped, not deep inside packing."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from capa_export.models.tiny_llava_onevision import tiny_llava_onevision_config
+
+    config = tiny_llava_onevision_config()
+    config.vision_feature_select_strategy = "default"
+    with torch.device("meta"):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    with pytest.raises(CapaError, match="vision_feature_select_strategy='default'; capa-export serves") as refused:
+        adapter_for(model)
+    assert len(str(refused.value).splitlines()) == 1
+
+
 def test_keep_count_is_checked_against_the_fewest_candidates(tmp_path, capsys):
     """The base crop's 729 tokens are the fewest candidates any image gives: k = 800 is refused
     before any work, in one line."""
