@@ -57,22 +57,24 @@ class LlavaNextAdapter(LlavaAdapter):
         projected features (LLaVA-1.5's path), flattened, then the learned `image_newline` as the last
         row (what the host-side packing needs besides `image_sizes`)."""
         if pixel_values.dim() != 5:
-            raise CapaError(f"pixel_values has shape {tuple(pixel_values.shape)}; LLaVA-NeXT takes the processor's "
-                            f"[images, crops, 3, height, width]")
+            raise CapaError(f"pixel_values has shape {tuple(pixel_values.shape)}; {self.family.title} takes the "
+                            f"processor's [images, crops, 3, height, width]")
         crops = super().image_features(pixel_values.flatten(0, 1))
         newline = self.model.model.image_newline.to(crops.dtype)
         return torch.cat([crops.reshape(-1, crops.shape[-1]), newline[None]], dim=0)
 
 
-def _hf_packer(info: dict):
-    """HF's own `LlavaNextModel.pack_image_features`, bound to a host holding only the config values
-    it reads (so the weights-free family packs exactly as the HF model does)."""
-    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+def _hf_packer(info: dict, model_class=None):
+    """HF's own `pack_image_features` of `model_class` (default `LlavaNextModel`), bound to a host
+    holding only the config values it reads (so the weights-free family packs exactly as the HF model
+    does)."""
+    if model_class is None:
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel as model_class
 
     vision = SimpleNamespace(image_size=int(info["image_size"]), patch_size=int(info["patch_size"]))
     host = SimpleNamespace(config=SimpleNamespace(vision_config=vision,
                                                   image_grid_pinpoints=[list(p) for p in info["image_grid_pinpoints"]]))
-    return MethodType(LlavaNextModel.pack_image_features, host)
+    return MethodType(model_class.pack_image_features, host)
 
 
 @register_family
@@ -80,6 +82,8 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_types = ("llava_next",)
     adapter = LlavaNextAdapter
+    #: the family's name in messages
+    title = "LLaVA-NeXT"
     # image_sizes: kept for the host-side packing (not a vision-graph input)
     text_keys = ("input_ids", "attention_mask", "image_sizes")
     #: random-weight models of real sizes for `capa-export bench` (llava-v1.6-vicuna-7b's decoder and
@@ -120,6 +124,14 @@ class LlavaNextFamily(LlavaFamily):
         height, width = (int(x) for x in image_size)
         tokens, newlines = LlavaNextProcessor._get_unpadded_features(None, height, width, side, side, rows, cols)
         return newlines, (tokens // newlines if newlines else 0)
+
+    def image_crops(self, batch: dict) -> list[int]:
+        """Crops of each image of a batch (base + grid), from its size."""
+        return [self.crops(size) for size in torch.as_tensor(batch["image_sizes"]).tolist()]
+
+    def image_layouts(self, batch: dict) -> list[tuple[int, int]]:
+        """(rows, columns) of each image's grid tokens after the base crop: a newline ends each row."""
+        return [self.unpadded_grid(size) for size in torch.as_tensor(batch["image_sizes"]).tolist()]
 
     def image_tokens(self, image_size) -> int:
         """Image tokens (base, grid and newlines) of an image of (height, width)."""
@@ -168,11 +180,11 @@ class LlavaNextFamily(LlavaFamily):
         if pixels is None:
             return
         if sizes is None:
-            raise CapaError("pixel_values were given without image_sizes; pass every processor output "
-                            "(LLaVA-NeXT unpads each image by its size)")
+            raise CapaError(f"pixel_values were given without image_sizes; pass every processor output "
+                            f"({self.title} unpads each image by its size)")
         shape, sizes = tuple(torch.as_tensor(pixels).shape), torch.as_tensor(sizes)
         if len(shape) != 5:
-            raise CapaError(f"pixel_values has shape {shape}; LLaVA-NeXT takes the processor's "
+            raise CapaError(f"pixel_values has shape {shape}; {self.title} takes the processor's "
                             f"[images, crops, 3, height, width]")
         if sizes.dim() != 2 or sizes.shape[1] != 2 or sizes.shape[0] != shape[0]:
             raise CapaError(f"image_sizes has shape {tuple(sizes.shape)} but pixel_values holds {shape[0]} image(s); "
@@ -180,7 +192,7 @@ class LlavaNextFamily(LlavaFamily):
         for index, size in enumerate(sizes.tolist()):
             if min(size) < 1:
                 raise CapaError(f"image_sizes[{index}] = {size} is not an image size; give (height, width) >= 1")
-            needed = self.crops(size)
+        for index, (size, needed) in enumerate(zip(sizes.tolist(), self.image_crops(batch))):
             if needed > shape[1]:
                 raise CapaError(f"image_sizes[{index}] = {size} needs {needed} crops but pixel_values holds {shape[1]}; "
                                 f"image_sizes and pixel_values must come from the same processor call")
@@ -208,10 +220,14 @@ class LlavaNextFamily(LlavaFamily):
         images, crops = torch.as_tensor(batch["pixel_values"]).shape[:2]
         newline = image_features[-1]
         per_crop = image_features[:-1].reshape(images, crops, self.crop_tokens, image_features.shape[-1])
-        pieces = [per_crop[i, : self.crops(size)] for i, size in enumerate(sizes.tolist())]
+        pieces = [per_crop[i, :needed] for i, needed in enumerate(self.image_crops(batch))]
+        return torch.cat(self._hf_pack(pieces, sizes, newline), dim=0)
+
+    def _hf_pack(self, pieces: list[torch.Tensor], sizes: torch.Tensor, newline: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's crop features [crops, 576, D] -> its packed tokens, by HF's own packing."""
         strategy = self.info.get("vision_feature_select_strategy", "default")
         packed, _ = _hf_packer(self.info)(pieces, sizes, strategy, image_newline=newline)
-        return torch.cat(packed, dim=0)
+        return packed
 
     def layout_token_mask(self, batch: dict) -> torch.Tensor:
         """[B, L] True at the newline tokens: each image's tokens are, in order, 576 base tokens, then
@@ -223,9 +239,9 @@ class LlavaNextFamily(LlavaFamily):
         if not bool(is_image.any()):
             return mask
         if sizes is None:
-            raise CapaError("input_ids hold LLaVA-NeXT image tokens but image_sizes was not given; pass every "
-                            "processor output")
-        layouts = [self.unpadded_grid(size) for size in torch.as_tensor(sizes).tolist()]
+            raise CapaError(f"input_ids hold {self.title} image tokens but image_sizes was not given; pass every "
+                            f"processor output")
+        layouts = self.image_layouts(batch)
         image = 0
         for row in range(input_ids.shape[0]):
             slots = is_image[row].nonzero()[:, 0].tolist()
