@@ -19,12 +19,12 @@ $(STAMP): pyproject.toml CMakeLists.txt plugins/contrib_topk/CapaContribTopK_Plu
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,serve]"
 	touch $(STAMP)
 
-# The demo's model is the shipped tiny-llava-vqa (trained on the built-in Shapes-VQA task), asked about
+# The demo's model is the shipped tiny-llava (trained on the built-in Shapes-VQA task), asked about
 # one of the task's test images: the answer it prints can be checked against the image and the
 # expected answer printed after it. `analyze` prints its suggestion (K=2 with an FFN map in layer 1);
 # the engine is built with what `eval --sweep` showed keeps this model's answers (BENCHMARKS.md):
 # prune after layer 3 keeping 64 of 576 visual tokens, no FFN map.
-DEMO_MODEL ?= tiny-llava-vqa
+DEMO_MODEL ?= tiny-llava
 DEMO_ENGINE ?= engines/$(DEMO_MODEL)-cpu
 demo: $(STAMP)
 	$(VENV)/bin/capa-export analyze --model $(DEMO_MODEL) --out $(OUT)/analysis --force

@@ -406,7 +406,7 @@ def cmd_eval(args) -> int:
     if args.max_image_pixels < 1:
         raise CapaError(f"--max-image-pixels {args.max_image_pixels} must be >= 1")
     if args.engine is None and args.model is None:
-        raise CapaError("give an engine folder, or --model (e.g. tiny-llava-vqa) to evaluate the CapaModel")
+        raise CapaError("give an engine folder, or --model (e.g. tiny-llava) to evaluate the CapaModel")
     if args.sweep:
         from .evaluate import parse_sweep_keeps, parse_sweep_variants
 
@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("engine", nargs="?", default=None, help="an engine folder (`build`); or give --model")
     p.add_argument("--model", default=None,
                    help="the model to evaluate (with no engine), or the reference of an engine built from a model "
-                        "that is not embedded; e.g. tiny-llava-vqa (the embedded model trained on Shapes-VQA)")
+                        "that is not embedded; e.g. tiny-llava (the embedded model trained on Shapes-VQA)")
     p.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default=None, help="weights dtype of --model without an engine")
     p.add_argument("--device", default=None, help="torch device of the model (default: cpu)")
     _add_calibrated(p, "its CAPA config and FFN maps, instead of --prune and the other CAPA options")

@@ -8,7 +8,7 @@ from capa_export.models import adapter_for, load_model
 
 #: the embedded models every model test runs on: one per family (a new family's tiny model joins
 #: the table by being registered with @embedded_model)
-TEST_MODELS = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+TEST_MODELS = ["tiny-llava-random", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 
 
 def eager_attention(model):
@@ -29,7 +29,7 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def llava():
     """tiny-llava, with eager attention: the model of `cpu_engine` (tests of that engine use it)."""
-    model, processor = load_model("tiny-llava")
+    model, processor = load_model("tiny-llava-random")
     return eager_attention(model), processor
 
 
@@ -56,7 +56,7 @@ def cpu_engine(tmp_path_factory, signing_keys):
     signing_keys) once per session."""
     from capa_export.pipeline import build
 
-    path, report = build("tiny-llava", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
+    path, report = build("tiny-llava-random", "cpu", out=tmp_path_factory.mktemp("engines") / "cpu", progress=False,
                          log=lambda *_: None, sign_key=signing_keys[0])
     return path, report
 

@@ -562,7 +562,7 @@ def saved_checkpoint(tmp_path_factory):
     """tiny-llava saved as a checkpoint folder (weights and config, no processor)."""
     from capa_export.models import load_model
 
-    model, processor = load_model("tiny-llava")
+    model, processor = load_model("tiny-llava-random")
     folder = tmp_path_factory.mktemp("checkpoint") / "tiny"
     model.save_pretrained(str(folder))
     return folder, processor

@@ -143,7 +143,7 @@ def test_weights_are_stored_once(cpu_engine):
 def test_engine_decoding_equals_hf_generate_without_pruning(llava, tmp_path):
     model, processor = llava
     CapaConfig(prune=[], ffn_layers=[]).save(tmp_path)
-    path, report = build("tiny-llava", "cpu", out=tmp_path / "plain", calibration_dir=str(tmp_path), progress=False,
+    path, report = build("tiny-llava-random", "cpu", out=tmp_path / "plain", calibration_dir=str(tmp_path), progress=False,
                                 log=lambda *_: None)
     assert report["passed"]
     adapter = adapter_for(model)
@@ -157,7 +157,7 @@ def test_engine_decoding_equals_hf_generate_without_pruning(llava, tmp_path):
 
 
 def test_fp16_edge_engine_validates(tmp_path):
-    path, report = build("tiny-llava", "edge", out=tmp_path / "edge", progress=False, log=lambda *_: None)
+    path, report = build("tiny-llava-random", "edge", out=tmp_path / "edge", progress=False, log=lambda *_: None)
     assert report["passed"] and report["dtype"] == "fp16"
     graph = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False).graph
     assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["inputs_embeds"] == onnx.TensorProto.FLOAT16
@@ -207,7 +207,7 @@ def test_validation_gives_the_model_back_before_an_engine_session_opens(cpu_engi
     from capa_export.pipeline import ReferenceModel, validate_engine
 
     path, _ = cpu_engine
-    model, processor = load_model("tiny-llava", "fp32")
+    model, processor = load_model("tiny-llava-random", "fp32")
     model_alive = weakref.ref(model)
     reference = ReferenceModel(model, processor)
     del model
@@ -235,7 +235,7 @@ def test_export_keeps_no_reference_to_the_model_weights(tmp_path):
 
     from capa_export.models import load_model
 
-    model, processor = load_model("tiny-llava", "fp32")
+    model, processor = load_model("tiny-llava-random", "fp32")
     weights = [weakref.ref(p) for p in model.parameters()]
     export_model(model, processor, CapaConfig(prune=[(2, 64)]), None, tmp_path / "onnx", progress=False,
                  graphs=("embed", "prefill"))

@@ -17,7 +17,7 @@ from capa_export.method.capa_model import apply_capa
 from capa_export.models import load_model
 from capa_export.models.tiny import PAD_TOKEN_ID
 
-MODEL = "tiny-llava-vqa"
+MODEL = "tiny-llava"
 MAX_NEW_TOKENS = 12
 
 
@@ -92,11 +92,14 @@ def test_folder_questions_read_the_written_set(tmp_path):
     assert (np.asarray(read[0].image) == np.asarray(samples[0].image)).all()
 
 
-def test_engine_answers_agree_with_the_capa_model(cpu_engine, tmp_path):
-    """fp32 engine (tiny-llava, cpu profile) and the CapaModel rebuilt from its calibration/:
-    the same answer to every question."""
-    path, _ = cpu_engine
-    summary = evaluate(builtin_questions(3), engine_dir=path, max_new_tokens=8, compare_unpruned=False,
+def test_engine_answers_agree_with_the_capa_model(tmp_path):
+    """fp32 engine of the trained tiny-llava (cpu profile, pruned after layer 3 to 64 tokens) and
+    the CapaModel rebuilt from its calibration/: the same answer to every question."""
+    from capa_export.pipeline import build
+
+    path, report = build(MODEL, "cpu", out=tmp_path / "engine", prune=[(3, 64)], progress=False, log=lambda *_: None)
+    assert report["passed"]
+    summary = evaluate(builtin_questions(4), engine_dir=path, max_new_tokens=MAX_NEW_TOKENS, compare_unpruned=False,
                        progress=False)
     assert list(summary["runs"]) == ["engine", "capa"]
     assert summary["answers"]["engine"] == summary["answers"]["capa"]

@@ -21,7 +21,7 @@ class PlantedAffine(torch.nn.Module):
 def planted():
     """A tiny model whose layer-3 MLP *is* an affine map of its input n (and whose norm gain is
     not 1, so folding is exercised); layer 5 gets a rank-8 affine map."""
-    model, processor = load_model("tiny-llava")
+    model, processor = load_model("tiny-llava-random")
     adapter = adapter_for(model)
     gen = torch.Generator().manual_seed(5)
     dim = adapter.hidden_size
@@ -70,7 +70,7 @@ def test_save_load_round_trip_and_refusals(planted, tmp_path):
     for layer in (3, 5):
         torch.testing.assert_close(loaded.layers[layer].weight, approx.layers[layer].weight)
         torch.testing.assert_close(loaded.layers[layer].bias, approx.layers[layer].bias)
-    other, _ = load_model("tiny-llava")  # same architecture; its layer-0 o_proj is the same seed...
+    other, _ = load_model("tiny-llava-random")  # same architecture; its layer-0 o_proj is the same seed...
     with torch.no_grad():
         for layer in other.model.language_model.layers:
             layer.self_attn.o_proj.weight.mul_(-1)  # ...so make it a different model

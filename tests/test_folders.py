@@ -271,7 +271,7 @@ def test_parse_json_depth_limit_is_exact():
 def minimal_manifest(files: dict) -> dict:
     """The fields build.build_engine writes, with a file table computed by the test."""
     return {"format_version": 1, "tool": {"name": "capa-export", "version": "0.1.0"},
-            "model": {"name": "tiny-llava", "family": "llava", "image_token_id": 32000, "vocab_size": 32064,
+            "model": {"name": "tiny-llava-random", "family": "llava", "image_token_id": 32000, "vocab_size": 32064,
                       "hidden_size": 128, "num_layers": 8, "num_kv_heads": 2, "head_dim": 32,
                       "image_size": 336, "visual_tokens_per_image": 576},
             "capa_config": {"prune": [[2, 64]], "variant": "contrib", "queries": "text", "ffn_layers": [1, 2]},

@@ -8,7 +8,7 @@ from capa_export.models import adapter_for
 
 
 def test_tiny_has_llava_15_token_geometry():
-    model, processor = load_model("tiny-llava")
+    model, processor = load_model("tiny-llava-random")
     adapter = adapter_for(model)
     assert adapter.image_token_id == 32000 and adapter.vocab_size == 32064
     assert adapter.num_visual_tokens_per_image() == 576
@@ -17,8 +17,8 @@ def test_tiny_has_llava_15_token_geometry():
 
 
 def test_tiny_is_deterministic():
-    a, _ = load_model("tiny-llava")
-    b, _ = load_model("tiny-llava")
+    a, _ = load_model("tiny-llava-random")
+    b, _ = load_model("tiny-llava-random")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
 
@@ -65,7 +65,7 @@ def test_a_processor_of_another_model_is_named_as_the_cause():
     from capa_export import CapaConfig, apply_capa
     from capa_export.inputs import builtin_samples
 
-    model, processor = load_model("tiny-llava")
+    model, processor = load_model("tiny-llava-random")
     processor.patch_size = 28
     adapter = adapter_for(model)
     sample = builtin_samples(1)[0]

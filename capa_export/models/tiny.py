@@ -1,4 +1,8 @@
-"""`tiny-llava`: the embedded default model, built in code, offline, in seconds.
+"""`tiny-llava-random`: a tiny LLaVA-1.5 built in code with random weights, offline, in seconds.
+
+The embedded default, `tiny-llava`, is the same architecture trained on Shapes-VQA
+(`tiny_trained.py`); this random-weight builder stays for tests that need planted structure and
+any width or depth (`TinyLlavaSpec`).
 
 It has LLaVA-1.5's real token geometry (336 px images, patch 14 -> 576 visual tokens, vocabulary
 32064, image token 32000, CLIP feature layer -2 without CLS, 2-layer GELU projector, Vicuna chat
@@ -20,7 +24,7 @@ import torch
 
 from .registry import embedded_model
 
-TINY_NAME = "tiny-llava"
+TINY_NAME = "tiny-llava-random"
 IMAGE_TOKEN_ID = 32000
 PAD_TOKEN_ID = 32001
 VOCAB_SIZE = 32064

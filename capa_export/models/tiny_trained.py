@@ -1,7 +1,8 @@
-"""`tiny-llava-vqa`: the tiny LLaVA-geometry model trained on Shapes-VQA, shipped with the package.
+"""`tiny-llava`, the embedded default: a tiny LLaVA-geometry model trained on Shapes-VQA, shipped
+with the package (named `tiny-llava-vqa` in results before 2026-11-25).
 
 Same architecture family, token geometry, tokenizer, processor and chat template as the random
-`tiny-llava` (`tiny.py`); the weights (`weights/model.safetensors`, fp16) come from
+`tiny-llava-random` (`tiny.py`); the weights (`weights/model.safetensors`, fp16) come from
 `python -m capa_export.training.train_tiny --ship`, and `weights/card.json` records how (task,
 data seed, steps, widths, test accuracy, script version, wall time).
 """
@@ -18,7 +19,7 @@ from .base import cast_model
 from .registry import embedded_model
 from .tiny import TinyLlavaSpec, tiny_llava_config, tiny_llava_processor
 
-TRAINED_NAME = "tiny-llava-vqa"
+TRAINED_NAME = "tiny-llava"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
