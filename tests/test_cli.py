@@ -20,7 +20,10 @@ def test_analyze_writes_report_and_plots(tmp_path, capsys):
     code, out, _ = run(capsys, "analyze", "--out", str(tmp_path / "a"), "--calibration-count", "4")
     assert code == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert len(report["layers"]) == 8
+    from capa_export.models import load_model
+    from capa_export.pipeline import DEFAULT_MODEL
+
+    assert len(report["layers"]) == load_model(DEFAULT_MODEL)[0].config.text_config.num_hidden_layers  # one per layer
     for entry in report["layers"]:
         for sink in entry["sinks"]:
             assert sink["label"] in ("anchor", "dump")

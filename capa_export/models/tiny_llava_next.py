@@ -3,8 +3,8 @@
 It keeps llava-v1.6-vicuna's real token geometry (336 px crops, patch 14 -> 576 tokens per crop,
 the five default `image_grid_pinpoints`, unpadding and a learned newline per grid row: up to 2,928
 image tokens per image; vocabulary 32064, image token 32000, CLIP feature layer -2 without CLS,
-2-layer GELU projector, the Vicuna chat template) with `tiny-llava`'s small widths and depth and
-deterministic weights from a seed. Tokenizer and planted visual structure are `tiny-llava`'s (see
+2-layer GELU projector, the Vicuna chat template) with `tiny-llava-random`'s small widths and depth and
+deterministic weights from a seed. Tokenizer and planted visual structure are `tiny-llava-random`'s (see
 tiny.py); the image processor is LLaVA-NeXT's PIL processor with the CLIP normalisation.
 """
 

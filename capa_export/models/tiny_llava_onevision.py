@@ -6,11 +6,11 @@ downsampling and a learned newline per grid row: up to about 8,700 image tokens 
 decoder with the Qwen2 vocabulary of 151,936, `<image>` 151646 and `<video>` 151647 after the
 tokenizer's `<|endoftext|>` / `<|im_start|>` / `<|im_end|>`, q/k/v biases, tied embeddings as the
 0.5B checkpoint has them, rope theta 1e6; 2-layer GELU projector; the checkpoints' chat layout)
-with `tiny-llava`'s small widths and depth and deterministic weights from a seed.
+with `tiny-llava-random`'s small widths and depth and deterministic weights from a seed.
 
 The tokenizer is tiny-qwen's byte-level Qwen2 tokenizer (tiny_qwen.py) with OneVision's special
 tokens; the image processor is OneVision's PIL processor with SigLIP's normalisation (0.5, 0.5).
-Visual structure is planted as in `tiny-llava` (tiny.py): a common visual offset and attention
+Visual structure is planted as in `tiny-llava-random` (tiny.py): a common visual offset and attention
 sinks, a stand-in for trained structure, not a claim about any checkpoint.
 """
 

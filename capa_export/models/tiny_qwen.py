@@ -13,7 +13,7 @@ processor is the Qwen2-VL PIL processor with min_pixels = 256 and max_pixels = 5
 worth of pixels, so any image gives 256-512 visual tokens (the real processor allows 4-1280;
 the raised minimum keeps a fixed keep count such as 64 or 192 valid for every image).
 
-As in `tiny-llava`, the visual tokens share a large common offset (the merger's output bias along
+As in `tiny-llava-random`, the visual tokens share a large common offset (the merger's output bias along
 one direction), around which the SwiGLU FFN is near-linear: what CAPA's FFN approximation relies
 on, here by construction, not a claim about any trained checkpoint.
 """
