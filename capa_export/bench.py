@@ -108,13 +108,19 @@ def visual_tokens_per_image(size: str) -> int:
 
 
 # --- settings ---------------------------------------------------------------------------------------
+def default_visual(per_image: int) -> list[int]:
+    """Visual tokens of the default prompts: one picture, and five when a picture is LLaVA-1.5's 576
+    (2,880: a LLaVA-NeXT-sized prompt); a size whose picture is already anyres-sized, one picture."""
+    return [per_image, 5 * per_image] if per_image == 576 else [per_image]
+
+
 @dataclass
 class Settings:
     size: str = "mid"
     dtype: str = "fp32"
     device: str = "cpu"
     batch: int = 1
-    visual: list[int] = field(default_factory=lambda: [576, 2880])
+    visual: list[int] | None = None  # None: `default_visual` of the size
     keep: int = 64
     prune_layer: int = 2
     text_tokens: int = 46
@@ -171,9 +177,11 @@ def check_settings(s: Settings) -> Settings:
     unknown = [p for p in s.peers if p not in PEERS]
     if unknown or not s.peers:
         raise CapaError(f"--peers {' '.join(unknown) or '(none)'}: expected some of {', '.join(PEERS)}")
+    per_image = visual_tokens_per_image(s.size)
+    if s.visual is None:
+        s.visual = default_visual(per_image)
     if not s.visual:
         raise CapaError("--visual needs at least one visual-token count")
-    per_image = visual_tokens_per_image(s.size)
     for count in s.visual:
         if count < per_image or count % per_image:
             raise CapaError(f"--visual {count} must be a positive multiple of {per_image} (visual tokens per "

@@ -723,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=tuple(sizes()), default=None,
                    help="an embedded model, or a family's real size with random weights (default: mid)")
     p.add_argument("--visual", type=int, nargs="+", default=None, metavar="N",
-                   help="visual tokens in the prompt, a multiple of one picture's (default: 576 2880)")
+                   help="visual tokens in the prompt, a multiple of one picture's (default: one picture, and five "
+                        "when it is LLaVA-1.5's 576: 576 2880)")
     p.add_argument("--keep", type=int, default=None, help="visual tokens kept after layer 2 (default: 64)")
     p.add_argument("--dtype", choices=FLOAT_TYPE_NAMES, default=None, help="dtype (default: fp32)")
     p.add_argument("--batch", type=int, default=None, help="prompts per run, all the same (default: 1)")

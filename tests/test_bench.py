@@ -324,3 +324,12 @@ def test_a_run_is_quiet_when_nothing_else_ran():
     assert not is_quiet(info(9.49, 11.97), threads=2)   # the 2026-11-24 run: other sessions' work
     assert not is_quiet(info(0.3, 4.0), threads=2)      # something started during the run
     assert not is_quiet(info(0.3, 1.7), threads=1)      # a 1-thread run cannot raise the load to 1.7
+
+
+def test_default_prompts_fit_the_sizes_picture():
+    """With no --visual, every size gets prompts its pictures can make: LLaVA-1.5's one and five
+    pictures (576, 2880), LLaVA-NeXT's one anyres picture (its most tokens, 2928)."""
+    from capa_export.bench import check_settings
+
+    assert check_settings(Settings(size="mid")).visual == [576, 2880]
+    assert check_settings(Settings(size="llava-next-mid")).visual == [2928]
