@@ -173,14 +173,15 @@ def test_inconsistent_image_inputs_are_refused(next_model):
         capa(**{**batch, "image_sizes": torch.tensor([[300, 400], [300, 400]])})
 
 
-def test_keep_count_is_checked_against_the_fewest_candidates(tmp_path, capsys):
-    """The base crop's 576 tokens are the fewest candidates any image gives: k = 600 is refused
-    before any work, in one line."""
+@pytest.mark.parametrize("model, base_tokens", [("tiny-llava-next", 576), ("tiny-llava-onevision", 729)])
+def test_keep_count_is_checked_against_the_fewest_candidates(tmp_path, capsys, model, base_tokens):
+    """The base crop's tokens (576 for LLaVA-NeXT's CLIP, 729 for OneVision's SigLIP) are the
+    fewest candidates any image gives: a k above them is refused before any work, in one line."""
     profile = tmp_path / "bad.toml"
-    profile.write_text('backend = "onnxruntime"\nprune = [[2, 600]]\n')
-    code = main(["build", "--model", "tiny-llava-next", "--profile", str(profile), "--out", str(tmp_path / "x")])
+    profile.write_text(f'backend = "onnxruntime"\nprune = [[2, {base_tokens + 24}]]\n')
+    code = main(["build", "--model", model, "--profile", str(profile), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
-    assert code == 2 and "keeps k=600 but an image gives only 576 visual tokens" in err
+    assert code == 2 and f"keeps k={base_tokens + 24} but an image gives only {base_tokens} visual tokens" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
