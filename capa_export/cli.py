@@ -466,11 +466,15 @@ def cmd_bench(args) -> int:
     settings = Settings.for_smoke(**chosen) if args.smoke else Settings(**chosen)
     if args.update and Path(args.update).suffix != ".md":
         raise CapaError(f"--update {args.update} must be a Markdown file (e.g. BENCHMARKS.md)")
+    # checked before the run (which takes minutes): a folder gets the default name, else a .json path
+    folder = Path(args.out) if args.out and Path(args.out).is_dir() else None
+    if args.out and folder is None and Path(args.out).suffix != ".json":
+        raise CapaError(f"--out {args.out} must be a .json path or an existing folder (the .png and .md go beside it)")
     report = run_benchmark(settings, log=lambda text: print(text, file=sys.stderr))
     s = report["settings"]
-    default = (Path("out/bench") if s["smoke"] else Path("bench/results")) / \
-        f"{report['date'][:10]}-{s['size']}-{s['dtype']}-b{s['batch']}.json"
-    out = save(report, args.out or default)
+    name = f"{report['date'][:10]}-{s['size']}-{s['dtype']}-b{s['batch']}.json"
+    default = (Path("out/bench") if s["smoke"] else Path("bench/results")) / name
+    out = save(report, folder / name if folder is not None else (args.out or default))
     print(format_table(report))
     if args.update:
         update_benchmarks(args.update, report, out)
@@ -747,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help="the tiny model, 576 visual tokens, 2 runs: checks the path, not the speed")
     p.add_argument("--out", default=None,
-                   help="JSON path (default: bench/results/<date>-<size>-<dtype>-b<batch>.json; out/bench/ for --smoke)")
+                   help="JSON path, or a folder for the default name (default: "
+                        "bench/results/<date>-<size>-<dtype>-b<batch>.json; out/bench/ for --smoke)")
     p.add_argument("--update", default=None, metavar="BENCHMARKS.md",
                    help="also write the run's table into this Markdown file (its section for the size)")
     p.set_defaults(func=cmd_bench)

@@ -294,6 +294,7 @@ def test_markdown_marks_a_busy_machine_and_a_smoke_run():
     (["bench", "--new-tokens", "0"], "--new_tokens 0 must be >= 1".replace("_", "-")),
     (["bench", "--keep", "600", "--visual", "576", "1152"], "k must be in [1, 576]"),
     (["bench", "--update", "table.txt", "--smoke"], "--update table.txt must be a Markdown file"),
+    (["bench", "--out", "results.txt", "--smoke"], "--out results.txt must be a .json path or an existing folder"),
 ])
 def test_bench_refuses_bad_arguments_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
