@@ -123,8 +123,9 @@ def hf_sdpa(spec: dict):
         ids = torch.as_tensor(inputs["input_ids"], device=device)
         mask = torch.as_tensor(inputs["attention_mask"], device=device)
         pixels = torch.as_tensor(inputs["pixel_values"], device=device, dtype=model.dtype)
+        sizes = {"image_sizes": torch.as_tensor(inputs["image_sizes"], device=device)} if "image_sizes" in inputs else {}
         marks = [clock()]
-        features = torch.cat(list(inner.get_image_features(pixel_values=pixels).pooler_output), dim=0)
+        features = torch.cat(list(inner.get_image_features(pixel_values=pixels, **sizes).pooler_output), dim=0)
         marks.append(clock())
         embeds = embed(ids)
         embeds = embeds.masked_scatter(inner.get_placeholder_mask(ids, embeds, features), features.to(embeds.dtype))
@@ -170,10 +171,13 @@ def capa_eager(spec: dict):
         ids = torch.as_tensor(inputs["input_ids"], device=device)
         mask = torch.as_tensor(inputs["attention_mask"], device=device)
         pixels = torch.as_tensor(inputs["pixel_values"], device=device, dtype=model.dtype)
+        sizes = {"image_sizes": torch.as_tensor(inputs["image_sizes"])} if "image_sizes" in inputs else {}
         start = clock()
-        features = capa.adapter.image_features(pixel_values=pixels)
+        # the family's packing (LLaVA-NeXT: unpad, row newlines) is part of the vision stage, as in HF
+        features = capa.family.pack_image_features(capa.adapter.image_features(pixel_values=pixels),
+                                                   {"pixel_values": pixels, **sizes})
         vision = clock()
-        out = capa(ids, attention_mask=mask, image_features=features, use_cache=True, last_logits_only=True)
+        out = capa(ids, attention_mask=mask, image_features=features, use_cache=True, last_logits_only=True, **sizes)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill = clock()
         tokens, cache = [token], out.past_key_values
@@ -322,12 +326,15 @@ def profile_engine(spec: dict) -> dict:
     results = {}
     for visual in spec["visual"]:
         inputs = {k: torch.as_tensor(v) for k, v in load_inputs(Path(spec["work"]), visual).items()}
-        features = torch.as_tensor(infer(vision, "vision", {"pixel_values": inputs["pixel_values"]})[0])
+        # the runtime's own steps (CapaEngine.generate_ids): vision, the family's packing, embed, merge
+        features = torch.as_tensor(infer(vision, "vision", {k: inputs[k] for k in family.vision_keys})[0])
+        features = family.pack_image_features(features, inputs)
         embeds = torch.as_tensor(infer(embed, "embed", {"input_ids": inputs["input_ids"]})[0])
         embeds = family.merge_image_features(inputs["input_ids"], embeds, features)
+        layout = manifest["capa_config"].get("prune_layout_tokens", False)
         values = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"],
                   "position_ids": family.prefill_positions(inputs),
-                  "visual_positions": family.visual_positions(inputs["input_ids"])}
+                  "visual_positions": family.visual_positions(inputs["input_ids"], inputs, layout_candidates=layout)}
         prefill = session("prefill", str(Path(spec["out"]).with_suffix("")) + f"-{visual}")
         infer(prefill, "prefill", values)  # warm-up: first-run allocations are not the steady state
         infer(prefill, "prefill", values)

@@ -162,6 +162,11 @@ class ModelFamily(abc.ABC):
             raise CapaError(f"every batch row must hold the same number of image tokens; got {counts.tolist()}")
         return is_visual.nonzero()[:, 1].view(input_ids.shape[0], int(counts[0]))
 
+    def bench_image_size(self) -> list[int] | None:
+        """(height, width) the benchmark's pictures are resized to, so that one gives the most visual
+        tokens the family's images can (`capa-export bench`); None: the processor's own size."""
+        return None
+
     def pack_image_features(self, image_features: torch.Tensor, batch: dict) -> torch.Tensor:
         """The vision output -> the features of the image-token slots, in order (from the processor
         outputs `batch`); the identity unless the family arranges features on the host (LLaVA-NeXT's

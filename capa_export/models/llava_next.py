@@ -138,6 +138,10 @@ class LlavaNextFamily(LlavaFamily):
         rows, cols = self.unpadded_grid(image_size)
         return self.crop_tokens + rows * (cols + 1)
 
+    def bench_image_size(self) -> list[int]:
+        """The pinpoint whose image gives the most tokens (672 x 672 with the real pinpoints: 2,928)."""
+        return max(self.pinpoints, key=self.image_tokens)
+
     def _grid_extremes(self) -> tuple[int, int]:
         crops = [1 + (h // int(self.info["image_size"])) * (w // int(self.info["image_size"])) for h, w in self.pinpoints]
         return min(crops), max(crops)
