@@ -48,9 +48,9 @@ def test_plots_count_in_whole_numbers_mark_layer_k_and_show_several_layers(tmp_p
 
 
 def test_a_two_stage_summary_names_the_last_stages_layer(capsys):
-    assert main(["generate", "-q", "--prune", "2:64", "4:16", "--ffn-layers", "none", "--max-new-tokens", "1"]) == 0
+    assert main(["generate", "-q", "--prune", "1:64", "3:16", "--ffn-layers", "none", "--max-new-tokens", "1"]) == 0
     out = capsys.readouterr().out
-    assert "kept 16 visual tokens from layer 4 (stages 2:64, 4:16)" in out
+    assert "kept 16 visual tokens from layer 3 (stages 1:64, 3:16)" in out
 
 
 @pytest.mark.parametrize("argv", [["generate", "--prompt", "  "], ["run", "ENGINE", "--prompt", ""],
