@@ -1,7 +1,7 @@
 """`capa-export bench`: one run that times CAPA against its peers, on the same inputs, on one machine.
 
     capa-export bench --size mid --visual 576 2880 --keep 64       # the benchmark (minutes to an hour)
-    capa-export bench --smoke                                      # CI: the same path on the tiny model
+    capa-export bench --smoke                                      # CI: the same path on tiny-llava-random
 
 What one run does, in a work folder (default out/bench/<size>-<dtype>):
 
@@ -147,8 +147,9 @@ class Settings:
 
     @classmethod
     def for_smoke(cls, **overrides) -> "Settings":
-        """The CI path: every peer and step on the tiny model, a few runs. Says nothing about speed."""
-        values = dict(size="tiny", visual=[576], keep=64, new_tokens=4, repeats=2, warmup=1, calibration_count=2,
+        """The CI path: every peer and step on tiny-llava-random (8 layers, so that the affine-FFN
+        engine has layers 3-6 to approximate after the stage at 2), a few runs. Says nothing about speed."""
+        values = dict(size="tiny-llava-random", visual=[576], keep=64, new_tokens=4, repeats=2, warmup=1, calibration_count=2,
                       validate_tokens=2, build_jobs=3, matmul_size=512, copy_bytes=16 << 20, smoke=True)
         values.update(overrides)
         return cls(**values)
@@ -394,21 +395,29 @@ def max_positions(s: Settings) -> int:
 
 # --- FLOPs and bytes --------------------------------------------------------------------------------------
 def prefill_flops(dims: dict, length: int, num_visual: int, prune: list, ffn_layers, rank=None,
-                  causal: bool = True) -> float:
+                  causal: bool = True, scoring_rows: int = 0) -> float:
     """2 x multiply-adds of one prompt's decoder prefill: q/k/v/o projections, attention (half the
-    score matrix when causal), the FFN (affine rows where approximated), the last token's head."""
+    score matrix when causal), the FFN (affine rows where approximated), the last token's head.
+    The layer before a stage (CapaModel.prefill_layers) computes keys and values for every row, the
+    probabilities of its `scoring_rows` over every key, and attention output, o_proj and FFN for the
+    rows it keeps only (each over every key: counted whole, causal or not)."""
     dim, heads, kv, d, inter = dims["hidden"], dims["heads"], dims["kv_heads"], dims["head_dim"], dims["intermediate"]
     flops, seq, visual = 0.0, length, num_visual
     stages = dict(prune)
     for layer in range(dims["layers"]):
-        if layer in stages:
-            seq, visual = seq - visual + stages[layer], stages[layer]
-        flops += 2 * seq * dim * (heads * d + 2 * kv * d) + 2 * seq * heads * d * dim
-        flops += 2 * 2 * seq * seq * heads * d * (0.5 if causal else 1.0)
-        if layer in ffn_layers:
-            flops += 2 * 3 * (seq - visual) * dim * inter + 2 * visual * dim * (2 * rank if rank else dim)
+        flops += 2 * seq * dim * (2 * kv * d)  # keys and values: every row
+        if layer + 1 in stages:
+            rows, visual_out = seq - visual + stages[layer + 1], stages[layer + 1]
+            flops += 2 * 2 * rows * seq * heads * d + 2 * scoring_rows * seq * heads * d
         else:
-            flops += 2 * 3 * seq * dim * inter
+            rows, visual_out = seq, visual
+            flops += 2 * 2 * seq * seq * heads * d * (0.5 if causal else 1.0)
+        flops += 2 * seq * dim * heads * d + 2 * rows * heads * d * dim  # q (every row), o_proj
+        if layer in ffn_layers:
+            flops += 2 * 3 * (rows - visual_out) * dim * inter + 2 * visual_out * dim * (2 * rank if rank else dim)
+        else:
+            flops += 2 * 3 * rows * dim * inter
+        seq, visual = rows, visual_out
     return flops + 2 * dim * dims["vocab"]
 
 
@@ -442,10 +451,12 @@ def peer_work(dims: dict, peer: str, visual: int, s: Settings, ffn_layers: list[
     pruned = peer not in ("hf_sdpa", "ort_unpruned", "genai")
     prune = [(s.prune_layer, s.keep)] if pruned else []
     layers = ffn_layers if peer.endswith("_affine") else []
+    # the pruning candidates: LLaVA-NeXT's row newlines stay in the sequence like text
+    candidates = visual - dims.get("layout_tokens_per_image", 0) * visual // dims["visual_tokens_per_image"]
     # decode: step t (1 .. T-1) attends to the prompt's cache + t keys; on average + T/2
-    contexts = [n + s.new_tokens / 2 for n in cache_lengths(dims, length, visual, prune)]
+    contexts = [n + s.new_tokens / 2 for n in cache_lengths(dims, length, candidates, prune)]
     vision = 0.0 if peer == "genai" else dims["vision_flops_per_image"] * visual // dims["visual_tokens_per_image"]
-    prefill = prefill_flops(dims, length, visual, prune, layers)
+    prefill = prefill_flops(dims, length, candidates, prune, layers, scoring_rows=s.text_tokens)
     return {"vision": vision * batch, "prefill": prefill * batch, "time_to_first_token": (vision + prefill) * batch,
             "decode_per_token": decode_flops(dims, contexts) * batch,
             "decode_bytes_per_token": decode_bytes(dims, contexts, batch)}
@@ -656,12 +667,14 @@ def write_profile(work: Path, s: Settings, dims: dict) -> Path:
     context = max_positions(s)
     providers = '["CUDAExecutionProvider", "CPUExecutionProvider"]' if s.device.startswith("cuda") \
         else '["CPUExecutionProvider"]'
+    # attention blocks: the cpu profile's 8 (measured on CPU); one op on CUDA, where it is not measured yet
     text = f"""# written by capa-export bench: the cpu profile, shapes for prompts of up to {context} tokens
 name = "bench"
 description = "capa-export bench engines"
 backend = "onnxruntime"
 precision = "{s.dtype}"
 pruning = "function"
+attention_blocks = {1 if s.device.startswith("cuda") else 8}
 providers = {providers}
 optimization_level = "all"
 workspace_mib = 4096

@@ -275,7 +275,7 @@ def cmd_export(args) -> int:
     start = time.perf_counter()
     out, manifest = export(args.model, args.out, calibration_dir=args.calibrated, prune=_schedule(args.prune),
                            dtype=args.dtype or "fp32", pruning=args.pruning, attention=args.attention,
-                           device=args.device, force=args.force)
+                           attention_blocks=args.attention_blocks, device=args.device, force=args.force)
     print(format_summary(manifest))
     print(f"exported {args.model} ({manifest['dtype']}) to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
@@ -588,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("fused", "explicit"), default="fused",
                    help="fused: each layer's attention as one ONNX Attention op (opset 23; ONNX Runtime >= 1.23, "
                         "TensorRT >= 10.14); explicit: MatMul/Softmax/MatMul (default: fused)")
+    p.add_argument("--attention-blocks", type=int, default=1, metavar="N",
+                   help="fused attention of the layers before the scoring layer as N ops over blocks of query rows, each "
+                        "with the keys up to its last row: the same result, about (N+1)/2N of the work where the "
+                        "kernel computes masked products (ONNX Runtime CPU; the cpu profile uses 8) (default: 1)")
     p.add_argument("--out", default="out/onnx", help="output folder (default: out/onnx)")
     _add_force(p)
     p.set_defaults(func=cmd_export)
@@ -721,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "validated by `build`), ONNX Runtime GenAI as the decode peer. Vision, prefill, "
                                    "time to first token, decode per token, peak RSS (of every peer and of "
                                    "calibrate/export/build), each time against its FLOP floor measured in the same "
-                                   "run; JSON + PNG + Markdown. --smoke runs the path on the tiny model.")
+                                   "run; JSON + PNG + Markdown. --smoke runs the path on tiny-llava-random.")
     from .bench import PEERS, sizes
 
     p.add_argument("--size", choices=tuple(sizes()), default=None,
@@ -749,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the work folder's model, calibrations, engines and GenAI model when their settings "
                         "match (their build-memory figures are then the earlier run's)")
     p.add_argument("--smoke", action="store_true",
-                   help="the tiny model, 576 visual tokens, 2 runs: checks the path, not the speed")
+                   help="tiny-llava-random, 576 visual tokens, 2 runs: checks the path, not the speed")
     p.add_argument("--out", default=None,
                    help="JSON path, or a folder for the default name (default: "
                         "bench/results/<date>-<size>-<dtype>-b<batch>.json; out/bench/ for --smoke)")

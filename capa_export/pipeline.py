@@ -193,10 +193,11 @@ def calibrated_in_fp32(model_name: str, calibration_samples=None, device=None, p
 
 
 def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, calibration_dir: str | None = None,
-           prune=None, dtype: str = "fp32", pruning: str = "function", attention: str = "fused", device=None,
-           progress: bool = True, force: bool = False) -> tuple[Path, dict]:
-    from .export.exporter import export_model
+           prune=None, dtype: str = "fp32", pruning: str = "function", attention: str = "fused",
+           attention_blocks: int = 1, device=None, progress: bool = True, force: bool = False) -> tuple[Path, dict]:
+    from .export.exporter import check_attention_blocks, export_model
 
+    check_attention_blocks(attention_blocks, attention, "--attention-blocks")
     check_replaceable(out, ONNX, force)
     if calibration_dir:
         model, processor = load_model(model_name, dtype, device)  # in the graph's dtype: no second copy
@@ -208,7 +209,7 @@ def export(model_name: str = DEFAULT_MODEL, out: str | Path = "out/onnx", *, cal
     with output_lock(out):
         check_replaceable(out, ONNX, force)  # again: another command may have written it meanwhile
         path = export_model(model, processor, config, approx, out, dtype=dtype, pruning=pruning, attention=attention,
-                            model_name=model_name, progress=progress)
+                            attention_blocks=attention_blocks, model_name=model_name, progress=progress)
     return path, read_json_manifest(path, ONNX, "an ONNX export")
 
 
@@ -455,7 +456,8 @@ def _build(model_name, profile_name, out, calibration_dir, backend, pruning, plu
         log(f"[2/4] exporting ONNX ({profile.precision}, pruning lowering: {profile.pruning}, "
             f"attention: {profile.attention}) ...")
         export_model(model, processor, config, approx, work / "onnx", dtype=profile.precision,
-                     pruning=profile.pruning, attention=profile.attention, model_name=model_name, progress=progress)
+                     pruning=profile.pruning, attention=profile.attention, attention_blocks=profile.attention_blocks,
+                     model_name=model_name, progress=progress)
         export_info = read_json_manifest(work / "onnx", ONNX, "an ONNX export")
         contract = adapter.family.graph_contract(export_info["layer_segment"])
         # The PyTorch model is given back while the engine builds and loaded again (fp32) for
@@ -468,7 +470,8 @@ def _build(model_name, profile_name, out, calibration_dir, backend, pruning, plu
         fields = {"model": export_info["model"], "capa_config": config.to_dict(), "ffn_layers": export_info["ffn_layers"],
                   "profile": profile.to_dict(), "backend": engine_backend.name, "backend_dir": engine_backend.name,
                   "backend_description": description, "dtype": profile.precision, "pruning": profile.pruning,
-                  "attention": export_info["attention"], "k": export_info["k"],
+                  "attention": export_info["attention"], "attention_blocks": export_info["attention_blocks"],
+                  "k": export_info["k"],
                   "layer_segment": export_info["layer_segment"],
                   "vision_dims": {name: list(value) for name, value in dims.items()},
                   "graph_contract": export_info["graph_contract"], "build_seconds": None}

@@ -9,6 +9,11 @@
                  ops only); "plugin" / "onnx" are accepted as their earlier names
     attention    "fused" (each layer's attention as one ONNX Attention op, opset 23) | "explicit"
                  (MatMul / Softmax / MatMul, for runtimes without Attention-23)
+    attention_blocks  fused attention of the layers that attend from every row of the prompt
+                 (those before the scoring layer) as this many Attention ops over blocks of query
+                 rows, each with the keys up to its last row: the same result with about
+                 (n + 1) / 2n of the L x L work, for kernels that compute masked products (ONNX
+                 Runtime's CPU Attention); default 1
     prune        optional [[K, k], ...] overriding the calibrated schedule (k is fixed per engine)
     providers    ONNX Runtime execution providers, in order
     workspace_mib              TensorRT memory-pool limit / ONNX Runtime arena cap
@@ -47,6 +52,7 @@ class BuildProfile:
     backend: str = "auto"
     pruning: str = "function"
     attention: str = "fused"
+    attention_blocks: int = 1
     prune: list[tuple[int, int]] | None = None
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     workspace_mib: int = 1024
@@ -65,10 +71,11 @@ class BuildProfile:
             raise CapaError(f"{where}: precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
         from .export.graphs import LOWERING_ALIASES, PRUNING_LOWERINGS
 
-        from .export.exporter import ATTENTION_FORMS
+        from .export.exporter import ATTENTION_FORMS, check_attention_blocks
 
         if self.attention not in ATTENTION_FORMS:
             raise CapaError(f"{where}: attention {self.attention!r} must be one of {', '.join(ATTENTION_FORMS)}")
+        check_attention_blocks(self.attention_blocks, self.attention, f"{where}: attention_blocks")
         self.pruning = LOWERING_ALIASES.get(self.pruning, self.pruning)
         if self.pruning not in PRUNING_LOWERINGS:
             raise CapaError(f"{where}: pruning {self.pruning!r} must be one of {', '.join(PRUNING_LOWERINGS)}")
@@ -130,6 +137,7 @@ class BuildProfile:
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "precision": self.precision,
                 "backend": self.backend, "pruning": self.pruning, "attention": self.attention,
+                "attention_blocks": self.attention_blocks,
                 "prune": [list(s) for s in self.prune] if self.prune else None, "providers": self.providers,
                 "workspace_mib": self.workspace_mib, "optimization_level": self.optimization_level,
                 "shapes": {k: list(v) for k, v in self.shapes.items()}, "tensorrt": self.tensorrt}

@@ -76,6 +76,7 @@ PROFILE = {
         "precision": {"enum": ["fp32", "fp16", "bf16"]},
         "backend": SHORT_STRING,
         "pruning": {"enum": ["function", "inline"]},
+        "attention_blocks": POSITIVE,
         "prune": {"anyOf": [{"type": "null"}, CAPA_CONFIG["properties"]["prune"]]},
         "providers": {"type": "array", "items": SHORT_STRING},
         "workspace_mib": POSITIVE,
@@ -117,6 +118,7 @@ ENGINE_MANIFEST = {
         "backend_description": {"type": "object"},
         "dtype": {"enum": ["fp32", "fp16", "bf16"]},
         "pruning": {"enum": ["function", "inline"]},
+        "attention_blocks": POSITIVE,
         "k": {"anyOf": [{"type": "null"}, KEEP], "expect": "null, a count >= 1 or a fraction in (0, 1]"},
         # ModelFamily.dim_ranges: the derived dimensions' [min, opt, max] (visual_tokens, patches, pixels)
         "vision_dims": {"type": "object", "maxProperties": 16, "additionalProperties": SHAPE_RANGE},

@@ -76,6 +76,8 @@ def test_prompt_longer_than_the_profile(engine_copy, capsys):
     ('precision = "fp8"\n', "precision 'fp8'"),
     ('prune = [[2, 600]]\n', "k must be in [1, 576]"),
     ('workspace = 3\n', "unknown field"),
+    ('attention_blocks = 0\n', "attention_blocks = 0 must be an integer from 1 to 64"),
+    ('attention = "explicit"\nattention_blocks = 4\n', "needs fused attention"),
 ])
 def test_bad_profiles_write_nothing(tmp_path, capsys, toml, message):
     profile = tmp_path / "bad.toml"
@@ -84,6 +86,16 @@ def test_bad_profiles_write_nothing(tmp_path, capsys, toml, message):
     code, _, err = run(capsys, "build", "--profile", profile, "--out", out / "x")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attention-blocks", "0"], "--attention-blocks = 0 must be an integer from 1 to 64"),
+    (["--attention", "explicit", "--attention-blocks", "8"], "needs fused attention"),
+])
+def test_bad_attention_blocks_write_nothing(tmp_path, capsys, argv, message):
+    code, _, err = run(capsys, "export", *argv, "--out", tmp_path / "onnx")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_unknown_profile_lists_the_known_ones(capsys):

@@ -107,6 +107,38 @@ def test_both_lowerings_match_the_capa_model(llava, cpu_engine, tmp_path, loweri
     np.testing.assert_allclose(logits, expected.logits[:, -1].numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_layers_before_pruning_attend_in_query_blocks(cpu_engine):
+    """The cpu profile's attention_blocks: each layer that sees the whole prompt before the scoring
+    layer holds that many Attention nodes (blocks of query rows); the scoring layer (its kept rows
+    over every key) and every later layer one; recorded in the manifest."""
+    path, _ = cpu_engine
+    manifest = json.loads((path / "manifest.json").read_text())
+    blocks, first_stage = manifest["attention_blocks"], manifest["capa_config"]["prune"][0][0]
+    assert blocks == manifest["profile"]["attention_blocks"] == 8
+    graph = onnx.load(str(path / "onnx" / "prefill.onnx"), load_external_data=False)
+    layers = manifest["model"]["num_layers"]
+    attention = [n for n in graph.graph.node if n.op_type == "Attention"]
+    assert len(attention) == blocks * (first_stage - 1) + (layers - first_stage + 1)
+
+
+def test_prefill_cache_equals_the_capa_model_on_every_position(llava, cpu_engine):
+    """A left-padded batch through the engine's prefill (attention in query blocks before pruning):
+    every layer's KV cache equals the CapaModel's at every position, padding positions included
+    (a padding row's attention sees itself only, whatever block of keys the runtime is given)."""
+    model, processor = llava
+    path, _ = cpu_engine
+    capa = apply_capa(model, CapaConfig.load(path / "calibration"), FfnApproximation.load(path / "calibration", model))
+    batch = fresh_batch(processor, capa.adapter)
+    assert batch["attention_mask"][0, 0] == 0  # the first prompt is shorter: left-padded
+    session = ort.InferenceSession(str(path / "onnx" / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
+    outputs = dict(zip(names, session.run(names, prefill_feed(capa, batch))))
+    expected = graph_inputs(capa, batch)["decode"]
+    for name in names:
+        reference = expected[name.replace("present.", "past.")].numpy()
+        np.testing.assert_allclose(outputs[name], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max(), err_msg=name)
+
+
 def test_folded_ffn_weights_are_in_the_prefill_graph(llava, cpu_engine):
     model, _ = llava
     path, _ = cpu_engine

@@ -236,3 +236,46 @@ def test_scoring_rows_equal_the_rows_of_the_full_softmax_in_float64(kv_heads):
     rows = ScoringRows(q, k, mask, scale).rows(first)
     assert rows.shape == (batch, heads, length - first, length)
     torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def float64_attention(q, k, v, padding, scale):
+    """Causal attention with left padding in float64, keys and values repeated per query head; a
+    padding query row sees itself only (the mask's rule for rows whose output is never read)."""
+    length = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k64, v64 = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    logits = (q.double() @ k64.transpose(-1, -2)) * scale
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None]
+    real = padding.bool()
+    allowed = (causal & real[:, None, None, :]) | (torch.eye(length, dtype=torch.bool)[None, None]
+                                                   & ~real[:, None, :, None])
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1) @ v64
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("blocks", [1, 3, 8, 12])
+def test_blocked_attention_equals_float64_attention_on_every_row(kv_heads, blocks):
+    """The prefill's attention as query blocks (`blocked_attention`, what the exported graph runs
+    before pruning) against float64 by hand, on every row including padding rows (their KV is part
+    of the cache an engine returns): 9 rows in 3 blocks of 3, 8 blocks of 1-2 and 12 blocks, some empty."""
+    from capa_export.method.capa_model import additive_mask, blocked_attention
+
+    torch.manual_seed(1)
+    batch, heads, length, dim = 2, 4, 9, 8
+    q, k, v = torch.randn(batch, heads, length, dim), *torch.randn(2, batch, kv_heads, length, dim)
+    padding = torch.ones(batch, length, dtype=torch.long)
+    padding[1, :3] = 0
+    mask = additive_mask(padding, length, torch.float32)
+    out = blocked_attention(q, k, v, mask, blocks, heads, kv_heads, dim ** -0.5)
+    assert out.shape == (batch, heads, length, dim)
+    torch.testing.assert_close(out.double(), float64_attention(q, k, v, padding, dim ** -0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_a_padding_row_attends_to_itself_only():
+    from capa_export.method.capa_model import additive_mask
+
+    padding = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    visible = additive_mask(padding, 4, torch.float32)[:, 0] == 0
+    assert visible[0].tolist() == [[True, False, False, False], [False, True, False, False],
+                                   [False, False, True, False], [False, False, True, True]]
+    assert visible[1].tolist() == torch.tril(torch.ones(4, 4, dtype=torch.bool)).tolist()

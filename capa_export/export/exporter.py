@@ -39,6 +39,19 @@ WEIGHTS_FILE = "weights.data"
 #: 23: the standard Attention op (GQA, past/present KV, post-softmax probabilities)
 OPSET = 23
 ATTENTION_FORMS = ("fused", "explicit")
+#: most query blocks of a fused attention (`method.capa_model.blocked_attention`): each block is one
+#: Attention node per layer before pruning
+MAX_ATTENTION_BLOCKS = 64
+
+
+def check_attention_blocks(blocks, attention: str = "fused", where: str = "attention_blocks") -> None:
+    """Query blocks of the prefill's fused attention before pruning: 1 (one Attention op per layer)
+    to MAX_ATTENTION_BLOCKS; more than 1 only with fused attention (the explicit form has no op to split)."""
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= MAX_ATTENTION_BLOCKS:
+        raise CapaError(f"{where} = {blocks!r} must be an integer from 1 to {MAX_ATTENTION_BLOCKS}")
+    if blocks > 1 and attention != "fused":
+        raise CapaError(f"{where} = {blocks} needs fused attention (got attention {attention!r}); use 1 or "
+                        f"attention = \"fused\"")
 # Tensors smaller than this stay inline in their graph (scalars, shapes): not worth an offset.
 INLINE_BYTES = 1024
 #: example batch size: 2, so that no dimension is specialised to 1 when tracing
@@ -208,7 +221,8 @@ def check_graphs(directory: Path, graphs=GRAPHS) -> dict:
 
 
 def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="fp32", pruning: str = "function",
-                 attention: str = "fused", model_name: str = "", progress: bool = True, graphs=GRAPHS) -> Path:
+                 attention: str = "fused", attention_blocks: int = 1, model_name: str = "", progress: bool = True,
+                 graphs=GRAPHS) -> Path:
     """Export the CAPA model to `out_dir` (written under a temporary name, renamed when complete).
 
     attention: "fused" writes each layer's attention as one ONNX Attention op (opset 23: ONNX
@@ -217,6 +231,7 @@ def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="f
     pruning = pruning_lowering(pruning)
     if attention not in ATTENTION_FORMS:
         raise CapaError(f"attention {attention!r} is unknown; expected one of {', '.join(ATTENTION_FORMS)}")
+    check_attention_blocks(attention_blocks, attention)
     graph_type = float_type(dtype)
     if next(model.parameters()).dtype != graph_type.torch:
         model = cast_model(copy.deepcopy(model), graph_type.torch)  # the caller's model stays as it was
@@ -224,6 +239,7 @@ def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="f
         ffn = ffn.cast(graph_type.torch)  # folded weights in the graph's dtype: plain MatMul + Add, no Cast
     capa = apply_capa(model, config, ffn)
     capa.fused_attention = attention == "fused"
+    capa.attention_blocks = attention_blocks
     adapter = adapter_for(model)
     start = time.perf_counter()
 
@@ -241,6 +257,7 @@ def export_model(model, processor, config, ffn, out_dir: str | Path, *, dtype="f
             "dtype": graph_type.name,
             "pruning": pruning,
             "attention": attention,
+            "attention_blocks": attention_blocks,
             "k": config.prune[-1][1] if config.prune else None,
             "layer_segment": capa.layer_segments(),
             "graph_contract": contract.to_dict(),

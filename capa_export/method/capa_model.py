@@ -57,6 +57,26 @@ class PrefillState:
 
 
 @dataclass
+class PromptRows:
+    """What a prefill knows of each row it carries from layer to layer: [B, L'] (positions [..., B, L'])."""
+
+    position_ids: torch.Tensor
+    padding_mask: torch.Tensor
+    query_weight: torch.Tensor  # 1.0 for the scoring queries
+    visual_slots: torch.Tensor  # [B, n] the visual candidates' rows
+    kept_positions: torch.Tensor  # original sequence index of each row
+    visual_ids: torch.Tensor  # [B, n] original visual index of each candidate
+
+    def keep(self, keep_local: torch.Tensor) -> tuple[torch.Tensor, "PromptRows"]:
+        """Keep the candidates keep_local [B, k] (ascending indices into visual_slots) and every
+        other row: (keep_seq [B, L' - n + k] the rows kept, the rows after the stage)."""
+        keep_seq, visual_slots = drop_visual(self.visual_slots, keep_local, self.padding_mask.shape[1])
+        return keep_seq, PromptRows(gather_positions(self.position_ids, keep_seq), self.padding_mask.gather(1, keep_seq),
+                                    self.query_weight.gather(1, keep_seq), visual_slots,
+                                    self.kept_positions.gather(1, keep_seq), self.visual_ids.gather(1, keep_local))
+
+
+@dataclass
 class CapaOutput:
     logits: torch.Tensor  # [B, L', V] (L' = pruned length) or [B, 1, V] with last_logits_only
     keep_indices: torch.Tensor  # [B, k] original visual-token indices kept, ascending
@@ -66,12 +86,18 @@ class CapaOutput:
 
 
 def additive_mask(padding_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, T, S] additive mask: key j visible to query i iff real and j <= (S - T) + i."""
+    """[B, 1, T, S] additive mask: key j visible to query i iff real and j <= (S - T) + i; a padding
+    query row sees itself only. That row's output is never read, but without a visible key its
+    softmax would be uniform over every key the kernel is given, so a runtime that computes blocks
+    of keys (`blocked_attention`) would write other padding values (and KV cache) than the one-op
+    graph and this reference; with one visible key both are the same."""
     batch, keys = padding_mask.shape
     device = padding_mask.device
     query_pos = torch.arange(query_length, device=device)[:, None] + (keys - query_length)
-    causal = torch.arange(keys, device=device)[None, :] <= query_pos
-    allowed = causal[None, :, :] & padding_mask.bool()[:, None, :]
+    key_pos = torch.arange(keys, device=device)[None, :]
+    causal = key_pos <= query_pos
+    real = padding_mask.bool()
+    allowed = (causal[None, :, :] & real[:, None, :]) | ((key_pos == query_pos)[None] & ~real[:, -query_length:, None])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
@@ -95,6 +121,26 @@ class ScoringRows:
         k = self.k.repeat_interleave(group, dim=1) if group > 1 else self.k
         scores = (self.q[:, :, first:] @ k.transpose(-1, -2)) * self.scale + self.mask[:, :, first:]
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.q.dtype)
+
+
+def blocked_attention(q, k, v, mask, blocks: int, h: int, h_kv: int, scale: float) -> torch.Tensor:
+    """Attention over a whole prompt (no past) as `blocks` ONNX Attention ops, one per block of
+    query rows, each given the keys up to its block's last row only. The keys after a block's last
+    row are masked (causal) for all of its rows, so each row's softmax and output are the one op's,
+    while the work is about (blocks + 1) / (2 blocks) of the full L x L product. Why: ONNX Runtime's
+    CPU Attention computes every product the mask then discards (measured with ONNX Runtime 1.32 on
+    2 cores, 16 heads of 64, 2,975 rows: 327 ms as one op, 151 ms as 8 blocks, 159 ms for torch's
+    causal SDPA). The bounds come from the traced length, so the sequence stays dynamic; with fewer
+    rows than blocks some blocks are empty."""
+    length = q.shape[2]
+    outputs = []
+    for block in range(blocks):
+        start, end = (block * length) // blocks, ((block + 1) * length) // blocks
+        out, _, _, _ = torch.onnx.ops.attention(
+            q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask[:, :, start:end, :end],
+            kv_num_heads=h_kv, q_num_heads=h, scale=scale, softmax_precision=1)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -160,6 +206,10 @@ class CapaModel(nn.Module):
         #: exported graphs: attention as one ONNX Attention op (set by the exporter); eager runs
         #: always use the explicit softmax, the reference every engine is validated against
         self.fused_attention = False
+        #: exported graphs: the prefill layers that attend from every row of the prompt (before the
+        #: first stage's scoring layer) split their fused attention into this many blocks of query
+        #: rows (`blocked_attention`)
+        self.attention_blocks = 1
 
     def _resolve_ffn_layers(self, config, ffn) -> list[int]:
         if config.ffn_layers == "auto":
@@ -289,47 +339,68 @@ class CapaModel(nn.Module):
                        trim_queries: bool = False) -> PrefillState:
         """The decoder over the prompt with pruning stages and FFN approximation.
 
+        A stage at layer K drops tokens by scores from layer K-1's attention, and it drops them
+        inside layer K-1, as soon as those scores exist: that layer computes keys and values for
+        every row (its KV cache holds the whole sequence), but its attention output, o_proj and FFN
+        only for the rows layer K receives. Those are row-wise (each row attends over all keys), so
+        every kept row's result is what the whole layer would give it, and the rest were never used:
+        at 2,928 visual tokens this is most of one full-length layer. (While calibration collects
+        FFN activations, the layer runs whole and the stage drops at K: the fit sees every row.)
+
         Traceable by torch.export when `select` is (no data-dependent Python), which is how the
         exported prefill graph and this reference share one implementation.
         """
         adapter = self.adapter
         batch, length = hidden.shape[:2]
         num_visual = visual_slots.shape[1]
-        visual_ids = torch.arange(num_visual, device=hidden.device)[None, :].expand(batch, num_visual)
-        kept_positions = torch.arange(length, device=hidden.device)[None, :].expand(batch, length)
+        rows = PromptRows(position_ids, padding_mask, query_weight, visual_slots,
+                          torch.arange(length, device=hidden.device)[None, :].expand(batch, length),
+                          torch.arange(num_visual, device=hidden.device)[None, :].expand(batch, num_visual))
         keys_out, values_out, segment_masks, stage_keep = [], [], [], []
-        cos, sin = adapter.rotary(hidden, position_ids)
-        mask = additive_mask(padding_mask, length, hidden.dtype)
+        cos, sin = adapter.rotary(hidden, rows.position_ids)
+        mask = additive_mask(rows.padding_mask, length, hidden.dtype)
         scoring = None
+        drop_in_scoring_layer = self.collector is None
         for index in range(adapter.num_layers):
-            if index in self.prune_at:
-                segment_masks.append(padding_mask)
+            if index in self.prune_at and not drop_in_scoring_layer:
+                segment_masks.append(rows.padding_mask)
                 # a keep fraction is of the original N (in an exported graph: k computed from N)
-                keep_local = select(*scoring, keep_count(self.prune_at[index], num_visual))
-                keep_seq, visual_slots = drop_visual(visual_slots, keep_local, hidden.shape[1])
-                visual_ids = visual_ids.gather(1, keep_local)
-                stage_keep.append(visual_ids)
+                keep_seq, rows = rows.keep(select(*scoring, keep_count(self.prune_at[index], num_visual)))
+                stage_keep.append(rows.visual_ids)
                 hidden = gather_rows(hidden, keep_seq)
-                position_ids = gather_positions(position_ids, keep_seq)
-                padding_mask = padding_mask.gather(1, keep_seq)
-                kept_positions = kept_positions.gather(1, keep_seq)
-                query_weight = query_weight.gather(1, keep_seq)
-                cos, sin = adapter.rotary(hidden, position_ids)
-                mask = additive_mask(padding_mask, hidden.shape[1], hidden.dtype)
-            needs_scores = (index + 1) in self.prune_at or self.attention_probe is not None
-            hidden, (keys, values), probs = self._layer(index, hidden, cos, sin, mask, None, visual_slots,
-                                                         want_probs=needs_scores)
-            if needs_scores:
-                scoring = self._scoring_inputs(index, probs, values, visual_slots, query_weight, trim_queries)
+                cos, sin = adapter.rotary(hidden, rows.position_ids)
+                mask = additive_mask(rows.padding_mask, hidden.shape[1], hidden.dtype)
+            stage = self.prune_at.get(index + 1)
+            parts = adapter.layer(index)
+            normed = parts.input_norm(hidden)
+            q, k, v = self._project(parts, normed, cos, sin)
+            if stage is not None or self.attention_probe is not None:
+                probs = ScoringRows(q, k, mask, parts.attention_scale)
+                scoring = self._scoring_inputs(index, probs, v, rows.visual_slots, rows.query_weight, trim_queries)
                 if self.attention_probe is not None:
-                    self.attention_probe(index, *scoring, visual_slots)
-            keys_out.append(keys)
-            values_out.append(values)
-        segment_masks.append(padding_mask)
-        return PrefillState(hidden, keys_out, values_out, segment_masks, stage_keep, kept_positions)
+                    self.attention_probe(index, *scoring, rows.visual_slots)
+            if stage is not None and drop_in_scoring_layer:
+                segment_masks.append(rows.padding_mask)  # this layer's cache: the whole sequence
+                keep_seq, rows = rows.keep(select(*scoring, keep_count(stage, num_visual)))
+                stage_keep.append(rows.visual_ids)
+                # the kept rows' queries over every key: their mask rows, no blocks (few rows)
+                q = q.gather(2, keep_seq[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+                attn_out, _ = self._attend(parts, q, k, v, mask.gather(2, keep_seq[:, None, :, None].expand(
+                    -1, mask.shape[1], -1, mask.shape[3])), None)
+                hidden = self._ffn_block(index, gather_rows(hidden, keep_seq) + attn_out, rows.visual_slots)
+                cos, sin = adapter.rotary(hidden, rows.position_ids)
+                mask = additive_mask(rows.padding_mask, hidden.shape[1], hidden.dtype)
+            else:
+                whole_prompt = not any(s <= index for s in self.prune_at)
+                attn_out, _ = self._attend(parts, q, k, v, mask, None, self.attention_blocks if whole_prompt else 1)
+                hidden = self._ffn_block(index, hidden + attn_out, rows.visual_slots)
+            keys_out.append(k)
+            values_out.append(v)
+        segment_masks.append(rows.padding_mask)
+        return PrefillState(hidden, keys_out, values_out, segment_masks, stage_keep, rows.kept_positions)
 
     def _scoring_inputs(self, index, probs, values, visual_slots, query_weight, trim_queries: bool):
-        """What the scoring layer already computed, cut to the visual keys: probs [B, H, Q, N]
+        """What the scoring layer computed, cut to the visual keys: probs [B, H, Q, N]
         (rows of non-scoring queries zeroed: they add exactly 0 to every variant), values
         [B, H_kv, N, d], W_O. The leading rows no batch element scores with are cut first (padding
         is on the left, so every scoring row is at or after the first one): without the cut the
@@ -344,7 +415,7 @@ class CapaModel(nn.Module):
             first = (query_weight.sum(0) > 0).to(torch.int64).argmax().item()
             torch._check(first >= 0)
             torch._check(first < length)
-        probs = probs.rows(first) if isinstance(probs, ScoringRows) else probs[:, :, first:]
+        probs = probs.rows(first)
         b, h = probs.shape[:2]
         n = visual_slots.shape[1]
         probs_q = probs.gather(3, visual_slots[:, None, None, :].expand(b, h, probs.shape[2], n))
@@ -353,13 +424,18 @@ class CapaModel(nn.Module):
         return probs_q, values_v, self.adapter.layer(index).o_proj.weight
 
     # ------------------------------------------------------------------------------------------
-    def _layer(self, index, hidden, cos, sin, mask, past, visual_slots, want_probs=False):
+    def _layer(self, index, hidden, cos, sin, mask, past, visual_slots):
+        """One decoder layer on every row of `hidden` (decoding: `past` holds the layer's cache)."""
+        parts = self.adapter.layer(index)
+        q, k, v = self._project(parts, parts.input_norm(hidden), cos, sin)
+        attn_out, (keys, values) = self._attend(parts, q, k, v, mask, past)
+        return self._ffn_block(index, hidden + attn_out, visual_slots), (keys, values)
+
+    def _ffn_block(self, index, hidden, visual_slots):
+        """The layer's second half on `hidden` (after attention and its residual): norm, FFN (the
+        affine map on visual rows where approximated), residual."""
         adapter = self.adapter
         parts = adapter.layer(index)
-        residual = hidden
-        normed = parts.input_norm(hidden)
-        attn_out, (keys, values), probs = self._attention(parts, normed, cos, sin, mask, past, want_probs)
-        hidden = residual + attn_out
         residual = hidden
         normed = parts.post_attention_norm(hidden)
         has_visual = visual_slots is not None and visual_slots.shape[1] > 0
@@ -380,27 +456,36 @@ class CapaModel(nn.Module):
             full = ffn_out if index not in self.ffn_layers else parts.mlp(normed)
             is_visual = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
             self.collector(index, normed, full, is_visual.scatter(1, visual_slots, True))
-        return residual + ffn_out, (keys, values), (probs if want_probs else None)
+        return residual + ffn_out
 
-    def _attention(self, parts, x, cos, sin, mask, past, want_probs: bool = False):
+    def _project(self, parts, x, cos, sin):
+        """q [B, H, L, d], k and v [B, H_kv, L, d] of the normalised rows x, rotary applied."""
         batch, length, _ = x.shape
         h, h_kv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
         q = parts.q_proj(x).view(batch, length, h, d).transpose(1, 2)
         k = parts.k_proj(x).view(batch, length, h_kv, d).transpose(1, 2)
         v = parts.v_proj(x).view(batch, length, h_kv, d).transpose(1, 2)
         q, k = self.adapter.apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def _attend(self, parts, q, k, v, mask, past, blocks: int = 1):
+        """Attention of the query rows q over the keys (past + k), through o_proj: ([B, T, D], the
+        layer's keys and values with the past ones). mask [B, 1, T, S]: rows of q, columns of keys."""
+        batch, length = q.shape[0], q.shape[2]
+        h, h_kv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
         if self.fused_attention and torch.onnx.is_in_onnx_export():
             # ONNX Attention (opset 23): one fused op for runtimes to run with their own kernel
             # (TensorRT >= 10.14, ONNX Runtime >= 1.23); it appends the new keys to the past ones.
             # The scoring layer's probabilities are not taken from it (qk_matmul_output_mode=3 writes
             # all L x L x H of them; scoring reads the rows after the image): see ScoringRows.
-            out, k, v, _ = torch.onnx.ops.attention(
-                q, k, v, attn_mask=mask, past_key=None if past is None else past[0],
-                past_value=None if past is None else past[1], kv_num_heads=h_kv, q_num_heads=h,
-                scale=parts.attention_scale, softmax_precision=1)  # 1 = FLOAT: softmax in fp32, as eager
-            out = out.transpose(1, 2).reshape(batch, length, h * d)
-            probs = ScoringRows(q, k, mask, parts.attention_scale) if want_probs else None
-            return parts.o_proj(out), (k, v), probs
+            if past is None and blocks > 1:
+                out = blocked_attention(q, k, v, mask, blocks, h, h_kv, parts.attention_scale)
+            else:
+                out, k, v, _ = torch.onnx.ops.attention(
+                    q, k, v, attn_mask=mask, past_key=None if past is None else past[0],
+                    past_value=None if past is None else past[1], kv_num_heads=h_kv, q_num_heads=h,
+                    scale=parts.attention_scale, softmax_precision=1)  # 1 = FLOAT: softmax in fp32, as eager
+            return parts.o_proj(out.transpose(1, 2).reshape(batch, length, h * d)), (k, v)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
@@ -410,7 +495,7 @@ class CapaModel(nn.Module):
         scores = (q @ k_rep.transpose(-1, -2)) * parts.attention_scale + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = (probs @ v_rep).transpose(1, 2).reshape(batch, length, h * d)
-        return parts.o_proj(out), (k, v), probs
+        return parts.o_proj(out), (k, v)
 
     # ------------------------------------------------------------------------------------------
     def _decode(self, input_ids, cache: CapaCache, attention_mask, last_logits_only):
@@ -440,7 +525,7 @@ class CapaModel(nn.Module):
         keys_out, values_out = [], []
         for index in range(self.adapter.num_layers):
             past = (past_keys[index], past_values[index])
-            hidden, (keys, values), _ = self._layer(index, hidden, cos, sin, additive[layer_segment[index]], past, None)
+            hidden, (keys, values) = self._layer(index, hidden, cos, sin, additive[layer_segment[index]], past, None)
             keys_out.append(keys)
             values_out.append(values)
         return hidden, keys_out, values_out
