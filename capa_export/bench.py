@@ -944,8 +944,8 @@ def format_markdown(report: dict) -> str:
         for visual, summary in profile["profiles"].items():
             ops = ", ".join(f"{o['op']} {o['ms']:.0f} ms ({o['share']:.0%})" for o in summary["by_op_type"][:8])
             nodes = ", ".join(f"{n['node']} {n['ms']:.0f} ms" for n in summary["slowest_nodes"][:5])
-            out += ["", f"Profile of {peer}'s prefill at {visual} visual tokens (ONNX Runtime, one run, "
-                        f"{summary['model_run_ms']:.0f} ms): {ops}. Slowest nodes: {nodes}."]
+            out += ["", f"Profile of {peer}'s prefill at {visual} visual tokens (ONNX Runtime, the "
+                        f"session's run {summary.get('runs', 1)}, {summary['model_run_ms']:.0f} ms): {ops}. Slowest nodes: {nodes}."]
     return "\n".join(out) + "\n"
 
 

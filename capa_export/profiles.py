@@ -98,6 +98,9 @@ class BuildProfile:
         for key in REQUIRED_SHAPES:
             shapes.setdefault(key, (1, 1, 1) if key in ("batch", "images") else (1, 1024, 4096))
         self.shapes = shapes
+        if self.attention_blocks > shapes["sequence"][0]:  # a block per row at least: no empty Attention
+            raise CapaError(f"{where}: attention_blocks = {self.attention_blocks} exceeds the shortest prompt "
+                            f"shapes.sequence[0] = {shapes['sequence'][0]}; use at most that many blocks")
         if self.prune is not None:
             from .config import CapaConfig
 

@@ -78,6 +78,7 @@ def test_prompt_longer_than_the_profile(engine_copy, capsys):
     ('workspace = 3\n', "unknown field"),
     ('attention_blocks = 0\n', "attention_blocks = 0 must be an integer from 1 to 64"),
     ('attention = "explicit"\nattention_blocks = 4\n', "needs fused attention"),
+    ('attention_blocks = 16\n[shapes]\nsequence = [8, 640, 2048]\n', "exceeds the shortest prompt shapes.sequence[0] = 8"),
 ])
 def test_bad_profiles_write_nothing(tmp_path, capsys, toml, message):
     profile = tmp_path / "bad.toml"

@@ -1,8 +1,9 @@
 """CapaModel: the decoder run layer by layer with contribution pruning and FFN approximation.
 
 This is the reference every export and engine is validated against, so it is written for
-clarity: eager attention (the probabilities are needed for scoring anyway), float32 softmax as the
-HF eager path does, and no fused kernels.
+clarity: explicit attention (scores, float32 softmax as the HF eager path does, values), and no
+fused kernels; the scoring layer's probabilities are recomputed for the scoring rows (ScoringRows),
+as the exported graph does.
 
 Sequence bookkeeping, per row b:
 - `visual_slots[b]`   indices, in the current sequence, of the visual tokens still present;
@@ -10,8 +11,9 @@ Sequence bookkeeping, per row b:
 - `positions`         rotary positions, gathered (never renumbered) when tokens are dropped;
 - `padding_mask`      1 for real tokens, gathered alongside.
 Layers before the first pruning layer see the full sequence; a stage (K, k) keeps the k best
-visual tokens, scored from layer K-1's attention, and layers >= K see the shorter sequence. Each
-layer's KV cache has the length of the sequence that layer saw; decoding appends to all of them.
+visual tokens, scored from layer K-1's attention, and layers >= K see the shorter sequence (layer
+K-1 itself finishes on the kept rows only: `prefill_layers`). Each layer's KV cache has the length
+of the sequence whose keys that layer computed; decoding appends to all of them.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def blocked_attention(q, k, v, mask, blocks: int, h: int, h_kv: int, scale: floa
     CPU Attention computes every product the mask then discards (measured with ONNX Runtime 1.32 on
     2 cores, 16 heads of 64, 2,975 rows: 327 ms as one op, 151 ms as 8 blocks, 159 ms for torch's
     causal SDPA). The bounds come from the traced length, so the sequence stays dynamic; with fewer
-    rows than blocks some blocks are empty."""
+    rows than blocks some blocks are empty (a build profile refuses more blocks than its shortest
+    prompt: runtimes need not take empty Attention inputs)."""
     length = q.shape[2]
     outputs = []
     for block in range(blocks):
@@ -201,9 +204,10 @@ class CapaModel(nn.Module):
         #: collect_layers when set (calibration)
         self.collector: Callable | None = None
         self.collect_layers: set[int] = set()
-        #: called as probe(layer, probs, values, o_weight, visual_slots, query_weight) (analysis)
+        #: called as probe(layer, probs, values, o_weight, visual_slots) with the scoring inputs of
+        #: every layer (analysis)
         self.attention_probe: Callable | None = None
-        #: exported graphs: attention as one ONNX Attention op (set by the exporter); eager runs
+        #: exported graphs: attention as fused ONNX Attention ops (set by the exporter); eager runs
         #: always use the explicit softmax, the reference every engine is validated against
         self.fused_attention = False
         #: exported graphs: the prefill layers that attend from every row of the prompt (before the
@@ -344,8 +348,8 @@ class CapaModel(nn.Module):
         every row (its KV cache holds the whole sequence), but its attention output, o_proj and FFN
         only for the rows layer K receives. Those are row-wise (each row attends over all keys), so
         every kept row's result is what the whole layer would give it, and the rest were never used:
-        at 2,928 visual tokens this is most of one full-length layer. (While calibration collects
-        FFN activations, the layer runs whole and the stage drops at K: the fit sees every row.)
+        at 2,928 visual tokens this is most of one full-length layer. (Calibration collects FFN
+        activations unpruned; with stages, a collector would see the rows each layer computes.)
 
         Traceable by torch.export when `select` is (no data-dependent Python), which is how the
         exported prefill graph and this reference share one implementation.
@@ -359,17 +363,7 @@ class CapaModel(nn.Module):
         keys_out, values_out, segment_masks, stage_keep = [], [], [], []
         cos, sin = adapter.rotary(hidden, rows.position_ids)
         mask = additive_mask(rows.padding_mask, length, hidden.dtype)
-        scoring = None
-        drop_in_scoring_layer = self.collector is None
         for index in range(adapter.num_layers):
-            if index in self.prune_at and not drop_in_scoring_layer:
-                segment_masks.append(rows.padding_mask)
-                # a keep fraction is of the original N (in an exported graph: k computed from N)
-                keep_seq, rows = rows.keep(select(*scoring, keep_count(self.prune_at[index], num_visual)))
-                stage_keep.append(rows.visual_ids)
-                hidden = gather_rows(hidden, keep_seq)
-                cos, sin = adapter.rotary(hidden, rows.position_ids)
-                mask = additive_mask(rows.padding_mask, hidden.shape[1], hidden.dtype)
             stage = self.prune_at.get(index + 1)
             parts = adapter.layer(index)
             normed = parts.input_norm(hidden)
@@ -379,8 +373,9 @@ class CapaModel(nn.Module):
                 scoring = self._scoring_inputs(index, probs, v, rows.visual_slots, rows.query_weight, trim_queries)
                 if self.attention_probe is not None:
                     self.attention_probe(index, *scoring, rows.visual_slots)
-            if stage is not None and drop_in_scoring_layer:
+            if stage is not None:
                 segment_masks.append(rows.padding_mask)  # this layer's cache: the whole sequence
+                # a keep fraction is of the original N (in an exported graph: k computed from N)
                 keep_seq, rows = rows.keep(select(*scoring, keep_count(stage, num_visual)))
                 stage_keep.append(rows.visual_ids)
                 # the kept rows' queries over every key: their mask rows, no blocks (few rows)
@@ -474,7 +469,7 @@ class CapaModel(nn.Module):
         batch, length = q.shape[0], q.shape[2]
         h, h_kv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
         if self.fused_attention and torch.onnx.is_in_onnx_export():
-            # ONNX Attention (opset 23): one fused op for runtimes to run with their own kernel
+            # ONNX Attention (opset 23): fused ops for runtimes to run with their own kernel
             # (TensorRT >= 10.14, ONNX Runtime >= 1.23); it appends the new keys to the past ones.
             # The scoring layer's probabilities are not taken from it (qk_matmul_output_mode=3 writes
             # all L x L x H of them; scoring reads the rows after the image): see ScoringRows.
