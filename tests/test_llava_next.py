@@ -126,13 +126,10 @@ def test_keep_fraction_counts_patch_tokens_only(next_model):
         assert out.keep_indices.shape == (1, expected_keep(n))
 
 
-@pytest.mark.parametrize("layout_candidates", [False, True])
-def test_pruned_equals_hf_layers_on_the_reduced_sequence(next_model, layout_candidates):
+def check_pruned_equals_hf_layers(model, batch, layout_candidates: bool) -> None:
     """Keep 200 candidates from layer 2: text, the kept candidates and (by default) every newline
-    stay; HF's layers on that sequence give the same logits."""
-    model, _ = next_model
+    stay; HF's layers on that sequence give the same logits (LLaVA-NeXT and OneVision)."""
     family = adapter_for(model).family
-    batch = encode(next_model, WIDE)
     out = apply_capa(model, CapaConfig(prune=[(2, 200)], prune_layout_tokens=layout_candidates))(**batch)
     candidates = family.visual_positions(batch["input_ids"], batch, layout_candidates=layout_candidates)[0]
     kept_candidates = set(candidates[out.keep_indices[0]].tolist())
@@ -145,6 +142,11 @@ def test_pruned_equals_hf_layers_on_the_reduced_sequence(next_model, layout_cand
         assert set(newlines.nonzero()[:, 0].tolist()) <= set(kept)
     expected = hf_reduced_reference(model, batch, kept, layer=2)
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout_candidates", [False, True])
+def test_pruned_equals_hf_layers_on_the_reduced_sequence(next_model, layout_candidates):
+    check_pruned_equals_hf_layers(next_model[0], encode(next_model, WIDE), layout_candidates)
 
 
 def test_bench_sizes_are_real_llava_next_configs():

@@ -21,7 +21,7 @@ from capa_export.models import adapter_for, load_model
 from capa_export.runtime import CapaEngine
 
 from .conftest import eager_attention
-from .test_llava_next import hf_reduced_reference, picture
+from .test_llava_next import check_pruned_equals_hf_layers, picture
 
 #: (height, width): a wide picture (1 x 2 crops) and a tall one (2 x 1 crops); both unpad to under
 #: 1,800 tokens, so prompts fit the cpu profile's 2,048
@@ -194,23 +194,7 @@ def test_two_images_in_one_prompt_equal_hf(ov_model):
 
 @pytest.mark.parametrize("layout_candidates", [False, True])
 def test_pruned_equals_hf_layers_on_the_reduced_sequence(ov_model, layout_candidates):
-    """Keep 200 candidates from layer 2: text, the kept candidates and (by default) every newline
-    stay; HF's layers on that sequence give the same logits."""
-    model, _ = ov_model
-    family = adapter_for(model).family
-    batch = encode(ov_model, WIDE)
-    out = apply_capa(model, CapaConfig(prune=[(2, 200)], prune_layout_tokens=layout_candidates))(**batch)
-    candidates = family.visual_positions(batch["input_ids"], batch, layout_candidates=layout_candidates)[0]
-    kept_candidates = set(candidates[out.keep_indices[0]].tolist())
-    is_image = batch["input_ids"][0] == family.image_token_id
-    newlines = family.layout_token_mask(batch)[0]
-    kept = [p for p in range(batch["input_ids"].shape[1])
-            if p in kept_candidates or not is_image[p] or (bool(newlines[p]) and not layout_candidates)]
-    assert out.kept_positions[0].tolist() == kept
-    if not layout_candidates:  # every newline survives
-        assert set(newlines.nonzero()[:, 0].tolist()) <= set(kept)
-    expected = hf_reduced_reference(model, batch, kept, layer=2)
-    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
+    check_pruned_equals_hf_layers(ov_model[0], encode(ov_model, WIDE), layout_candidates)
 
 
 def test_inconsistent_image_inputs_are_refused(ov_model):
