@@ -82,10 +82,8 @@ def test_newline_slots_are_where_hf_puts_image_newline(next_model, size):
     assert family.visual_positions(batch["input_ids"], batch, layout_candidates=True)[0].tolist() == slots.tolist()
 
 
-@pytest.mark.parametrize("size", [WIDE, TALL])
-def test_unpruned_equals_hf_forward_and_generate(next_model, size):
-    model, _ = next_model
-    batch = encode(next_model, size)
+def check_unpruned_equals_hf(model, batch) -> None:
+    """The unpruned CapaModel's logits = HF forward's, its greedy tokens = HF `generate`'s."""
     capa = apply_capa(model, CapaConfig(prune=[]))
     with torch.no_grad():
         expected = model(**batch).logits
@@ -94,6 +92,11 @@ def test_unpruned_equals_hf_forward_and_generate(next_model, size):
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
     tokens, _ = capa.generate(**batch, max_new_tokens=6)
     assert tokens.tolist() == generated.tolist()
+
+
+@pytest.mark.parametrize("size", [WIDE, TALL])
+def test_unpruned_equals_hf_forward_and_generate(next_model, size):
+    check_unpruned_equals_hf(next_model[0], encode(next_model, size))
 
 
 def hf_reduced_reference(model, batch, kept_slots: list[int], layer: int):

@@ -21,7 +21,7 @@ from capa_export.models import adapter_for, load_model
 from capa_export.runtime import CapaEngine
 
 from .conftest import eager_attention
-from .test_llava_next import check_pruned_equals_hf_layers, picture
+from .test_llava_next import check_pruned_equals_hf_layers, check_unpruned_equals_hf, picture
 
 #: (height, width): a wide picture (1 x 2 crops) and a tall one (2 x 1 crops); both unpad to under
 #: 1,800 tokens, so prompts fit the cpu profile's 2,048
@@ -163,16 +163,7 @@ def test_newline_slots_are_where_hf_puts_image_newline(ov_model, size):
 
 @pytest.mark.parametrize("size", [WIDE, TALL])
 def test_unpruned_equals_hf_forward_and_generate(ov_model, size):
-    model, _ = ov_model
-    batch = encode(ov_model, size)
-    capa = apply_capa(model, CapaConfig(prune=[]))
-    with torch.no_grad():
-        expected = model(**batch).logits
-        generated = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
-    out = capa(**batch)
-    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
-    tokens, _ = capa.generate(**batch, max_new_tokens=6)
-    assert tokens.tolist() == generated.tolist()
+    check_unpruned_equals_hf(ov_model[0], encode(ov_model, size))
 
 
 def test_two_images_in_one_prompt_equal_hf(ov_model):
