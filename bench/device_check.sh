@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call of the GPU machine (30 device-minutes a session: few,
 # full calls). Builds the native op for sm_90, runs the op test's CUDA column, compute-sanitizer
-# memcheck on the kernels, the op benchmark, and the prefill benchmarks; all output under $OUT.
+# memcheck, racecheck and synccheck on the kernels, the op benchmark, and the prefill benchmarks; all output under $OUT.
 #
 #   on the device, from the repository root:   bash bench/device_check.sh [--quick]
 #   missing Python packages there (polygraphy): bring them as wheels in
@@ -33,24 +33,39 @@ run build bash -c "cmake -S . -B build/device -G Ninja -DCMAKE_BUILD_TYPE=Releas
 step "CapaContribTopK op test, every implementation incl. CUDA"
 run op_test python3 -m pytest -q -rs tests/test_contrib_topk_op.py
 
-step "compute-sanitizer memcheck on the kernels (all variants, N not a multiple of the block, N = 2880)"
-cat > "$OUT/memcheck_case.py" <<'EOF'
+step "compute-sanitizer memcheck, racecheck, synccheck on the kernels"
+# Cases: every variant and dtype; N not a multiple of a block (577), LLaVA-NeXT's 2,880 and 8,192
+# keys; 64 heads; a batch of 16; ties across blocks; NaN/inf inputs. racecheck and synccheck
+# instrument every shared-memory access (10-100x slower): they get the small cases only.
+cat > "$OUT/sanitizer_cases.py" <<'EOF'
+import sys
 import torch
 import capa_export.ops  # noqa: F401  registers torch.ops.capa.contrib_topk
-for n in (577, 2880):
+small = sys.argv[1:] == ["--small"]
+# (B, H, H_kv, Q, N, d, D)
+cases = [(2, 8, 2, 5, 577, 64, 512), (16, 4, 4, 3, 100, 8, 16), (1, 64, 8, 4, 300, 16, 256)]
+if not small:
+    cases += [(1, 8, 8, 40, 2880, 64, 512), (1, 2, 1, 2, 8192, 8, 32)]
+for B, H, H_kv, Q, N, d, D in cases:
     for variant in ("contrib", "value_norm", "attention"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            probs = torch.softmax(torch.randn(2, 8, 5, n, device="cuda"), -1).to(dtype)
-            values = torch.randn(2, 2, n, 64, device="cuda", dtype=dtype)
-            weight = torch.randn(512, 8 * 64, device="cuda", dtype=dtype)
-            torch.ops.capa.contrib_topk(probs, values, weight, 64, variant)
+            probs = torch.softmax(torch.randn(B, H, Q, N, device="cuda"), -1).to(dtype)
+            values = torch.randn(B, H_kv, N, d, device="cuda", dtype=dtype)
+            weight = torch.randn(D, H * d, device="cuda", dtype=dtype)
+            half = N // 2
+            values[:, :, half : 2 * half] = values[:, :, :half]  # ties across blocks
+            values[0, 0, 3, 0] = float("nan")
+            probs[-1, 0, 0, 5] = float("inf")
+            torch.ops.capa.contrib_topk(probs, values, weight, min(64, N), variant)
 torch.cuda.synchronize()
-print("memcheck cases ran")
+print("sanitizer cases ran:", len(cases), "shapes x 3 variants x 3 dtypes")
 EOF
 if command -v compute-sanitizer > /dev/null; then
-  run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$OUT/memcheck_case.py"
+  run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$OUT/sanitizer_cases.py"
+  run racecheck compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 python3 "$OUT/sanitizer_cases.py" --small
+  run synccheck compute-sanitizer --tool synccheck --error-exitcode 3 python3 "$OUT/sanitizer_cases.py" --small
 else
-  step "compute-sanitizer not found: memcheck skipped"
+  step "compute-sanitizer not found: memcheck, racecheck, synccheck skipped"
 fi
 
 step "op benchmark (LLaVA-1.5-7B dims, N = 576 and 2880, k = 64)"

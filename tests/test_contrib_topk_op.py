@@ -51,6 +51,13 @@ SHAPES = [
     Shape("gqa", B=2, H=8, H_kv=2, Q=5, N=50, d=16, D=32, k=10),
     Shape("d_not_tile_multiple", B=1, H=3, H_kv=1, Q=70, N=9, d=40, D=70, k=4),
     Shape("ties", B=2, H=4, H_kv=2, Q=3, N=24, d=8, D=16, k=7, ties=True),
+    # The CUDA column's awkward cases (issue 16): ties across more keys than one top-k block
+    # (1,024 threads), N = 8,192, 64 heads (above the contrib kernel's 8-keys-per-block budget),
+    # and a batch of 16 rows (one top-k block each).
+    Shape("ties_n2048", B=2, H=4, H_kv=2, Q=3, N=2048, d=8, D=16, k=700, ties=True),
+    Shape("n8192", B=1, H=2, H_kv=1, Q=2, N=8192, d=4, D=8, k=64),
+    Shape("h64", B=1, H=64, H_kv=8, Q=4, N=40, d=4, D=32, k=8),
+    Shape("b16", B=16, H=4, H_kv=4, Q=3, N=100, d=8, D=16, k=10),
 ]
 
 
@@ -231,6 +238,43 @@ def test_empty_batch_gives_empty_result(impl: str, variant: str) -> None:
     probs, values, o_weight = make_inputs(Shape("empty", B=1, H=4, H_kv=2, Q=3, N=10, d=4, D=8, k=3), torch.float32)
     keep, _ = IMPLEMENTATIONS[impl](probs[:0], values[:0], o_weight, 3, variant)
     assert keep.dtype == torch.int32 and tuple(keep.shape) == (0, 3)
+
+
+# ---- non-finite inputs: NaN and inf in probs/values rank as the reference's scores do ------------
+# A NaN in key 3's values (contrib, value_norm) or probs (attention) makes its score NaN, which ranks
+# above everything; +inf in key 7's probs makes the value_norm/attention score +inf (not contrib:
+# its quadratic form turns inf into NaN or inf depending on the Gram matrix's signs).
+
+
+@pytest.mark.parametrize("impl", ["python", "native_cpu", "torch_op_cpu", "onnxruntime", "cuda", "tensorrt"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nonfinite_inputs(variant: str, impl: str) -> None:
+    shape = Shape("nonfinite", B=2, H=4, H_kv=2, Q=3, N=30, d=8, D=16, k=6)
+    probs, values, o_weight = make_inputs(shape, torch.float32, seed=3)
+    if variant == "attention":
+        probs[:, 1, 2, 3] = float("nan")
+    else:
+        values[:, 0, 3, 5] = float("nan")
+    if variant != "contrib":
+        probs[1, 2, 0, 7] = float("inf")
+    ref_scores = brute_force_scores(probs, values, o_weight, variant)
+    assert bool(ref_scores[:, 3].isnan().all())
+    keep, _ = IMPLEMENTATIONS[impl](probs, values, o_weight, shape.k, variant)
+    np.testing.assert_array_equal(keep.numpy().astype(np.int64), stable_topk(ref_scores.float().numpy(), shape.k))
+
+
+def test_heads_above_the_cuda_limit_are_refused_before_launch() -> None:
+    """contrib with more heads than the kernel's shared memory holds: a ValueError naming H and the
+    device's limit (capa_contrib_topk_check_device, what TensorRT's configurePlugin calls)."""
+    if not torch.cuda.is_available() or not native.cuda_compiled():
+        pytest.skip("needs a CUDA GPU and a CUDA build of capa_export._native")
+    props = torch.cuda.get_device_properties(0)
+    limit = native.module().contrib_max_heads(int(props.shared_memory_per_block_optin))
+    assert limit >= 64, f"the contrib kernel supports only {limit} heads on {props.name}"
+    probs, values, o_weight = make_inputs(Shape("too_many_heads", B=1, H=limit + 1, H_kv=1, Q=2, N=9, d=2, D=4, k=3),
+                                          torch.float32)
+    with pytest.raises(ValueError, match=rf"H <= {limit}"):
+        torch.ops.capa.contrib_topk(probs.cuda(), values.cuda(), o_weight.cuda(), 3, "contrib")
 
 
 # ---- bad inputs: every implementation raises ValueError naming the argument --------------------

@@ -161,6 +161,10 @@ NB_MODULE(_native, m) {
         "int32 [B, k] kept key indices, ascending, ties to the lower index.");
 
 #ifdef CAPA_WITH_CUDA
+    m.def("contrib_max_heads", [](size_t smem_optin_bytes) { return capa_contrib_max_heads(smem_optin_bytes); },
+        nb::arg("smem_optin_bytes"),
+        "Largest H the contrib kernel runs with this much opt-in shared memory per block (host arithmetic).");
+
     m.def("contrib_topk_workspace_size",
         [](int B, int H, int H_kv, int Q, int N, int d, int D, int k, nb::handle variant) {
             const capa_contrib_topk_shape s{B, H, H_kv, Q, N, d, D, k};

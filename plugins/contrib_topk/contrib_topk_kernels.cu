@@ -184,7 +184,9 @@ __global__ void __launch_bounds__(kThreads, 1) contrib_scores_kernel(const T* __
                 for (int g = 0; g < H; ++g) row = fmaf(G[h * H + g], a_s[(g * kQChunk + qi) * JT + jj], row);
                 quad = fmaf(ah, row, quad);
             }
-            c_s[p] = (i0 + qi < Q) ? sqrtf(fmaxf(quad, 0.0f)) : 0.0f;
+            // Not fmaxf(quad, 0): it returns 0 for a NaN quad, which would drop a NaN key instead of
+            // ranking it first as the reference (std::max, clamp_min) does.
+            c_s[p] = (i0 + qi < Q) ? sqrtf(quad < 0.0f ? 0.0f : quad) : 0.0f;
         }
         __syncthreads();
         if (tid < JT) {
