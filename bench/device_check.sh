@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of the GPU machine (30 device-minutes a session: few,
+# Everything that needs a GPU, in one call of the GPU machine (15 device-minutes a session: few,
 # full calls). Builds the native op for sm_90, runs the op test's CUDA column, compute-sanitizer
 # memcheck, racecheck and synccheck on the kernels, the op benchmark, and the prefill benchmarks; all output under $OUT.
 #
@@ -41,6 +41,7 @@ cat > "$OUT/sanitizer_cases.py" <<'EOF'
 import sys
 import torch
 import capa_export.ops  # noqa: F401  registers torch.ops.capa.contrib_topk
+from capa_export.ops.torch_op import contribution_scores_gram_cuda
 small = sys.argv[1:] == ["--small"]
 # (B, H, H_kv, Q, N, d, D)
 cases = [(2, 8, 2, 5, 577, 64, 512), (16, 4, 4, 3, 100, 8, 16), (1, 64, 8, 4, 300, 16, 256)]
@@ -57,6 +58,8 @@ for B, H, H_kv, Q, N, d, D in cases:
             values[0, 0, 3, 0] = float("nan")
             probs[-1, 0, 0, 5] = float("inf")
             torch.ops.capa.contrib_topk(probs, values, weight, min(64, N), variant)
+            if variant == "contrib" and dtype != torch.float32 and d % 16 == 0 and 256 % d == 0:
+                contribution_scores_gram_cuda(probs, values, weight)  # the Gram-form candidate
 torch.cuda.synchronize()
 print("sanitizer cases ran:", len(cases), "shapes x 3 variants x 3 dtypes")
 EOF

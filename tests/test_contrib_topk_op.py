@@ -58,6 +58,11 @@ SHAPES = [
     Shape("n8192", B=1, H=2, H_kv=1, Q=2, N=8192, d=4, D=8, k=64),
     Shape("h64", B=1, H=64, H_kv=8, Q=4, N=40, d=4, D=32, k=8),
     Shape("b16", B=16, H=4, H_kv=4, Q=3, N=100, d=8, D=16, k=10),
+    # Head sizes the Gram-form candidate runs (d in {16, ..., 256}): N not a multiple of its 64-key
+    # tile, H not a multiple of its 256 / d heads per block, GQA, ties.
+    Shape("d64_n300", B=1, H=8, H_kv=8, Q=6, N=300, d=64, D=512, k=40),
+    Shape("d128_gqa", B=2, H=3, H_kv=1, Q=5, N=130, d=128, D=384, k=20),
+    Shape("ties_d16", B=1, H=4, H_kv=2, Q=3, N=200, d=16, D=64, k=50, ties=True),
 ]
 
 
@@ -148,6 +153,23 @@ def run_cuda(p, v, w, k, variant):
     return keep.cpu(), None
 
 
+def run_cuda_gram(p, v, w, k, variant):
+    """The Gram-form candidate kernels (scores only); keep = a float64 stable top-k of its scores, so
+    tied keys must get bit-equal scores for the tie check to pass."""
+    if variant != "contrib" or p.dtype == torch.float32:
+        pytest.skip("the Gram-form candidate runs the contrib variant in fp16/bf16 only")
+    if v.shape[-1] % 16 or 256 % v.shape[-1] or p.shape[1] > 84:
+        pytest.skip("the Gram-form candidate needs d in {16, 32, 64, 128, 256} and H <= 84")
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available (torch.cuda.is_available() is False)")
+    if not native.cuda_compiled():
+        pytest.skip(f"capa_export._native has no CUDA kernels: {native.unavailable_reason() or 'built without nvcc'}")
+    from capa_export.ops.torch_op import contribution_scores_gram_cuda
+
+    scores = contribution_scores_gram_cuda(p.cuda(), v.cuda(), w.cuda()).cpu()
+    return float64_topk(scores.double(), k).to(torch.int32), scores
+
+
 def run_tensorrt(p, v, w, k, variant):
     if importlib.util.find_spec("tensorrt") is None:
         pytest.skip("tensorrt not installed")
@@ -162,6 +184,7 @@ IMPLEMENTATIONS = {
     "torch_op_cpu": run_torch_op_cpu,
     "onnxruntime": run_onnx_function,
     "cuda": run_cuda,
+    "cuda_gram": run_cuda_gram,
     "tensorrt": run_tensorrt,
 }
 
@@ -208,6 +231,59 @@ def test_contrib_topk(shape: Shape, variant: str, dtype_name: str, impl: str) ->
             for j in range(half):
                 if (j in kept) != (j + half in kept):
                     assert j in kept, f"tie between keys {j} and {j + half} must keep {j}"
+
+
+# ---- the Gram-form candidate's blocking, emulated in float64 -----------------------------------
+# The CUDA kernels cannot run here; this emulation walks the same grid (64-key tiles x head g x
+# slices of 256 / d heads), skips the same blocks (every head below g), reads the same blocks of
+# M = o_weight^T o_weight and mirrors G_j[h,g] to G_j[g,h] as gram_form_kernel does, so an indexing
+# or coverage mistake in that plan fails here against the direct brute force.
+
+
+def gram_form_emulation(probs, values, o_weight, tile_keys=64, cols=256):
+    a, v, w = probs.double(), values.double(), o_weight.double()
+    b_, h_, q_, n_ = a.shape
+    h_kv, d = v.shape[1], v.shape[3]
+    group = h_ // h_kv
+    m = w.T @ w  # what output_gram computes (in the inputs' dtype on the GPU)
+    per_block = cols // d
+    slices = -(-h_ // per_block)
+    gram = torch.full((b_, n_, h_, h_), float("nan"), dtype=torch.float64)
+    for z in range(b_ * slices):
+        b, h0 = z // slices, (z % slices) * per_block
+        for g in range(h_):
+            if h0 + per_block - 1 < g:
+                continue
+            for j0 in range(0, n_, tile_keys):
+                keys = slice(j0, min(j0 + tile_keys, n_))
+                z_tile = v[b, g // group, keys] @ m[g * d:(g + 1) * d, h0 * d:min((h0 + per_block) * d, h_ * d)]
+                for h in range(max(h0, g), min(h0 + per_block, h_)):
+                    dots = (z_tile[:, (h - h0) * d:(h - h0 + 1) * d] * v[b, h // group, keys]).sum(-1)
+                    gram[b, keys, h, g] = dots
+                    gram[b, keys, g, h] = dots
+    assert not bool(gram.isnan().any()), "some G_j[h,g] was never written"
+    quad = torch.einsum("bhqn,bnhg,bgqn->bqn", a, gram, a)
+    return quad.clamp_min(0).sqrt().sum(dim=1)
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s.d % 16 == 0 and 256 % s.d == 0], ids=lambda s: s.name)
+def test_gram_form_blocking_equals_brute_force(shape: Shape) -> None:
+    probs, values, o_weight = make_inputs(shape, torch.float64)
+    expected = brute_force_scores(probs, values, o_weight, "contrib")
+    got = gram_form_emulation(probs, values, o_weight)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_output_gram_blocks() -> None:
+    """output_gram's (h, g) block is W_O^h W_O^g^T, the matrix gram_form_kernel reads."""
+    from capa_export.ops.torch_op import output_gram
+
+    _, _, o_weight = make_inputs(Shape("m", B=1, H=3, H_kv=3, Q=1, N=2, d=4, D=10, k=1), torch.float64)
+    m = output_gram(o_weight)
+    w_o = [o_weight[:, h * 4:(h + 1) * 4].T for h in range(3)]  # W_O^h: d x D
+    for h in range(3):
+        for g in range(3):
+            torch.testing.assert_close(m[h * 4:(h + 1) * 4, g * 4:(g + 1) * 4], w_o[h] @ w_o[g].T)
 
 
 # ---- adversarial top-k: ties, N not a multiple of the block, N > 8192, +-0, +-inf, NaN ----------

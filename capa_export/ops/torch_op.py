@@ -91,3 +91,42 @@ def contribution_scores(
         )
         return torch.from_numpy(out)
     return scoring.contribution_scores(probs, values, o_weight, variant=variant)
+
+
+def output_gram(o_weight: torch.Tensor) -> torch.Tensor:
+    """M = o_weight^T o_weight, [H*d, H*d] in o_weight's dtype (accumulated in fp32): its (h, g) block of
+    d x d is K[h,g] = W_O^h W_O^g^T, with which the contrib score's per-key Gram matrix is
+    G_j[h,g] = v_j^h^T K[h,g] v_j^g. Constant per layer: computed once, not per call."""
+    w = o_weight.float()
+    return (w.T @ w).to(o_weight.dtype)
+
+
+def contribution_scores_gram_cuda(
+    probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, o_gram: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 [B, N] contrib scores from the Gram-form tensor-core kernels (issue 16's candidate; NOT YET RUN
+    ON A GPU, not used by the op or the plugin). fp16/bf16 CUDA tensors; ValueError when the kernels do not
+    support the shape (d in {16, 32, 64, 128, 256}, H <= 84) or dtype."""
+    scoring.check_scoring_inputs(probs, values, o_weight, "contrib")
+    if probs.device.type != "cuda":
+        raise ValueError(f"contribution_scores_gram_cuda runs on CUDA tensors, got {probs.device}")
+    if not native.cuda_compiled():
+        raise RuntimeError(f"the Gram-form kernels need the CUDA build: {native.unavailable_reason() or 'built without nvcc'}")
+    ext = native.module()
+    probs, values = probs.contiguous(), values.contiguous()
+    o_gram = (output_gram(o_weight) if o_gram is None else o_gram).contiguous()
+    b, h, q, n = probs.shape
+    h_kv, d = values.shape[1], values.shape[3]
+    if tuple(o_gram.shape) != (h * d, h * d) or o_gram.dtype != probs.dtype:
+        raise ValueError(f"o_gram must be [{h * d}, {h * d}] {probs.dtype}, got {tuple(o_gram.shape)} {o_gram.dtype}")
+    big_d = o_weight.shape[0]
+    scores = torch.empty((b, n), dtype=torch.float32, device=probs.device)
+    ws_bytes = ext.contrib_gram_workspace_size(b, h, h_kv, q, n, d, big_d)
+    workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=probs.device)
+    with torch.cuda.device(probs.device):
+        stream = torch.cuda.current_stream(probs.device).cuda_stream
+        ext.contribution_scores_gram_cuda(
+            probs.data_ptr(), values.data_ptr(), o_gram.data_ptr(), scores.data_ptr(), b, h, h_kv, q, n, d, big_d,
+            native.dtype_code(probs.dtype), stream, workspace.data_ptr(), ws_bytes,
+        )
+    return scores

@@ -204,5 +204,29 @@ NB_MODULE(_native, m) {
         nb::arg("variant"), nb::arg("dtype"), nb::arg("stream_ptr"), nb::arg("workspace_ptr") = 0,
         nb::arg("workspace_bytes") = 0,
         "Enqueue the CUDA op on raw device pointers (dtype 0=fp32, 1=fp16, 2=bf16); asynchronous.");
+
+    m.def("contrib_gram_workspace_size",
+        [](int B, int H, int H_kv, int Q, int N, int d, int D) {
+            const capa_contrib_topk_shape s{B, H, H_kv, Q, N, d, D, 1};
+            return capa_contrib_gram_workspace_size(&s);
+        },
+        nb::arg("B"), nb::arg("H"), nb::arg("H_kv"), nb::arg("Q"), nb::arg("N"), nb::arg("d"), nb::arg("D"),
+        "Device workspace bytes of contribution_scores_gram_cuda (the per-key Gram matrices).");
+
+    m.def("contribution_scores_gram_cuda",
+        [](uintptr_t probs, uintptr_t values, uintptr_t o_gram, uintptr_t scores, int B, int H, int H_kv, int Q,
+            int N, int d, int D, int dtype, uintptr_t stream, uintptr_t workspace, size_t workspace_bytes) {
+            const capa_contrib_topk_shape s{B, H, H_kv, Q, N, d, D, 1};
+            const int rc = capa_contribution_scores_gram_launch(reinterpret_cast<const void*>(probs),
+                reinterpret_cast<const void*>(values), reinterpret_cast<const void*>(o_gram),
+                reinterpret_cast<float*>(scores), &s, dtype, reinterpret_cast<void*>(workspace), workspace_bytes,
+                reinterpret_cast<void*>(stream));
+            if (rc == CAPA_ERR_CUDA || rc == CAPA_ERR_UNSUPPORTED) raise_launch_failure(rc, "contribution_scores_gram_cuda");
+            raise_status(rc, "contribution_scores_gram_cuda");
+        },
+        nb::arg("probs_ptr"), nb::arg("values_ptr"), nb::arg("o_gram_ptr"), nb::arg("scores_ptr"), nb::arg("B"),
+        nb::arg("H"), nb::arg("H_kv"), nb::arg("Q"), nb::arg("N"), nb::arg("d"), nb::arg("D"), nb::arg("dtype"),
+        nb::arg("stream_ptr"), nb::arg("workspace_ptr"), nb::arg("workspace_bytes"),
+        "Candidate (not yet run on a GPU): fp32 [B, N] contrib scores in the Gram form on tensor cores; asynchronous.");
 #endif
 }

@@ -111,6 +111,19 @@ int capa_contribution_scores_launch(const void* probs, const void* values, const
 int capa_topk_indices_launch(const float* scores, int32_t B, int32_t N, int32_t k, int32_t* out,
     void* stream);
 
+// ---- Candidate, not yet run on a GPU (issue 16): the contrib scores in the Gram form ---------
+// o_gram [H*d, H*d] = o_weight^T o_weight (the blocks K[h,g] = W_O^h W_O^g^T), in the inputs'
+// dtype, precomputed by the caller. Tensor cores (wmma): fp16/bf16 only, d in {16, 32, 64, 128,
+// 256}, H <= 84, values and o_gram 16-byte aligned; otherwise CAPA_ERR_UNSUPPORTED with the reason
+// in capa_last_error_message(). Not used by the plugin or the torch op: bench_contrib_topk.py and
+// the op test's CUDA column measure it against the kernels above.
+// Workspace: B*N*H*H floats (the per-key Gram matrices).
+size_t capa_contrib_gram_workspace_size(const capa_contrib_topk_shape* shape);
+
+int capa_contribution_scores_gram_launch(const void* probs, const void* values, const void* o_gram,
+    float* scores_out, const capa_contrib_topk_shape* shape, int dtype, void* workspace,
+    size_t workspace_size, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

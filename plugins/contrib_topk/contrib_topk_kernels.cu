@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <atomic>
 #include <cstdint>
@@ -398,6 +399,174 @@ int launch_scores_typed(const void* probs, const void* values, const void* o_wei
     return check_launch("weighted_attention_kernel launch");
 }
 
+// ---- Candidate: contrib scores in the Gram form on tensor cores (issue 16; NOT YET RUN ON A GPU) ----
+// With M = o_weight^T o_weight ([H*d, H*d], precomputed) and K[h,g] = M's (h, g) block of d x d,
+// the per-key Gram matrix of the direct form is G_j[h,g] = v_j^h^T K[h,g] v_j^g. One block of
+// gram_form_kernel takes 64 keys, one head g and up to 256 columns of M (256 / d heads h >= g,
+// M symmetric: half the work) and computes Z = V^g_tile (64 x d) . M[g rows, h cols] (d x 256)
+// with wmma 16x16x16 (fp16/bf16 in, fp32 accumulate); the epilogue dots each d-segment of Z with
+// v_j^h and writes G_j[h,g] and G_j[g,h] (fp32, to the workspace). gram_quad_kernel then sums
+// sqrt(a_ij^T G_j a_ij) over the queries. Work: N * H(H+1)/2 * d^2 MACs (5.0 G at LLaVA-1.5-7B's
+// N = 576) instead of the direct form's N * H * d * D + N * H^2 * D (12.1 G); no U is stored.
+// Every key's reduction runs in the same order wherever it sits in a tile: ties stay bit-equal.
+constexpr int kGramKeys = 64;     // keys (product rows) per block
+constexpr int kGramCols = 256;    // product columns per block: 256 / d heads
+constexpr int kGramThreads = 256; // 8 warps: 4 groups of 16 keys x 2 halves of 128 columns
+constexpr int kGramPadHalf = 8;   // smem row padding in 16-bit elements (wmma: ldm % 8 == 0)
+constexpr int kGramPadFloat = 4;  // smem row padding in floats (wmma: ldm % 4 == 0)
+constexpr int kQuadThreads = 64;
+
+// Dynamic shared memory of gram_form_kernel: the V and M tiles, then Z aliased over them.
+size_t gram_form_smem_bytes(int d) {
+    const size_t tiles = (static_cast<size_t>(kGramKeys) * (d + kGramPadHalf) +
+                          static_cast<size_t>(d) * (kGramCols + kGramPadHalf)) * 2;
+    const size_t z = static_cast<size_t>(kGramKeys) * (kGramCols + kGramPadFloat) * sizeof(float);
+    return tiles > z ? tiles : z;
+}
+
+size_t gram_quad_smem_bytes(int heads) {
+    return (static_cast<size_t>(heads) * heads + static_cast<size_t>(heads) * kQuadThreads) * sizeof(float);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kGramThreads) gram_form_kernel(const T* __restrict__ values,
+    const T* __restrict__ o_gram, float* __restrict__ gram, int H, int H_kv, int N, int d, int slices) {
+    namespace wmma = nvcuda::wmma;
+    extern __shared__ __align__(128) unsigned char gram_smem[];
+    const int heads_per_block = kGramCols / d;
+    const int g = blockIdx.y;
+    const int b = blockIdx.z / slices;
+    const int h0 = (blockIdx.z % slices) * heads_per_block;
+    if (h0 + heads_per_block - 1 < g) return; // every head of this block is below g: the mirror's
+    const int j0 = blockIdx.x * kGramKeys;
+    const int tid = threadIdx.x;
+    const int group = H / H_kv;
+    const size_t HD = static_cast<size_t>(H) * d;
+    const int ldv = d + kGramPadHalf, ldm = kGramCols + kGramPadHalf, ldz = kGramCols + kGramPadFloat;
+    T* v_s = reinterpret_cast<T*>(gram_smem);
+    T* m_s = v_s + static_cast<size_t>(kGramKeys) * ldv;
+    float* z_s = reinterpret_cast<float*>(gram_smem); // after the products: aliases v_s and m_s
+
+    // V^g tile: 64 keys x d, 8 elements (16 bytes) per load; keys past N are zero.
+    const T* v_g = values + (static_cast<size_t>(b) * H_kv + g / group) * N * d;
+    const int d8 = d / 8;
+    for (int e = tid; e < kGramKeys * d8; e += kGramThreads) {
+        const int r = e / d8, c = (e % d8) * 8, j = j0 + r;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (j < N) x = *reinterpret_cast<const uint4*>(v_g + static_cast<size_t>(j) * d + c);
+        *reinterpret_cast<uint4*>(v_s + r * ldv + c) = x;
+    }
+    // M tile: rows g*d .. g*d+d-1, columns h0*d .. h0*d+255; columns past H*d are zero.
+    const T* m_g = o_gram + static_cast<size_t>(g) * d * HD + static_cast<size_t>(h0) * d;
+    for (int e = tid; e < d * (kGramCols / 8); e += kGramThreads) {
+        const int t = e / (kGramCols / 8), c = (e % (kGramCols / 8)) * 8;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (static_cast<size_t>(h0) * d + c < HD) x = *reinterpret_cast<const uint4*>(m_g + t * HD + c);
+        *reinterpret_cast<uint4*>(m_s + t * ldm + c) = x;
+    }
+    __syncthreads();
+
+    const int warp = tid / 32;
+    const int row0 = (warp % 4) * 16;
+    const int col0 = (warp / 4) * (kGramCols / 2);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kGramCols / 32];
+#pragma unroll
+    for (int f = 0; f < kGramCols / 32; ++f) wmma::fill_fragment(acc[f], 0.0f);
+    for (int k0 = 0; k0 < d; k0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, v_s + row0 * ldv + k0, ldv);
+#pragma unroll
+        for (int f = 0; f < kGramCols / 32; ++f) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> m;
+            wmma::load_matrix_sync(m, m_s + k0 * ldm + col0 + 16 * f, ldm);
+            wmma::mma_sync(acc[f], a, m, acc[f]);
+        }
+    }
+    __syncthreads(); // every warp is done with v_s / m_s before z_s overwrites them
+#pragma unroll
+    for (int f = 0; f < kGramCols / 32; ++f)
+        wmma::store_matrix_sync(z_s + row0 * ldz + col0 + 16 * f, acc[f], ldz, wmma::mem_row_major);
+    __syncthreads();
+
+    // G_j[h,g] = Z_j[(h - h0) d : (h - h0 + 1) d] . v_j^h, t ascending; mirrored to G_j[g,h].
+    const int heads_here = min(heads_per_block, H - h0);
+    for (int e = tid; e < kGramKeys * heads_here; e += kGramThreads) {
+        const int jj = e % kGramKeys, hl = e / kGramKeys;
+        const int h = h0 + hl, j = j0 + jj;
+        if (j >= N || h < g) continue;
+        const T* v_h = values + ((static_cast<size_t>(b) * H_kv + h / group) * N + j) * d;
+        const float* z = z_s + jj * ldz + hl * d;
+        float sum = 0.0f;
+        for (int t = 0; t < d; ++t) sum = fmaf(z[t], to_float(v_h[t]), sum);
+        float* G = gram + (static_cast<size_t>(b) * N + j) * H * H;
+        G[h * H + g] = sum;
+        G[g * H + h] = sum;
+    }
+}
+
+// scores[b, j] = sum_i sqrt(a_ij^T G_j a_ij): one block of kQuadThreads per (key, batch row).
+template <typename T>
+__global__ void __launch_bounds__(kQuadThreads) gram_quad_kernel(const T* __restrict__ probs,
+    const float* __restrict__ gram, float* __restrict__ scores, int H, int Q, int N) {
+    extern __shared__ float quad_smem[];
+    __shared__ float partial[kQuadThreads];
+    float* g_s = quad_smem;          // H x H
+    float* a_s = quad_smem + H * H;  // H x kQuadThreads: this thread's query, every head
+    const int j = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const float* G = gram + (static_cast<size_t>(b) * N + j) * H * H;
+    for (int e = tid; e < H * H; e += kQuadThreads) g_s[e] = G[e];
+    __syncthreads();
+    float total = 0.0f;
+    for (int i0 = 0; i0 < Q; i0 += kQuadThreads) {
+        const int i = i0 + tid;
+        for (int h = 0; h < H; ++h)
+            a_s[h * kQuadThreads + tid] = i < Q ? to_float(probs[((static_cast<size_t>(b) * H + h) * Q + i) * N + j]) : 0.0f;
+        float quad = 0.0f;
+        for (int h = 0; h < H; ++h) {
+            float row = 0.0f;
+            for (int g = 0; g < H; ++g) row = fmaf(g_s[h * H + g], a_s[g * kQuadThreads + tid], row);
+            quad = fmaf(a_s[h * kQuadThreads + tid], row, quad);
+        }
+        if (i < Q) total += sqrtf(quad < 0.0f ? 0.0f : quad); // NaN stays NaN
+    }
+    partial[tid] = total;
+    __syncthreads();
+    if (tid == 0) {
+        float sum = 0.0f;
+        for (int t = 0; t < kQuadThreads; ++t) sum += partial[t];
+        scores[static_cast<size_t>(b) * N + j] = sum;
+    }
+}
+
+template <typename T>
+int launch_gram_typed(const void* probs, const void* values, const void* o_gram, float* scores, float* gram,
+    const capa_contrib_topk_shape& s, cudaStream_t stream) {
+    int device = 0, smem_limit = 0;
+    const cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return cuda_failure("cudaGetDevice", err);
+    int rc = device_smem_limit(device, &smem_limit);
+    if (rc != CAPA_OK) return rc;
+    const size_t form_smem = gram_form_smem_bytes(s.d);
+    if (form_smem > static_cast<size_t>(smem_limit)) {
+        std::snprintf(t_last_error, sizeof t_last_error,
+            "gram form with d=%d needs %zu bytes of shared memory per block; device %d allows %d", s.d, form_smem,
+            device, smem_limit);
+        return CAPA_ERR_UNSUPPORTED;
+    }
+    static SmemOptIn opt_in;
+    rc = allow_opt_in_smem(gram_form_kernel<T>, opt_in, device, smem_limit);
+    if (rc != CAPA_OK) return rc;
+    const int slices = (s.H + kGramCols / s.d - 1) / (kGramCols / s.d);
+    const dim3 form_grid((s.N + kGramKeys - 1) / kGramKeys, s.H, s.B * slices);
+    gram_form_kernel<T><<<form_grid, kGramThreads, form_smem, stream>>>(static_cast<const T*>(values),
+        static_cast<const T*>(o_gram), gram, s.H, s.H_kv, s.N, s.d, slices);
+    rc = check_launch("gram_form_kernel launch");
+    if (rc != CAPA_OK) return rc;
+    gram_quad_kernel<T><<<dim3(s.N, s.B), kQuadThreads, gram_quad_smem_bytes(s.H), stream>>>(
+        static_cast<const T*>(probs), gram, scores, s.H, s.Q, s.N);
+    return check_launch("gram_quad_kernel launch");
+}
+
 size_t scores_bytes(const capa_contrib_topk_shape& s) {
     return align_up(static_cast<size_t>(s.B) * s.N * sizeof(float));
 }
@@ -481,6 +650,45 @@ int capa_contrib_topk_launch(const void* probs, const void* values, const void* 
         static_cast<char*>(workspace) + head, workspace_size - head, stream);
     if (rc != CAPA_OK) return rc;
     return capa_topk_indices_launch(scores, shape->B, shape->N, shape->k, out, stream);
+}
+
+size_t capa_contrib_gram_workspace_size(const capa_contrib_topk_shape* shape) {
+    if (shape == nullptr) return 0;
+    return align_up(static_cast<size_t>(shape->B) * shape->N * shape->H * shape->H * sizeof(float));
+}
+
+int capa_contribution_scores_gram_launch(const void* probs, const void* values, const void* o_gram,
+    float* scores_out, const capa_contrib_topk_shape* shape, int dtype, void* workspace, size_t workspace_size,
+    void* stream) {
+    clear_error();
+    if (shape == nullptr) return CAPA_ERR_SHAPE;
+    capa_contrib_topk_shape s = *shape;
+    s.k = 1;
+    const int status = capa_contrib_topk_check(&s, CAPA_VARIANT_CONTRIB, dtype);
+    if (status != CAPA_OK) return status;
+    if (dtype != CAPA_DTYPE_FP16 && dtype != CAPA_DTYPE_BF16) {
+        std::snprintf(t_last_error, sizeof t_last_error, "the gram form runs fp16 and bf16 only (dtype code %d)", dtype);
+        return CAPA_ERR_UNSUPPORTED;
+    }
+    if (s.d % 16 != 0 || kGramCols % s.d != 0) {
+        std::snprintf(t_last_error, sizeof t_last_error, "the gram form needs d in {16, 32, 64, 128, 256}, got d=%d", s.d);
+        return CAPA_ERR_UNSUPPORTED;
+    }
+    if (gram_quad_smem_bytes(s.H) > 48 * 1024) {
+        std::snprintf(t_last_error, sizeof t_last_error, "the gram form's quad kernel holds H*H + 64*H floats: H=%d is too many (H <= 84)", s.H);
+        return CAPA_ERR_UNSUPPORTED;
+    }
+    const auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) != 0; };
+    if (misaligned(values) || misaligned(o_gram)) {
+        std::snprintf(t_last_error, sizeof t_last_error, "the gram form loads 16 bytes at a time: values and o_gram must be 16-byte aligned");
+        return CAPA_ERR_UNSUPPORTED;
+    }
+    if (s.B == 0) return CAPA_OK;
+    if (workspace == nullptr || workspace_size < capa_contrib_gram_workspace_size(&s)) return CAPA_ERR_WORKSPACE;
+    float* gram = static_cast<float*>(workspace);
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    if (dtype == CAPA_DTYPE_FP16) return launch_gram_typed<__half>(probs, values, o_gram, scores_out, gram, s, st);
+    return launch_gram_typed<__nv_bfloat16>(probs, values, o_gram, scores_out, gram, s, st);
 }
 
 } // extern "C"
