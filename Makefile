@@ -42,7 +42,7 @@ clean:
 
 # Compile the CUDA kernels with nvcc for every shipped architecture, failing on any compile error,
 # then report registers / stack / spills per kernel (ptxas -v) and fail on a spill in the contrib
-# scores kernel (CI runs this: no GPU there). --clean-first: ptxas reports only what it compiles.
+# scores kernels (CI runs this: no GPU there). --clean-first: ptxas reports only what it compiles.
 CUDA_CHECK_ARCHS ?= 80;86;87;89;90
 CUDA_CHECK_DIR := build/cuda-check
 cuda-check:
@@ -50,4 +50,4 @@ cuda-check:
 	  "-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_CHECK_ARCHS)" -DCMAKE_CUDA_FLAGS=--resource-usage > /dev/null
 	cmake --build $(CUDA_CHECK_DIR) --target capa_contrib_topk_cuda --clean-first > $(CUDA_CHECK_DIR)/ptxas.log 2>&1 \
 	  || { cat $(CUDA_CHECK_DIR)/ptxas.log; exit 1; }
-	python3 plugins/contrib_topk/ptxas_report.py $(CUDA_CHECK_DIR)/ptxas.log --no-spill contrib_scores_kernel
+	python3 plugins/contrib_topk/ptxas_report.py $(CUDA_CHECK_DIR)/ptxas.log --no-spill contrib_scores_kernel --no-spill gram_form_kernel

@@ -13,7 +13,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
   -d .whl polygraphy==0.53.6 jsonschema==4.26.0 jsonschema-specifications referencing rpds-py \
   cryptography cffi pycparser
-git check-ignore -q .whl .carry/ort || { echo "device_pack: .whl and .carry/ort must be git-ignored" >&2; exit 2; }
+{ git check-ignore -q .whl && git check-ignore -q .carry/ort; } || { echo "device_pack: .whl and .carry/ort must be git-ignored" >&2; exit 2; }
 # pack-wheels.sh cuts 56 MiB parts, but a run carries at most 64 MiB with the working tree (21 MB:
 # the trained tiny-llava is 18 MB) and .whl (6 MB): the same archive is cut again into 36 MiB parts
 # (6), which its unpack.sh joins the same way (part i of n, the archive's checksum).
