@@ -8,8 +8,9 @@
 //               it builds U_j^h = v_j^h W_O^h for all heads in shared memory and accumulates the
 //               per-key H x H Gram matrix G_j = U_j U_j^T; then c_ij = sqrt(a_ij^T G_j a_ij) is
 //               summed over the queries. Working set: shared memory only, O(JT * H * (H + kTileD)).
-//   value_norm  one warp per (batch, kv head, key) computes ||v_j^h||, then one thread per key sums.
-//   attention   one thread per key sums a over heads and queries.
+//   value_norm  one warp per (batch, kv head, key) computes ||v_j^h||, then the attention sum
+//               weighted by it.
+//   attention   per (batch, 16 keys): 32 row groups sum a over heads and queries, then one thread per key.
 // Top-k: one block per batch row, any N: a 4-pass radix select (8 bits per pass) finds the k-th
 // largest score; a block-wide scan then writes the kept indices in ascending order, taking the
 // lowest-index elements among those equal to the threshold (torch's stable-sort tie rule). The
@@ -212,21 +213,38 @@ __global__ void value_norms_kernel(const T* __restrict__ values, float* __restri
     if (lane == 0) norms[row] = sqrtf(sq);
 }
 
-// attention (norms == nullptr) and value_norm: score[b, j] = sum_h norm_h(j) sum_i a[b, h, i, j]
+// attention (norms == nullptr) and value_norm: score[b, j] = sum_h norm_h(j) sum_i a[b, h, i, j].
+// One block per (batch row, 16 keys), 32 row groups: thread (group, key) sums rows group, group + 32,
+// ... of the H*Q rows, then one thread per key adds the 32 partial sums in group order. A thread
+// per key over all H*Q rows (the first version) left 3 blocks busy at N = 576 and ran H*Q dependent
+// loads each; every key still sums in the same order wherever it sits (ties stay bit-equal).
+constexpr int kSumKeys = 16;      // half a warp: 32-byte row segments in fp16/bf16
+constexpr int kSumRowGroups = 32;
 template <typename T>
-__global__ void weighted_attention_kernel(const T* __restrict__ probs, const float* __restrict__ norms,
-    float* __restrict__ scores, int H, int H_kv, int Q, int N) {
+__global__ void __launch_bounds__(kSumKeys * kSumRowGroups) weighted_attention_kernel(const T* __restrict__ probs,
+    const float* __restrict__ norms, float* __restrict__ scores, int H, int H_kv, int Q, int N) {
+    __shared__ float partial[kSumRowGroups][kSumKeys + 1];
     const int b = blockIdx.y;
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= N) return;
+    const int lane = threadIdx.x % kSumKeys;
+    const int row_group = threadIdx.x / kSumKeys;
+    const int j = blockIdx.x * kSumKeys + lane;
     const int group = H / H_kv;
-    float score = 0.0f;
-    for (int h = 0; h < H; ++h) {
-        const T* a = probs + (static_cast<size_t>(b) * H + h) * Q * N + j;
-        const float weight = norms ? norms[(static_cast<size_t>(b) * H_kv + h / group) * N + j] : 1.0f;
-        for (int i = 0; i < Q; ++i) score = fmaf(to_float(a[static_cast<size_t>(i) * N]), weight, score);
+    const int rows = H * Q; // row r = h * Q + i of probs[b]
+    float sum = 0.0f;
+    if (j < N) {
+        const T* a = probs + static_cast<size_t>(b) * rows * N + j;
+        for (int r = row_group; r < rows; r += kSumRowGroups) {
+            const float weight = norms ? norms[(static_cast<size_t>(b) * H_kv + (r / Q) / group) * N + j] : 1.0f;
+            sum = fmaf(to_float(a[static_cast<size_t>(r) * N]), weight, sum);
+        }
     }
-    scores[static_cast<size_t>(b) * N + j] = score;
+    partial[row_group][lane] = sum;
+    __syncthreads();
+    if (row_group == 0 && j < N) {
+        float total = 0.0f;
+        for (int g = 0; g < kSumRowGroups; ++g) total += partial[g][lane];
+        scores[static_cast<size_t>(b) * N + j] = total;
+    }
 }
 
 // Exclusive block scan of one int per thread; *total receives the block sum. All threads call.
@@ -393,8 +411,8 @@ int launch_scores_typed(const void* probs, const void* values, const void* o_wei
         const int rc = check_launch("value_norms_kernel launch");
         if (rc != CAPA_OK) return rc;
     }
-    const dim3 grid((s.N + kRowThreads - 1) / kRowThreads, s.B);
-    weighted_attention_kernel<T><<<grid, kRowThreads, 0, stream>>>(static_cast<const T*>(probs),
+    const dim3 grid((s.N + kSumKeys - 1) / kSumKeys, s.B);
+    weighted_attention_kernel<T><<<grid, kSumKeys * kSumRowGroups, 0, stream>>>(static_cast<const T*>(probs),
         variant == CAPA_VARIANT_VALUE_NORM ? norms : nullptr, scores, s.H, s.H_kv, s.Q, s.N);
     return check_launch("weighted_attention_kernel launch");
 }
