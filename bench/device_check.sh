@@ -133,7 +133,7 @@ if has_stage engines; then
     step "tiny-llava engines on ONNX Runtime's CUDA provider: edge (fp16) and datacenter (bf16), built + validated, then run"
     python3 -m capa_export.data --split test --index 0 --out "$LOGS/demo" > /dev/null
     for profile in edge datacenter; do
-      run "build_$profile" python3 -m capa_export.cli build --model tiny-llava --device cuda --profile $profile \
+      run "build_$profile" python3 -m capa_export.cli build --model tiny-llava --profile $profile \
         --out "/tmp/engines/tiny-llava-$profile" --force
       run "run_$profile" python3 -m capa_export.cli run "/tmp/engines/tiny-llava-$profile" --image "$LOGS/demo/image.png" \
         --prompt "$(cat "$LOGS/demo/question.txt")" --max-new-tokens 8

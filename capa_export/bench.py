@@ -667,17 +667,19 @@ def write_profile(work: Path, s: Settings, dims: dict) -> Path:
     context = max_positions(s)
     providers = '["CUDAExecutionProvider", "CPUExecutionProvider"]' if s.device.startswith("cuda") \
         else '["CPUExecutionProvider"]'
-    # attention blocks: the cpu profile's 8 (measured on CPU); one op on CUDA, where it is not measured yet
+    # attention: the cpu profile's 8 blocks of fused attention (measured on CPU); on CUDA MatMul/Softmax
+    # (ONNX Runtime's CUDA Attention refuses GQA and softmax_precision: build_profiles/edge.toml) and
+    # an arena cap that holds a 7B model
     text = f"""# written by capa-export bench: the cpu profile, shapes for prompts of up to {context} tokens
 name = "bench"
 description = "capa-export bench engines"
 backend = "onnxruntime"
 precision = "{s.dtype}"
 pruning = "function"
-attention_blocks = {1 if s.device.startswith("cuda") else 8}
+{'attention = "explicit"' if s.device.startswith("cuda") else "attention_blocks = 8"}
 providers = {providers}
 optimization_level = "all"
-workspace_mib = 4096
+workspace_mib = {65536 if s.device.startswith("cuda") else 4096}
 
 [shapes]
 batch = [1, 1, {max(4, s.batch)}]
@@ -720,7 +722,15 @@ def machine(load_before) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
+    gpu = {}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+    except ImportError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(), **gpu,
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 

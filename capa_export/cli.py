@@ -285,6 +285,10 @@ def cmd_build(args) -> int:
     from .inputs import builtin_samples
     from .pipeline import build
 
+    if args.device not in (None, "cpu"):
+        raise CapaError(f"--device {args.device}: build calibrates, exports and computes its validation reference on "
+                        f"the CPU, and the engine runs on the profile's providers (--profile edge or datacenter: "
+                        f"CUDAExecutionProvider); leave --device out")
     samples = [_input_sample(args)] if args.image else None
     calibration = _calibration_samples(args) if args.calibration_images else builtin_samples(args.calibration_count)
     start = time.perf_counter()

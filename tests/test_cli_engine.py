@@ -130,6 +130,12 @@ def test_topk_limit_for_tensorrt_standard_op_lowering():
         check_topk_limit(CapaConfig(prune=[(2, 4000)]), "function", plugin_loaded=False)
 
 
+def test_build_refuses_a_device_it_would_ignore(tmp_path, capsys):
+    code, _, err = run(capsys, "build", "--device", "cuda", "--out", tmp_path / "x")
+    assert code == 2 and "--device cuda: build calibrates, exports" in err and "leave --device out" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_bf16_engine_is_refused_before_anything_is_written(tmp_path, capsys):
     code, _, err = run(capsys, "build", "--profile", "datacenter", "--backend", "onnxruntime", "--out", tmp_path / "x")
     assert code == 2 and "is bf16, which ONNX Runtime runs only with CUDAExecutionProvider" in err and "edge (fp16)" in err

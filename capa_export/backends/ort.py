@@ -173,6 +173,10 @@ class OrtGraph(EngineGraph):
             binding.bind_ortvalue_input(name, ort.OrtValue.from_dlpack(tensor))
         for name in self.spec.output_names:
             binding.bind_output(name, self.ort_device)
+        if self.device.type == "cuda":
+            # ONNX Runtime's CUDA provider computes on its own stream: the inputs torch wrote on its
+            # stream (the merged embeddings, the copies above) must be complete before it reads them
+            torch.cuda.current_stream().synchronize()
         self.session.run_with_iobinding(binding)
         return dict(zip(self.spec.output_names, binding.get_outputs()))
 

@@ -192,8 +192,11 @@ class ModelFamily(abc.ABC):
                 f"input_ids has {n_slots} image-token slots but the images give {n_features} features; "
                 f"the prompt needs one image placeholder per image (the processor expands it)"
             )
-        mask = slots.unsqueeze(-1).expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype).reshape(-1))
+        # input_ids may stay on the host while the embeddings are on the GPU (the engine runtime):
+        # masked_scatter's CUDA kernel refuses a mask on another device
+        mask = slots.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(
+            mask, image_features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype).reshape(-1))
 
     def prefill_positions(self, batch: dict) -> torch.Tensor:
         """Rotary positions of the prompt, as the HF model's forward makes them when given none:

@@ -5,11 +5,14 @@ Registered when this module is imported (importing `capa_export.ops` does it). K
         over keys, fp32 accumulation), then the top-k. The C++ reference in capa_export._native
         computes the same with scalar loops and is kept as a test reference, not run here (about
         20x slower: 865 ms against 42 ms at the benchmark's mid size);
-  CUDA  the CUDA kernels through the raw-pointer binding, on torch's current stream;
+  CUDA  the CUDA kernels through the raw-pointer binding, on torch's current stream (without a
+        CUDA build of capa_export._native: the CPU kernel's ATen code on the GPU, with a warning);
   fake  int32 [B, k] (torch.compile / export / meta tensors).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -17,6 +20,7 @@ from capa_export.method import scoring
 from capa_export.ops import native
 
 OP_NAME = "capa::contrib_topk"
+_warned_no_cuda_kernels = False
 
 
 def validate_inputs(probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor, k: int, variant: str) -> None:
@@ -48,8 +52,14 @@ def _contrib_topk_cuda(
 ) -> torch.Tensor:
     validate_inputs(probs, values, o_weight, k, variant)
     if not native.cuda_compiled():
-        reason = native.unavailable_reason() or "capa_export._native was built without CUDA (no nvcc at build time)"
-        raise RuntimeError(f"capa::contrib_topk on CUDA needs the CUDA kernels: {reason}")
+        # pip install on a machine without nvcc: the same scores as ATen matrix products on the GPU
+        # (the CPU kernel's code), slower than the kernels; said once per process
+        global _warned_no_cuda_kernels
+        if not _warned_no_cuda_kernels:
+            reason = native.unavailable_reason() or "capa_export._native was built without CUDA (no nvcc at build time)"
+            logging.getLogger(__name__).warning("capa::contrib_topk on CUDA runs as ATen matrix products: %s", reason)
+            _warned_no_cuda_kernels = True
+        return scoring.contrib_topk(probs, values, o_weight, k, variant)
     ext = native.module()
     probs, values, o_weight = probs.contiguous(), values.contiguous(), o_weight.contiguous()
     b, h, q, n = probs.shape
