@@ -150,6 +150,55 @@ def test_polygraphy_prints_no_verdict_of_its_own(llava, capfd, relative, passes)
         assert "more present.*" in table and "ok (all" in table
 
 
+def near_or_far_selection(capa, swap: str):
+    """A prefill selection that keeps other tokens than the reference: the (k+1)-th best instead of
+    the k-th ("near": what fp16/bf16 rounding can do at a near-tie) or the worst instead of the best."""
+    from capa_export.method.scoring import contribution_scores
+
+    def select(probs, values, o_weight, keep):
+        scores = contribution_scores(probs, values, o_weight, variant=capa.config.variant).double()
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        chosen = order[:, :keep].clone()
+        if swap == "near":
+            chosen[:, -1] = order[:, keep]
+        else:
+            chosen[:, 0] = order[:, -1]
+        return chosen.sort(dim=-1).values.to(torch.int32)
+
+    return select
+
+
+@pytest.mark.parametrize("swap, dtype, passes", [("near", "fp16", True), ("far", "fp16", False), ("near", "fp32", False)])
+def test_reduced_precision_engine_may_keep_near_equal_tokens(llava, swap, dtype, passes):
+    """An engine whose kept set differs from the reference's passes the prefill comparison only at
+    reduced precision and only when its tokens score within the tolerance of the reference's k-th
+    score; the outputs that depend on the kept set are then left to the end-to-end check."""
+    from capa_export.export.graphs import PrefillGraph
+
+    model, processor = llava
+    capa = apply_capa(model, CapaConfig(prune=[(2, 16)]))
+    batch = adapter_for(model).family.encode(processor, [Image.new("RGB", (64, 48), "red")], ["What is it?"])
+    contract = capa.family.graph_contract(capa.layer_segments())
+    engine_module = PrefillGraph(capa, "reference")
+    engine_module.select = near_or_far_selection(capa, swap)
+    graphs = compare_graphs({"prefill": NoisyRunner(contract["prefill"], engine_module, 0.0)}, capa, [batch], dtype,
+                            contract)
+    prefill = graphs["prefill"]
+    selection = prefill["selection"]["0"]
+    assert selection["differs_in"] == 1 and prefill["passed"] is passes and selection["valid"] is passes
+    outputs = prefill["outputs"]
+    if passes:
+        assert selection["largest_gap"] <= 1e-2  # fp16's rtol
+        assert outputs["logits"]["not_compared"] == 1 and outputs["present.3.key"]["not_compared"] == 1
+        # before the stage (and in the scoring layer, which keeps every row) the engine is compared
+        assert "not_compared" not in outputs["present.1.key"] and outputs["present.1.key"]["max_abs"] == 0.0
+        table = format_report({"graphs": graphs, "end_to_end": [], "passed": True, "dtype": dtype, "backend": "test",
+                               "agreement_measure": "forced_agreement", "required_agreement": 0.9})
+        assert "the engine kept 1 other token(s)" in table and "not compared in 1 input(s)" in table
+    else:
+        assert not outputs["keep_indices"]["passed"]
+
+
 def test_verdict_lines_name_no_internal_field():
     report = {"graphs": {}, "passed": True, "dtype": "fp16", "backend": "test", "agreement_measure": "forced_agreement",
               "required_agreement": 0.9, "end_to_end": [{"agreement": 0.5, "forced_agreement": 1.0,
