@@ -150,8 +150,10 @@ if has_stage e2e; then
   [ -n "$quick" ] && repeats=3
   peers="hf_sdpa fastv_eager capa_eager capa_eager_affine"
   # The engine peers export and build the 7B graphs first (minutes): only with --quick off and onnxruntime-gpu present.
-  if [ -z "$quick" ] && ort_cuda; then peers="$peers ort_unpruned capa_engine"; fi
+  # --no-profile: the engine profile feeds numpy arrays (no bfloat16 in numpy); the bench's timings do not.
+  profile=""
+  if [ -z "$quick" ] && ort_cuda; then peers="$peers ort_unpruned capa_engine"; profile="--no-profile"; fi
   step "end-to-end benchmark on the GPU (random weights, LLaVA-1.5-7B dims, bf16, 576 and 2880 visual tokens): $peers"
   run bench_llava-1.5-7b python3 -m capa_export.cli bench --device cuda --size llava-1.5-7b --dtype bf16 \
-    --visual 576 2880 --peers $peers --repeats $repeats --work /tmp/bench-work --out "$OUT/bench_llava-1.5-7b.json"
+    --visual 576 2880 --peers $peers $profile --repeats $repeats --work /tmp/bench-work --out "$OUT/bench_llava-1.5-7b.json"
 fi
