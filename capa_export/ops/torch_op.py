@@ -108,7 +108,12 @@ def output_gram(o_weight: torch.Tensor) -> torch.Tensor:
     d x d is K[h,g] = W_O^h W_O^g^T, with which the contrib score's per-key Gram matrix is
     G_j[h,g] = v_j^h^T K[h,g] v_j^g. Constant per layer: computed once, not per call."""
     w = o_weight.float()
-    return (w.T @ w).to(o_weight.dtype)
+    gram = (w.T @ w).to(o_weight.dtype)
+    if not bool(torch.isfinite(gram).all()):
+        # fp16 overflows when a column of o_weight has a norm above 256: every score would be inf/NaN
+        raise ValueError(f"o_weight^T o_weight does not fit {o_weight.dtype} (largest |entry| "
+                         f"{float((w.T @ w).abs().max()):.3g}); use bfloat16 or the direct kernels")
+    return gram
 
 
 def contribution_scores_gram_cuda(
@@ -116,7 +121,7 @@ def contribution_scores_gram_cuda(
 ) -> torch.Tensor:
     """fp32 [B, N] contrib scores from the Gram-form tensor-core kernels (issue 16's candidate; NOT YET RUN
     ON A GPU, not used by the op or the plugin). fp16/bf16 CUDA tensors; ValueError when the kernels do not
-    support the shape (d in {16, 32, 64, 128, 256}, H <= 84) or dtype."""
+    support the shape (d in {16, 32, 64, 128, 256}, H <= 83) or dtype."""
     scoring.check_scoring_inputs(probs, values, o_weight, "contrib")
     if probs.device.type != "cuda":
         raise ValueError(f"contribution_scores_gram_cuda runs on CUDA tensors, got {probs.device}")
@@ -127,8 +132,9 @@ def contribution_scores_gram_cuda(
     o_gram = (output_gram(o_weight) if o_gram is None else o_gram).contiguous()
     b, h, q, n = probs.shape
     h_kv, d = values.shape[1], values.shape[3]
-    if tuple(o_gram.shape) != (h * d, h * d) or o_gram.dtype != probs.dtype:
-        raise ValueError(f"o_gram must be [{h * d}, {h * d}] {probs.dtype}, got {tuple(o_gram.shape)} {o_gram.dtype}")
+    if tuple(o_gram.shape) != (h * d, h * d) or o_gram.dtype != probs.dtype or o_gram.device != probs.device:
+        raise ValueError(f"o_gram must be [{h * d}, {h * d}] {probs.dtype} on {probs.device}, got "
+                         f"{tuple(o_gram.shape)} {o_gram.dtype} on {o_gram.device}")
     big_d = o_weight.shape[0]
     scores = torch.empty((b, n), dtype=torch.float32, device=probs.device)
     ws_bytes = ext.contrib_gram_workspace_size(b, h, h_kv, q, n, d, big_d)

@@ -114,7 +114,8 @@ int capa_topk_indices_launch(const float* scores, int32_t B, int32_t N, int32_t 
 // ---- Candidate, not yet run on a GPU (issue 16): the contrib scores in the Gram form ---------
 // o_gram [H*d, H*d] = o_weight^T o_weight (the blocks K[h,g] = W_O^h W_O^g^T), in the inputs'
 // dtype, precomputed by the caller. Tensor cores (wmma): fp16/bf16 only, d in {16, 32, 64, 128,
-// 256}, H <= 84, values and o_gram 16-byte aligned; otherwise CAPA_ERR_UNSUPPORTED with the reason
+// 256} (256: sm_90's shared memory only), H <= 83, B * ceil(H / (256 / d)) <= 65535, compute
+// capability 8.0+, values and o_gram 16-byte aligned; otherwise CAPA_ERR_UNSUPPORTED with the reason
 // in capa_last_error_message(). Not used by the plugin or the torch op: bench_contrib_topk.py and
 // the op test's CUDA column measure it against the kernels above.
 // Workspace: B*N*H*H floats (the per-key Gram matrices).

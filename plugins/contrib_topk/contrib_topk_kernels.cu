@@ -367,7 +367,7 @@ int allow_opt_in_smem(Kernel kernel, SmemOptIn& state, int device, int smem_limi
     std::lock_guard<std::mutex> lock(state.mutex);
     if (bit != 0 && (state.done.load(std::memory_order_relaxed) & bit) != 0) return CAPA_OK;
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit);
-    if (err != cudaSuccess) return cuda_failure("cudaFuncSetAttribute(contrib_scores_kernel, MaxDynamicSharedMemorySize)", err);
+    if (err != cudaSuccess) return cuda_failure("cudaFuncSetAttribute(MaxDynamicSharedMemorySize)", err);
     state.done.fetch_or(bit, std::memory_order_release);
     return CAPA_OK;
 }
@@ -446,9 +446,19 @@ size_t gram_quad_smem_bytes(int heads) {
     return (static_cast<size_t>(heads) * heads + static_cast<size_t>(heads) * kQuadThreads) * sizeof(float);
 }
 
+// Largest H whose quad kernel fits the default 48 KiB (dynamic + its static kQuadThreads floats): 83.
+int gram_max_heads() {
+    int heads = 0;
+    while (gram_quad_smem_bytes(heads + 1) + kQuadThreads * sizeof(float) <= 48 * 1024) ++heads;
+    return heads;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kGramThreads) gram_form_kernel(const T* __restrict__ values,
     const T* __restrict__ o_gram, float* __restrict__ gram, int H, int H_kv, int N, int d, int slices) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap(); // wmma has no bf16 fragments before sm_80; launch_gram_typed refuses such devices
+#else
     namespace wmma = nvcuda::wmma;
     extern __shared__ __align__(128) unsigned char gram_smem[];
     const int heads_per_block = kGramCols / d;
@@ -520,6 +530,7 @@ __global__ void __launch_bounds__(kGramThreads) gram_form_kernel(const T* __rest
         G[h * H + g] = sum;
         G[g * H + h] = sum;
     }
+#endif
 }
 
 // scores[b, j] = sum_i sqrt(a_ij^T G_j a_ij): one block of kQuadThreads per (key, batch row).
@@ -559,9 +570,16 @@ __global__ void __launch_bounds__(kQuadThreads) gram_quad_kernel(const T* __rest
 template <typename T>
 int launch_gram_typed(const void* probs, const void* values, const void* o_gram, float* scores, float* gram,
     const capa_contrib_topk_shape& s, cudaStream_t stream) {
-    int device = 0, smem_limit = 0;
-    const cudaError_t err = cudaGetDevice(&device);
+    int device = 0, smem_limit = 0, major = 0;
+    cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return cuda_failure("cudaGetDevice", err);
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err != cudaSuccess) return cuda_failure("cudaDeviceGetAttribute(ComputeCapabilityMajor)", err);
+    if (major < 8) {
+        std::snprintf(t_last_error, sizeof t_last_error, "the gram form needs compute capability 8.0 or newer "
+            "(bf16 tensor-core fragments); device %d is %d.x", device, major);
+        return CAPA_ERR_UNSUPPORTED;
+    }
     int rc = device_smem_limit(device, &smem_limit);
     if (rc != CAPA_OK) return rc;
     const size_t form_smem = gram_form_smem_bytes(s.d);
@@ -692,8 +710,15 @@ int capa_contribution_scores_gram_launch(const void* probs, const void* values, 
         std::snprintf(t_last_error, sizeof t_last_error, "the gram form needs d in {16, 32, 64, 128, 256}, got d=%d", s.d);
         return CAPA_ERR_UNSUPPORTED;
     }
-    if (gram_quad_smem_bytes(s.H) > 48 * 1024) {
-        std::snprintf(t_last_error, sizeof t_last_error, "the gram form's quad kernel holds H*H + 64*H floats: H=%d is too many (H <= 84)", s.H);
+    if (s.H > gram_max_heads()) {
+        std::snprintf(t_last_error, sizeof t_last_error,
+            "the gram form's quad kernel holds H*H + 64*H floats: H=%d is too many (H <= %d)", s.H, gram_max_heads());
+        return CAPA_ERR_UNSUPPORTED;
+    }
+    const long long slices = (s.H + kGramCols / s.d - 1) / (kGramCols / s.d);
+    if (static_cast<long long>(s.B) * slices > 65535) {
+        std::snprintf(t_last_error, sizeof t_last_error,
+            "the gram form's grid has B * ceil(H / (256 / d)) = %lld blocks in z; at most 65535", s.B * slices);
         return CAPA_ERR_UNSUPPORTED;
     }
     const auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) != 0; };
