@@ -52,6 +52,7 @@ def test_spill_gate_rejects_a_spilling_contrib_kernel(tmp_path: Path) -> None:
     dtypes = ("float", "__half", "__nv_bfloat16")
     expected = {f"contrib_scores_kernel<{t}, {jt}>" for t in dtypes for jt in (1, 2, 4, 8)}
     expected |= {f"value_norms_kernel<{t}>" for t in dtypes} | {f"weighted_attention_kernel<{t}>" for t in dtypes}
+    expected |= {f"gram_form_kernel<{t}>" for t in dtypes[1:]} | {f"gram_quad_kernel<{t}>" for t in dtypes[1:]}
     expected |= {"topk_kernel"}
     if not shutil.which("c++filt"):
         pytest.skip("c++filt not on PATH: kernel names stay mangled")
